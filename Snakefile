@@ -1,0 +1,47 @@
+# cellbench: build engine images, prepare models, run every cell of a study in its own
+# container, aggregate Parquet metrics into tables. The logic lives in workflow/cellbench/.
+import json
+import re
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+ROOT = Path(workflow.basedir)
+sys.path.insert(0, str(ROOT / "workflow"))
+from cellbench import config as study_config, paths, provenance  # noqa: E402
+
+DEFAULT_STUDY = ROOT / "config" / "config.yaml"
+
+# A --configfile replaces the default study instead of being merged into it: merging would
+# leak the CPU study's defaults and cells into a GPU study.
+if not workflow.overwrite_configfiles:
+    config.update(study_config.load_study(DEFAULT_STUDY))
+try:
+    STUDY = study_config.resolve(config)
+except study_config.ConfigError as error:
+    sys.exit(f"cellbench: {error}")
+CELLS = STUDY["cells"]
+MACHINE_ID = provenance.machine_id(config.get("machine_id"))
+
+
+include: "workflow/rules/images.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/cells.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        rules.aggregate.output,
+    default_target: True
+
+
+onsuccess:
+    print(
+        "\ncellbench: tables are in results/tables/ "
+        "(summary.md to read, summary.csv for a spreadsheet); "
+        "every row with provenance: results/summary.parquet"
+    )

@@ -1,0 +1,98 @@
+"""All rows -> one row per machine x cell x point: the repeat spread and the ratio to baseline."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+POINT = ["batch_size", "input_len", "output_len"]
+KEY = ["machine_id", "cell_id", *POINT]
+CV_FLAG = 0.05  # a point whose repeats spread more than this is flagged, not trusted silently
+
+
+def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
+    """Mean, min, max and coefficient of variation of output tok/s over repeats, per point,
+    with the ratio to the baseline cell measured on the same machine at the same point."""
+    if rows.empty:
+        return pd.DataFrame()
+    first = rows.sort_values("repeat", na_position="last").groupby(KEY, sort=False).first()
+    ok = rows[rows["status"] == "ok"]
+    grouped = ok.groupby(KEY)["output_tok_s"]
+    stats = pd.DataFrame(
+        {
+            "repeats": grouped.count(),
+            "output_tok_s": grouped.mean(),
+            "output_tok_s_min": grouped.min(),
+            "output_tok_s_max": grouped.max(),
+            # Population CV over the repeats (0 with a single repeat).
+            "output_tok_s_cv": grouped.std(ddof=0) / grouped.mean(),
+            "latency_p50_s": ok.groupby(KEY)["latency_p50_s"].mean(),
+            "ttft_p50_s": ok.groupby(KEY)["ttft_p50_s"].mean(),
+            "tpot_p50_s": ok.groupby(KEY)["tpot_p50_s"].mean(),
+        }
+    )
+    columns = [
+        "study", "cell_name", "engine", "image", "model", "dtype", "quantization", "status", "error",
+        "effective_dtype", "effective_quantization", "effective_eager", "effective_json", "load_s",
+        "peak_memory_mb", "device_name", "schema_version", "method_version",
+    ]  # fmt: skip
+    table = first[columns].join(stats, how="left")
+    # A point is ok only if every row of it is ok (a later failed repeat spoils the point).
+    table["status"] = rows.groupby(KEY)["status"].agg(_worst)
+    table["repeats"] = table["repeats"].fillna(0).astype(int)
+    table["cv_flag"] = table["output_tok_s_cv"] > CV_FLAG
+    table = table.reset_index()
+    base = table[table["cell_id"] == baseline_id].set_index(["machine_id", *POINT])["output_tok_s"]
+    joined = table.join(base.rename("baseline_tok_s"), on=["machine_id", *POINT])
+    joined["vs_baseline"] = joined["output_tok_s"] / joined["baseline_tok_s"]
+    joined["engine_ran"] = joined["effective_json"].map(describe_effective)
+    return joined.drop(columns=["baseline_tok_s"]).sort_values(["machine_id", *POINT, "cell_name"])
+
+
+def _worst(statuses: pd.Series) -> str:
+    for status in ("timeout", "unsupported", "failed"):
+        if (statuses == status).any():
+            return status
+    return "ok"
+
+
+def describe_effective(effective_json: str | None) -> str:
+    """What the engine actually ran, in a few words (read inside the container after start)."""
+    if not isinstance(effective_json, str):
+        return "engine did not start"
+    eff = json.loads(effective_json)
+    parts = [eff.get("dtype", "?")]
+    if eff.get("quantization"):
+        parts.append(eff["quantization"])
+    if eff.get("enforce_eager"):
+        parts.append("eager")
+    elif eff.get("compilation_mode") not in (None, "None"):
+        parts.append(f"compile={eff['compilation_mode'].split('.')[-1]}")
+    if eff.get("torch_threads"):
+        parts.append(f"{eff['torch_threads']} threads")
+    if eff.get("max_num_seqs"):
+        parts.append(f"max_num_seqs={eff['max_num_seqs']}")
+    return ", ".join(str(p) for p in parts)
+
+
+def fastest_per_point(points: pd.DataFrame) -> pd.DataFrame:
+    """Per machine and point: the fastest ok cell, the runner-up, and by how much."""
+    ok = points[(points["status"] == "ok") & points["output_tok_s"].notna()]
+    rows = []
+    for key, group in ok.groupby(["machine_id", *POINT]):
+        ranked = group.sort_values("output_tok_s", ascending=False)
+        best = ranked.iloc[0]
+        second = ranked.iloc[1] if len(ranked) > 1 else None
+        rows.append(
+            {
+                **dict(zip(["machine_id", *POINT], key, strict=True)),
+                "fastest": best["cell_name"],
+                "output_tok_s": best["output_tok_s"],
+                "vs_baseline": best["vs_baseline"],
+                "runner_up": None if second is None else second["cell_name"],
+                "margin": None if second is None else best["output_tok_s"] / second["output_tok_s"],
+                "cells": len(ranked),
+            }
+        )
+    return pd.DataFrame(rows)

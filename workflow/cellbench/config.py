@@ -1,0 +1,228 @@
+"""Study config: validation against the one JSON schema, expansion into cells, stable cell ids.
+
+A cell is a plain dict. Its id is a readable name plus a short hash of the canonical JSON of
+everything that decides what is measured (image name, model, engine, dtype, quantization,
+engine args, env, mode, sweep). Nothing machine-specific (timeouts, CPU pinning, memory limits,
+image digests) goes into the hash, so the same study gives the same ids on every machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+# Keys of a resolved cell that define the measurement, hence its id.
+IDENTITY_KEYS = (
+    "engine",
+    "image",
+    "model",
+    "dtype",
+    "quantization",
+    "engine_args",
+    "env",
+    "mode",
+    "sweep",
+)
+SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A study that cannot run; the message is one line naming the key at fault."""
+
+
+@functools.cache
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def load_study(path: str | Path) -> dict:
+    """Read a study file; a missing file or bad YAML becomes a one-line ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read study file ({exc.strerror})") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: a study must be a YAML mapping, not {type(config).__name__}")
+    return config
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = []
+    for part in error.absolute_path:
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+    return "".join(parts).lstrip(".") or "<top>"
+
+
+def validate(config: dict) -> None:
+    """Validate against the schema; raise ConfigError naming the first offending key."""
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
+    if not errors:
+        return
+    error = errors[0]
+    # An additionalProperties error names the parent; say which key is unknown.
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        where = _key_path(error)
+        prefix = "" if where == "<top>" else f"{where}."
+        raise ConfigError(f"config: {prefix}{unknown[0]}: unknown key") from None
+    raise ConfigError(f"config: {_key_path(error)}: {error.message}") from None
+
+
+def schema_defaults() -> dict:
+    """Cell settings defaults, read from the schema's `default` keywords (one source of truth)."""
+    defs = load_schema()["$defs"]
+    settings = {}
+    for key, prop in defs["cell_settings"]["properties"].items():
+        if "default" in prop:
+            settings[key] = copy.deepcopy(prop["default"])
+    for nested in ("sweep", "resources"):
+        settings[nested] = {
+            key: copy.deepcopy(prop["default"])
+            for key, prop in defs[nested]["properties"].items()
+            if "default" in prop
+        }
+    return settings
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Settings merge: nested dicts (engine_args, env, sweep, resources) merge key by key."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **copy.deepcopy(value)}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _set_axis(cell: dict, key: str, value: Any) -> None:
+    if "." in key:
+        table, leaf = key.split(".", 1)
+        cell[table] = {**cell[table], leaf: value}
+    else:
+        cell[key] = value
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-") or "none"
+
+
+def _axis_label(key: str, value: Any) -> str:
+    leaf = key.split(".", 1)[-1]
+    if isinstance(value, bool):
+        return leaf if value else f"no_{leaf}"
+    if "." not in key:
+        return str(value)
+    return f"{leaf}-{value}"
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def cell_hash(cell: dict) -> str:
+    identity = {key: cell[key] for key in IDENTITY_KEYS}
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:10]
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
+
+
+def expand_cells(config: dict) -> list[dict]:
+    """Every cell of the study, resolved: defaults <- study defaults <- group <- axis values."""
+    base = _merge(schema_defaults(), config.get("defaults", {}))
+    cells = []
+    for group in config["cells"]:
+        settings = _merge(base, {k: v for k, v in group.items() if k not in ("name", "axes")})
+        axes = group.get("axes", {})
+        for values in itertools.product(*axes.values()):
+            cell = copy.deepcopy(settings)
+            cell["mode"] = "offline"
+            labels = [group["name"]]
+            for key, value in zip(axes, values, strict=True):
+                _set_axis(cell, key, value)
+                labels.append(_axis_label(key, value))
+            cell["name"] = slugify("-".join(labels))
+            cell["group"] = group["name"]
+            cell["device"] = config["images"].get(cell.get("image"), {}).get("device")
+            cell["id"] = f"{cell['name']}-{cell_hash(cell)}"
+            cells.append(cell)
+    return cells
+
+
+def _check_references(config: dict, cells: list[dict]) -> None:
+    groups = [group["name"] for group in config["cells"]]
+    for name in groups:
+        if groups.count(name) > 1:
+            raise ConfigError(f"config: cells: group name {name!r} is used twice")
+    for index, group in enumerate(config["cells"]):
+        for key, values in group.get("axes", {}).items():
+            if len(values) != len({canonical_json(v) for v in values}):
+                raise ConfigError(f"config: cells[{index}].axes.{key}: values repeat")
+    seen: dict[str, str] = {}
+    for cell in cells:
+        where = f"config: cell {cell['name']}"
+        for key, table in (("image", "images"), ("model", "models")):
+            if not cell.get(key):
+                raise ConfigError(f"{where}: no {key} (set it in defaults or the cell group)")
+            if cell[key] not in config[table]:
+                known = ", ".join(sorted(config[table]))
+                raise ConfigError(f"{where}: {key} {cell[key]!r} is not in {table} ({known})")
+        for name in cell["env"]:
+            if SECRET_NAME.search(name):
+                raise ConfigError(
+                    f"{where}: env.{name} looks like a secret; export it in the shell instead, "
+                    "cellbench passes it to the container without writing it down"
+                )
+        if cell["name"] in seen:
+            raise ConfigError(f"{where}: two cells resolve to the same name")
+        seen[cell["name"]] = cell["id"]
+    if config["baseline"] not in seen:
+        raise ConfigError(
+            f"config: baseline: {config['baseline']!r} is not a cell name "
+            f"(cells: {', '.join(sorted(seen))})"
+        )
+    for name, model in config["models"].items():
+        if model["source"] == "pypi-gguf":
+            for key in ("package", "file", "prepare_image"):
+                if not model.get(key):
+                    raise ConfigError(f"config: models.{name}.{key}: required for pypi-gguf")
+            if model["prepare_image"] not in config["images"]:
+                raise ConfigError(
+                    f"config: models.{name}.prepare_image: {model['prepare_image']!r} is not in images"
+                )
+
+
+def resolve(config: dict) -> dict:
+    """Validate a study and return {"cells": {id: cell}, "baseline": id, ...}; raise ConfigError."""
+    validate(config)
+    cells = expand_cells(config)
+    _check_references(config, cells)
+    by_name = {cell["name"]: cell for cell in cells}
+    return {
+        "study": config["study"],
+        "config_hash": config_hash(config),
+        "cells": {cell["id"]: cell for cell in cells},
+        "baseline": by_name[config["baseline"]]["id"],
+    }

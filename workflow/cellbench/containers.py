@@ -1,0 +1,104 @@
+"""`docker run` command lines, built as data from a cell and its device kind.
+
+Everything here is pure: the same cell, run id and paths give the same argv, which the golden
+tests pin per device kind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+CONTAINER_PREFIX = "cellbench-"
+LABEL_CELL = "cellbench.cell"
+LABEL_RUN = "cellbench.run"
+MOUNT_MODEL, MOUNT_OUT, MOUNT_SCRIPTS = "/model", "/out", "/cellbench"
+SECRET_ENV = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+
+
+def container_name(cell_id: str) -> str:
+    return CONTAINER_PREFIX + cell_id
+
+
+def device_flags(device: str, gpus: list[int], render_nodes: list[str]) -> list[str]:
+    """Flags giving a container its devices. `gpus` are host indices; inside they count from 0."""
+    if device == "cpu":
+        if gpus:
+            raise ValueError("a cpu cell cannot be given GPUs")
+        return []
+    if not gpus:
+        raise ValueError(f"a {device} cell needs at least one GPU")
+    visible = ",".join(str(i) for i in range(len(gpus)))
+    if device == "rocm":
+        flags = ["--device", "/dev/kfd"]
+        for node in render_nodes:
+            flags += ["--device", node]
+        flags += [
+            "--group-add", "video",
+            "--group-add", "render",
+            "--ipc", "host",
+            "--security-opt", "seccomp=unconfined",
+            # vLLM on ROCm refuses to start when these two disagree.
+            "-e", f"HIP_VISIBLE_DEVICES={visible}",
+            "-e", f"CUDA_VISIBLE_DEVICES={visible}",
+        ]  # fmt: skip
+        return flags
+    if device == "cuda":
+        devices = ",".join(str(g) for g in gpus)
+        return ["--gpus", f'"device={devices}"', "--ipc", "host", "-e", f"CUDA_VISIBLE_DEVICES={visible}"]
+    raise ValueError(f"unknown device kind {device!r}")
+
+
+def resource_flags(resources: dict) -> list[str]:
+    flags = []
+    if resources.get("shm_size"):
+        flags += ["--shm-size", resources["shm_size"]]
+    if resources.get("cpus"):
+        flags += ["--cpuset-cpus", resources["cpus"]]
+    if resources.get("memory"):
+        # Same as --memory: no swap beyond the limit, so an OOM is an OOM, not a slow cell.
+        flags += ["--memory", resources["memory"], "--memory-swap", resources["memory"]]
+    return flags
+
+
+def passthrough_secrets(environ: dict[str, str]) -> list[str]:
+    """Secrets go by name only (`-e NAME`): docker reads the value, no file or argv holds it."""
+    flags = []
+    for name in sorted(environ):
+        if SECRET_ENV.search(name) and name.startswith(("HF_", "HUGGING")):
+            flags += ["-e", name]
+    return flags
+
+
+def docker_run_command(
+    cell: dict,
+    *,
+    run_id: str,
+    image_ref: str,
+    model_dir: str,
+    out_dir: str,
+    scripts_dir: str,
+    gpus: list[int] | None = None,
+    render_nodes: list[str] | None = None,
+    runtime: str = "docker",
+    environ: dict[str, str] | None = None,
+) -> list[str]:
+    gpus = gpus or []
+    environ = os.environ if environ is None else environ
+    argv = [
+        runtime, "run", "--rm", "--init",
+        "--name", container_name(cell["id"]),
+        "--label", f"{LABEL_CELL}={cell['id']}",
+        "--label", f"{LABEL_RUN}={run_id}",
+        "--network", "none",
+        "-v", f"{os.path.abspath(model_dir)}:{MOUNT_MODEL}:ro",
+        "-v", f"{os.path.abspath(scripts_dir)}:{MOUNT_SCRIPTS}:ro",
+        "-v", f"{os.path.abspath(out_dir)}:{MOUNT_OUT}:rw",
+    ]  # fmt: skip
+    argv += device_flags(cell["device"], gpus, render_nodes or [])
+    argv += resource_flags(cell["resources"])
+    for name, value in sorted(cell["env"].items()):
+        argv += ["-e", f"{name}={value}"]
+    argv += passthrough_secrets(environ)
+    argv += [image_ref, "python3", f"{MOUNT_SCRIPTS}/bench_cell.py", f"{MOUNT_OUT}/cell.json"]
+    return argv

@@ -1,0 +1,143 @@
+"""Engine images: registry-free base, host-downloaded wheelhouse, recipe-hash tags, manifests.
+
+An image is tagged with the hash of its recipe (context files, build args, base image id), so
+a rebuild happens exactly when the recipe changes, and an existing image with the same recipe
+is reused (a fresh clone on a machine that built it before costs seconds, not minutes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .metrics import write_json_atomic
+from .provenance import PROJECT_ROOT
+
+LOCAL_BASE = "cellbench/base:bookworm"
+
+
+class ImageError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CELLBENCH_CACHE", Path.home() / ".cache" / "cellbench"))
+
+
+def context_files(context: Path) -> list[Path]:
+    return sorted(p for p in context.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def recipe_hash(context: Path, build_args: dict, base_id: str) -> str:
+    digest = hashlib.sha256()
+    for path in context_files(context):
+        digest.update(str(path.relative_to(context)).encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(json.dumps({"build_args": build_args, "base": base_id}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _run(argv: list[str], log, **kwargs) -> subprocess.CompletedProcess:
+    log.write(f"$ {' '.join(argv)}\n")
+    log.flush()
+    return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, **kwargs)
+
+
+def image_id(ref: str) -> str | None:
+    done = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", ref], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def ensure_base(base: str, log) -> str:
+    """Return the base image id, building the local base or pulling a named one if missing."""
+    if base == LOCAL_BASE:
+        if _run(["bash", str(PROJECT_ROOT / "containers" / "base" / "build.sh"), base], log).returncode:
+            raise ImageError(f"building the local base image {base} failed; see the image log")
+    elif image_id(base) is None and _run(["docker", "pull", base], log).returncode:
+        raise ImageError(
+            f"base image {base} is not in the local Docker daemon and cannot be pulled; "
+            f"on a machine with registry access run 'docker pull {base}', or 'docker load' a saved copy"
+        )
+    found = image_id(base)
+    if found is None:
+        raise ImageError(f"base image {base} is still missing after building or pulling it")
+    return found
+
+
+def ensure_wheelhouse(requirements: Path, log) -> Path:
+    """Wheels for `requirements`, downloaded on the host once per requirements content."""
+    key = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    target = cache_dir() / "wheelhouse" / key
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    try:
+        done = _run(["pip", "download", "--quiet", "--dest", str(tmp), "--requirement", str(requirements)], log)
+        if done.returncode:
+            raise ImageError(f"pip download of {requirements.name} failed; see the image log")
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_image(name: str, spec: dict, manifest_path: Path, log_path: Path) -> dict:
+    context = PROJECT_ROOT / spec["context"]
+    if not (context / "Dockerfile").is_file():
+        raise ImageError(f"images.{name}.context: no Dockerfile in {context}")
+    build_args = dict(spec.get("build_args") or {})
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        base = spec.get("base")
+        base_id = ensure_base(base, log) if base else ""
+        if base:
+            build_args["BASE_IMAGE"] = base
+        digest = recipe_hash(context, build_args, base_id)
+        tag = f"cellbench/{name}:{digest[:12]}"
+        reused = image_id(tag) is not None
+        if not reused:
+            with tempfile.TemporaryDirectory(prefix="cellbench-ctx-", dir=cache_dir()) as tmp:
+                build_context = Path(tmp)
+                shutil.copytree(context, build_context, dirs_exist_ok=True)
+                if spec.get("wheelhouse"):
+                    wheels = ensure_wheelhouse(context / spec["wheelhouse"], log)
+                    shutil.copytree(wheels, build_context / "wheelhouse", copy_function=os.link)
+                argv = ["docker", "build", "--tag", tag]
+                for key, value in sorted(build_args.items()):
+                    argv += ["--build-arg", f"{key}={value}"]
+                if _run([*argv, str(build_context)], log).returncode:
+                    raise ImageError(f"docker build of image {name} failed; see {log_path}")
+        manifest = {
+            "name": name,
+            "tag": tag,
+            "image_id": image_id(tag),
+            "device": spec["device"],
+            "recipe_sha256": digest,
+            "dockerfile_sha256": hashlib.sha256((context / "Dockerfile").read_bytes()).hexdigest(),
+            "base": base,
+            "base_image_id": base_id or None,
+            "build_args": build_args,
+            "packages": installed_packages(tag),
+            "reused_existing_image": reused,
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "build_log": str(log_path),
+        }
+    write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def installed_packages(tag: str) -> dict:
+    done = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", tag, "python3", "-m", "pip", "list", "--format", "json"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        return {}
+    return {p["name"]: p["version"] for p in json.loads(done.stdout)}

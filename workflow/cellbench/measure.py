@@ -1,0 +1,166 @@
+"""From what a container recorded (raw.json) to Parquet rows: pure functions.
+
+Metric definitions follow vLLM's benchmarks: throughput = tokens / wall seconds of the point,
+TPOT = (latency - TTFT) / (output tokens - 1), percentiles with linear interpolation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+
+from . import metrics
+
+# (pattern in the engine log or error, status): a cell asked for what the engine cannot do.
+UNSUPPORTED = [
+    re.compile(r"cpu_gemm_wna16"),
+    re.compile(r"Unknown quantization method", re.IGNORECASE),
+    re.compile(r"quantization method .* is not supported", re.IGNORECASE),
+    re.compile(r"not supported (on|for) (the )?(current platform|CPU|this device)", re.IGNORECASE),
+]
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception)|AssertionError)\b.*", re.MULTILINE)
+
+
+def points(sweep: dict) -> list[dict]:
+    """The sweep's points in a fixed order: batch size x input len x output len."""
+    return [
+        {"batch_size": b, "input_len": i, "output_len": o}
+        for b, i, o in itertools.product(sweep["batch_size"], sweep["input_len"], sweep["output_len"])
+    ]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    rank = (len(values) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return values[low] + (values[high] - values[low]) * (rank - low)
+
+
+def tpot(request: dict) -> float | None:
+    if request.get("latency_s") is None or request.get("ttft_s") is None or request["output_tokens"] < 2:
+        return None
+    return (request["latency_s"] - request["ttft_s"]) / (request["output_tokens"] - 1)
+
+
+def point_metrics(point: dict) -> dict:
+    """Throughput and latency figures of one measured repeat."""
+    requests, wall = point["requests"], point["wall_s"]
+    prompt_tokens = sum(r["prompt_tokens"] for r in requests)
+    output_tokens = sum(r["output_tokens"] for r in requests)
+    latencies = [r["latency_s"] for r in requests]
+    ttfts = [r["ttft_s"] for r in requests]
+    tpots = [tpot(r) for r in requests]
+    return {
+        "duration_s": wall,
+        "output_tokens": output_tokens,
+        "output_tok_s": output_tokens / wall,
+        "total_tok_s": (prompt_tokens + output_tokens) / wall,
+        "requests_s": len(requests) / wall,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p90_s": percentile(latencies, 90),
+        "latency_p99_s": percentile(latencies, 99),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "tpot_p50_s": percentile(tpots, 50),
+        "tpot_p99_s": percentile(tpots, 99),
+    }
+
+
+def error_from_log(log_text: str) -> str | None:
+    """The most telling error line of an engine log: a known signature, else the last exception."""
+    for pattern in UNSUPPORTED:
+        match = pattern.search(log_text)
+        if match:
+            line_start = log_text.rfind("\n", 0, match.start()) + 1
+            line_end = log_text.find("\n", match.end())
+            return log_text[line_start : line_end if line_end >= 0 else None].strip()[:500]
+    lines = [m.group(0).strip() for m in _ERROR_LINE.finditer(log_text)]
+    return lines[-1][:500] if lines else None
+
+
+def classify(status: str, error: str | None) -> str:
+    if status == "failed" and error and any(p.search(error) for p in UNSUPPORTED):
+        return "unsupported"
+    return status
+
+
+def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, error: str | None) -> list[dict]:
+    """One row per measured repeat; every point short of its repeats gets one more row with the
+    cell's failure status, so a failed or timed-out cell is rows, never a missing file."""
+    raw = raw or {}
+    effective = raw.get("effective") or {}
+    status = classify(status, error)
+    base = {
+        "schema_version": metrics.SCHEMA_VERSION,
+        "method_version": metrics.METHOD_VERSION,
+        "study": context["study"],
+        "cell_id": cell["id"],
+        "cell_name": cell["name"],
+        "machine_id": context["machine_id"],
+        "run_id": context["run_id"],
+        "engine": cell["engine"],
+        "engine_version": _engine_version(cell["engine"], raw),
+        "image": cell["image"],
+        "image_id": context.get("image_id"),
+        "device": cell["device"],
+        "device_name": raw.get("provenance", {}).get("cpu", {}).get("cpu_model"),
+        "model": cell["model"],
+        "mode": cell["mode"],
+        "dtype": cell["dtype"],
+        "quantization": cell["quantization"],
+        "effective_dtype": effective.get("dtype"),
+        "effective_quantization": effective.get("quantization"),
+        "effective_eager": _effective_eager(effective),
+        "load_s": raw.get("load_s"),
+        "peak_memory_mb": raw.get("peak_memory_mb"),
+        "started_at": raw.get("started_at"),
+        "finished_at": raw.get("finished_at"),
+        "config_hash": context["config_hash"],
+        "git_sha": context.get("git_sha"),
+        "settings_json": json.dumps(cell, sort_keys=True),
+        "effective_json": json.dumps(effective, sort_keys=True) if effective else None,
+    }
+    rows = []
+    measured: dict[tuple, int] = {}
+    for point in raw.get("points", []):
+        key = (point["batch_size"], point["input_len"], point["output_len"])
+        measured[key] = measured.get(key, 0) + 1
+        rows.append(
+            {
+                **base,
+                **{k: point[k] for k in ("batch_size", "input_len", "output_len", "repeat")},
+                **point_metrics(point),
+                "status": "ok",
+                "error": None,
+            }
+        )
+    for point in points(cell["sweep"]):
+        key = (point["batch_size"], point["input_len"], point["output_len"])
+        if measured.get(key, 0) >= cell["sweep"]["repeats"]:
+            continue
+        rows.append(
+            {
+                **base,
+                **point,
+                "repeat": None,
+                "status": status if status != "ok" else "failed",
+                "error": error or "point was not measured",
+            }
+        )
+    return rows
+
+
+def _engine_version(engine: str, raw: dict) -> str | None:
+    found = raw.get("provenance", {}).get("versions", {})
+    return found.get(engine) or found.get(f"{engine}-cpu") or found.get("llama_cpp_python")
+
+
+def _effective_eager(effective: dict) -> bool | None:
+    if not effective:
+        return None
+    return bool(effective.get("enforce_eager")) or effective.get("compilation_mode") in ("0", "NONE", "CompilationMode.NONE")

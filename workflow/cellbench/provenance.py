@@ -1,0 +1,75 @@
+"""Host-side provenance: machine id, project git sha, host facts. Secrets never leave here."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+from .config import SECRET_NAME
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cpu_model() -> str:
+    try:
+        match = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        match = None
+    return match.group(1).strip() if match else platform.processor()
+
+
+def machine_id(override: str | None = None) -> str:
+    """Stable per machine: the config's or CELLBENCH_MACHINE_ID if given, else host name plus a
+    short hash of /etc/machine-id, CPU model, core count and memory (hardware and host facts)."""
+    chosen = override or os.environ.get("CELLBENCH_MACHINE_ID")
+    if chosen:
+        return chosen
+    try:
+        host_key = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        host_key = socket.gethostname()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
+    facts = f"{host_key}|{_cpu_model()}|{os.cpu_count()}|{memory}"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname())[:24] or "host"
+    return f"{name}-{hashlib.sha256(facts.encode()).hexdigest()[:8]}"
+
+
+def git_sha() -> str | None:
+    """The project's commit, with '-dirty' when the work tree differs from it."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def host_facts() -> dict:
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def scrub(value):
+    """Drop every mapping entry whose key looks like a secret, recursively."""
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items() if not SECRET_NAME.search(str(k))}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value

@@ -1,0 +1,122 @@
+"""Tables a person reads: results/tables/summary.{md,csv}."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from . import aggregate
+from .metrics import write_text_atomic
+
+
+def _fmt(value, spec: str = ".1f", missing: str = "—") -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return missing
+    return format(value, spec)
+
+
+def _ratio(value) -> str:
+    return _fmt(value, ".2f") + "×" if value is not None and not pd.isna(value) else "—"
+
+
+def _point(row) -> str:
+    return f"{row['batch_size']} × {row['input_len']}→{row['output_len']}"
+
+
+def _spread(row) -> str:
+    if not row["repeats"]:
+        return "—"
+    text = f"{_fmt(row['output_tok_s_min'])}–{_fmt(row['output_tok_s_max'])}, CV {row['output_tok_s_cv']:.1%}"
+    return text + (" ⚠" if row["cv_flag"] else "")
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, baseline_name: str) -> str:
+    out = [f"# cellbench — {study}", ""]
+    machines = sorted(points["machine_id"].unique()) if not points.empty else []
+    cells = points.drop_duplicates(["machine_id", "cell_id"]) if not points.empty else points
+    ok_cells = int((cells["status"] == "ok").sum()) if not cells.empty else 0
+    out.append(
+        f"Machines: {', '.join(machines) or 'none'}. Cells: {len(cells)} ({ok_cells} ok). "
+        f"Baseline: `{baseline_name}`. Figures are output tokens/s, mean over repeats."
+    )
+    out += ["", "## Fastest configuration at each point", ""]
+    if fastest.empty:
+        out.append("No point was measured successfully.")
+    else:
+        rows = []
+        for _, row in fastest.iterrows():
+            margin = "only cell" if row["runner_up"] is None else f"{_ratio(row['margin'])} {row['runner_up']}"
+            rows.append(
+                [
+                    row["machine_id"],
+                    _point(row),
+                    f"**{row['fastest']}**",
+                    _fmt(row["output_tok_s"]),
+                    _ratio(row["vs_baseline"]),
+                    margin,
+                ]
+            )
+        out.append(
+            markdown_table(
+                ["machine", "batch × in→out", "fastest", "output tok/s", "× baseline", "ahead of runner-up by"],
+                rows,
+            )
+        )
+    out += ["", "## Every cell and point", ""]
+    rows = []
+    for _, row in points.iterrows():
+        rows.append(
+            [
+                row["machine_id"],
+                row["cell_name"],
+                row["status"],
+                _point(row),
+                _fmt(row["output_tok_s"]),
+                _spread(row),
+                _ratio(row["vs_baseline"]),
+                _fmt(row["latency_p50_s"], ".3f"),
+                _fmt(row["load_s"]),
+                row["engine_ran"],
+            ]
+        )
+    out.append(
+        markdown_table(
+            [
+                "machine", "cell", "status", "batch × in→out", "output tok/s", "min–max, CV",
+                "× baseline", "p50 latency s", "load s", "engine actually ran",
+            ],  # fmt: skip
+            rows,
+        )
+    )
+    failed = cells[cells["status"] != "ok"] if not cells.empty else cells
+    if not failed.empty:
+        out += ["", "## Cells that did not finish", ""]
+        out.append(
+            markdown_table(
+                ["machine", "cell", "status", "error"],
+                [[r["machine_id"], r["cell_name"], r["status"], r["error"] or ""] for _, r in failed.iterrows()],
+            )
+        )
+    out += [
+        "",
+        f"⚠ marks a point whose repeats vary by more than {aggregate.CV_FLAG:.0%} (coefficient of variation).",
+        "Per-repeat rows with full provenance: `results/summary.parquet`; per cell: `results/cells/<cell_id>/`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_tables(points: pd.DataFrame, study: str, baseline_name: str, tables_dir: Path) -> list[Path]:
+    fastest = aggregate.fastest_per_point(points) if not points.empty else pd.DataFrame()
+    md = tables_dir / "summary.md"
+    csv = tables_dir / "summary.csv"
+    write_text_atomic(md, summary_markdown(points, fastest, study, baseline_name))
+    write_text_atomic(csv, points.drop(columns=["effective_json"], errors="ignore").to_csv(index=False))
+    return [md, csv]

@@ -1,0 +1,174 @@
+"""Run one cell in its own container and write its metrics, provenance and engine log.
+
+The container runs in the foreground under a deterministic name. Whatever happens (success,
+engine failure, timeout, Ctrl-C, SIGTERM from Snakemake or Slurm) the container is removed.
+A cell's own failure becomes rows with a status; an interruption writes nothing, so the next
+run redoes the cell instead of trusting half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import containers, measure, metrics, paths, provenance
+
+SCRIPTS_DIR = provenance.PROJECT_ROOT / "scripts"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def remove_container(name: str, runtime: str = "docker") -> None:
+    subprocess.run([runtime, "rm", "-f", name], capture_output=True, check=False)
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def run_container(argv: list[str], name: str, log_path: Path, timeout_s: float) -> tuple[int | None, bool]:
+    """Run `argv` (a foreground `docker run`); return (exit code, timed_out)."""
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                return process.wait(timeout=timeout_s), False
+            except subprocess.TimeoutExpired:
+                return None, True
+            finally:
+                if process.poll() is None:
+                    remove_container(name, argv[0])  # kills the engine, then the client exits
+                    try:
+                        process.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+    finally:
+        remove_container(name, argv[0])
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_cell(
+    cell: dict,
+    *,
+    study: str,
+    config_hash: str,
+    machine: str,
+    image_manifest: dict,
+    model_dir: Path,
+    runtime: str = "docker",
+) -> str:
+    """Run the cell; write metrics.parquet, provenance.json, engine.log; return its status."""
+    run_id = new_run_id()
+    cell_dir = paths.cell_dir(cell["id"])
+    work = cell_dir / f".run-{run_id}"
+    work.mkdir(parents=True)
+    try:
+        (work / "cell.json").write_text(json.dumps({**cell, "points": measure.points(cell["sweep"])}, indent=1))
+        name = containers.container_name(cell["id"])
+        remove_container(name, runtime)  # a leftover of a crashed earlier run
+        argv = containers.docker_run_command(
+            cell,
+            run_id=run_id,
+            image_ref=image_manifest["image_id"],
+            model_dir=str(model_dir),
+            out_dir=str(work),
+            scripts_dir=str(SCRIPTS_DIR),
+            runtime=runtime,
+        )
+        started = time.time()
+        code, timed_out = run_container(argv, name, work / "engine.log", cell["timeout_s"])
+        wall_s = time.time() - started
+
+        raw = _read_raw(work / "raw.json")
+        log_text = (work / "engine.log").read_text(errors="replace")
+        status, error = _outcome(raw, code, timed_out, cell["timeout_s"], log_text)
+        context = {
+            "study": study,
+            "machine_id": machine,
+            "run_id": run_id,
+            "config_hash": config_hash,
+            "git_sha": provenance.git_sha(),
+            "image_id": image_manifest["image_id"],
+        }
+        rows = measure.rows_for_cell(cell, raw, context, status=status, error=error)
+        table = metrics.to_table(rows)
+        record = provenance.scrub(
+            {
+                **context,
+                "cell": cell,
+                "status": measure.classify(status, error),
+                "error": error,
+                "exit_code": code,
+                "timed_out": timed_out,
+                "container_wall_s": wall_s,
+                "docker_run": argv,
+                "image": image_manifest,
+                "host": provenance.host_facts(),
+                "container": raw,
+            }
+        )
+        metrics.write_parquet(paths.cell_metrics(cell["id"]), table)
+        metrics.write_json_atomic(paths.cell_provenance(cell["id"]), record)
+        os.replace(work / "engine.log", paths.cell_log(cell["id"]))
+        return record["status"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _read_raw(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _outcome(raw, code, timed_out, timeout_s, log_text) -> tuple[str, str | None]:
+    if timed_out:
+        return "timeout", f"cell exceeded its timeout of {timeout_s} s; container killed"
+    if raw and raw.get("status") == "ok" and code == 0:
+        return "ok", None
+    logged = measure.error_from_log(log_text)
+    if raw and raw.get("error"):
+        # The engine's own message is often "see root cause above"; the log names the cause.
+        error = logged if logged and measure.classify("failed", logged) == "unsupported" else raw["error"]
+        return "failed", error
+    if code == 137:
+        return "failed", "container killed (exit 137: out of memory or SIGKILL)"
+    return "failed", logged or f"container exited with code {code} before reporting"
+
+
+def main_run_cell(args) -> int:
+    """CLI entry: `cellbench run-cell --cell JSON ...`."""
+    cell = json.loads(args.cell)
+    manifest = json.loads(Path(args.image_manifest).read_text())
+    try:
+        status = run_cell(
+            cell,
+            study=args.study,
+            config_hash=args.config_hash,
+            machine=args.machine_id,
+            image_manifest=manifest,
+            model_dir=Path(args.model_dir),
+            runtime=args.runtime,
+        )
+    except Interrupted as exc:
+        print(f"cellbench: cell {cell['id']} interrupted by {exc}; container removed, nothing written", file=sys.stderr)
+        return 130
+    print(f"cellbench: cell {cell['id']}: {status}", file=sys.stderr)
+    return 0

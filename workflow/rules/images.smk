@@ -1,0 +1,23 @@
+# Engine images, built from pinned recipes under containers/<name>/ (no registry needed).
+
+
+def image_recipe(wildcards):
+    context = ROOT / config["images"][wildcards.image]["context"]
+    return sorted(str(p) for p in context.rglob("*") if p.is_file())
+
+
+rule build_image:
+    input:
+        image_recipe,
+        base=ROOT / "containers" / "base" / "build.sh",
+    output:
+        "results/images/{image}.json",
+    log:
+        "results/logs/images/{image}.log",
+    params:
+        spec=lambda wildcards: json.dumps(config["images"][wildcards.image]),
+    wildcard_constraints:
+        image="|".join(re.escape(name) for name in config["images"]),
+    shell:
+        "cellbench build-image --name {wildcards.image} --spec {params.spec:q} "
+        "--out {output} --log {log}"
