@@ -9,6 +9,7 @@ host turns them into metrics with the tested functions of the cellbench package.
 library only, besides the engine: the same script runs in every image.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -45,9 +46,7 @@ def write_json(path: Path, value) -> None:
 
 
 def selected_env() -> dict:
-    return {
-        k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES) and not SECRET.search(k)
-    }
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES) and not SECRET.search(k)}
 
 
 def cpu_facts() -> dict:
@@ -81,10 +80,8 @@ def gpu_facts() -> dict:
 def versions() -> dict:
     found = {"python": platform.python_version()}
     for package in PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
     return found
 
 
@@ -229,4 +226,9 @@ def main(cell_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is on disk. A failed engine can leave worker processes that block a normal
+    # interpreter exit until the cell's timeout, so leave at once.
+    os._exit(code)

@@ -20,9 +20,7 @@ def main(gguf_path: str, out_dir: str) -> None:
     gguf = Path(gguf_path)
     out = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -41,9 +39,7 @@ def main(gguf_path: str, out_dir: str) -> None:
     with torch.no_grad():
         ids = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     sample = tokenizer.decode(ids[0][prompt["input_ids"].shape[1] :])
-    (out / "smoke.json").write_text(
-        json.dumps({"prompt": "The capital of France is", "greedy": sample}) + "\n"
-    )
+    (out / "smoke.json").write_text(json.dumps({"prompt": "The capital of France is", "greedy": sample}) + "\n")
     print(f"converted {gguf.name}: {len(state)} tensors; greedy sample: {sample!r}")
 
 

@@ -15,7 +15,7 @@ fi
 if ! command -v dockerd >/dev/null; then
   echo "cellbench: installing docker.io (no dockerd on this machine)" >&2
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
 fi
 
 log=/var/log/cellbench-dockerd.log

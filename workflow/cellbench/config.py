@@ -97,9 +97,7 @@ def schema_defaults() -> dict:
             settings[key] = copy.deepcopy(prop["default"])
     for nested in ("sweep", "resources"):
         settings[nested] = {
-            key: copy.deepcopy(prop["default"])
-            for key, prop in defs[nested]["properties"].items()
-            if "default" in prop
+            key: copy.deepcopy(prop["default"]) for key, prop in defs[nested]["properties"].items() if "default" in prop
         }
     return settings
 
@@ -200,8 +198,7 @@ def _check_references(config: dict, cells: list[dict]) -> None:
         seen[cell["name"]] = cell["id"]
     if config["baseline"] not in seen:
         raise ConfigError(
-            f"config: baseline: {config['baseline']!r} is not a cell name "
-            f"(cells: {', '.join(sorted(seen))})"
+            f"config: baseline: {config['baseline']!r} is not a cell name (cells: {', '.join(sorted(seen))})"
         )
     for name, model in config["models"].items():
         if model["source"] == "pypi-gguf":
@@ -209,9 +206,7 @@ def _check_references(config: dict, cells: list[dict]) -> None:
                 if not model.get(key):
                     raise ConfigError(f"config: models.{name}.{key}: required for pypi-gguf")
             if model["prepare_image"] not in config["images"]:
-                raise ConfigError(
-                    f"config: models.{name}.prepare_image: {model['prepare_image']!r} is not in images"
-                )
+                raise ConfigError(f"config: models.{name}.prepare_image: {model['prepare_image']!r} is not in images")
 
 
 def resolve(config: dict) -> dict:

@@ -12,12 +12,14 @@ import re
 CONTAINER_PREFIX = "cellbench-"
 LABEL_CELL = "cellbench.cell"
 LABEL_RUN = "cellbench.run"
+LABEL_ORIGIN = "cellbench.origin"  # the working directory whose results/ the container writes
 MOUNT_MODEL, MOUNT_OUT, MOUNT_SCRIPTS = "/model", "/out", "/cellbench"
 SECRET_ENV = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 
 
-def container_name(cell_id: str) -> str:
-    return CONTAINER_PREFIX + cell_id
+def container_name(cell_id: str, run_id: str) -> str:
+    """Deterministic for a run; the run id keeps two checkouts running the same cell apart."""
+    return f"{CONTAINER_PREFIX}{cell_id}-{run_id}"
 
 
 def device_flags(device: str, gpus: list[int], render_nodes: list[str]) -> list[str]:
@@ -82,14 +84,16 @@ def docker_run_command(
     render_nodes: list[str] | None = None,
     runtime: str = "docker",
     environ: dict[str, str] | None = None,
+    origin: str = ".",
 ) -> list[str]:
     gpus = gpus or []
     environ = os.environ if environ is None else environ
     argv = [
         runtime, "run", "--rm", "--init",
-        "--name", container_name(cell["id"]),
+        "--name", container_name(cell["id"], run_id),
         "--label", f"{LABEL_CELL}={cell['id']}",
         "--label", f"{LABEL_RUN}={run_id}",
+        "--label", f"{LABEL_ORIGIN}={os.path.abspath(origin)}",
         "--network", "none",
         "-v", f"{os.path.abspath(model_dir)}:{MOUNT_MODEL}:ro",
         "-v", f"{os.path.abspath(scripts_dir)}:{MOUNT_SCRIPTS}:ro",

@@ -81,7 +81,8 @@ def ensure_wheelhouse(requirements: Path, log) -> Path:
         done = _run(["pip", "download", "--quiet", "--dest", str(tmp), "--requirement", str(requirements)], log)
         if done.returncode:
             raise ImageError(f"pip download of {requirements.name} failed; see the image log")
-        os.replace(tmp, target)
+        if not target.is_dir():  # another process may have filled the same cache key meanwhile
+            os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -163,4 +163,8 @@ def _engine_version(engine: str, raw: dict) -> str | None:
 def _effective_eager(effective: dict) -> bool | None:
     if not effective:
         return None
-    return bool(effective.get("enforce_eager")) or effective.get("compilation_mode") in ("0", "NONE", "CompilationMode.NONE")
+    return bool(effective.get("enforce_eager")) or effective.get("compilation_mode") in (
+        "0",
+        "NONE",
+        "CompilationMode.NONE",
+    )

@@ -52,7 +52,7 @@ def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, ba
     else:
         rows = []
         for _, row in fastest.iterrows():
-            margin = "only cell" if row["runner_up"] is None else f"{_ratio(row['margin'])} {row['runner_up']}"
+            margin = "only cell" if pd.isna(row["runner_up"]) else f"{_ratio(row['margin'])} {row['runner_up']}"
             rows.append(
                 [
                     row["machine_id"],
@@ -89,8 +89,16 @@ def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, ba
     out.append(
         markdown_table(
             [
-                "machine", "cell", "status", "batch × in→out", "output tok/s", "min–max, CV",
-                "× baseline", "p50 latency s", "load s", "engine actually ran",
+                "machine",
+                "cell",
+                "status",
+                "batch × in→out",
+                "output tok/s",
+                "min–max, CV",
+                "× baseline",
+                "p50 latency s",
+                "load s",
+                "engine actually ran",
             ],  # fmt: skip
             rows,
         )

@@ -80,8 +80,7 @@ def run_cell(
     work.mkdir(parents=True)
     try:
         (work / "cell.json").write_text(json.dumps({**cell, "points": measure.points(cell["sweep"])}, indent=1))
-        name = containers.container_name(cell["id"])
-        remove_container(name, runtime)  # a leftover of a crashed earlier run
+        name = containers.container_name(cell["id"], run_id)
         argv = containers.docker_run_command(
             cell,
             run_id=run_id,

@@ -12,14 +12,14 @@ rule run_cell:
         engine_log="results/cells/{cell_id}/engine.log",
     log:
         "results/logs/cells/{cell_id}.log",
+    wildcard_constraints:
+        cell_id="|".join(re.escape(cell_id) for cell_id in CELLS),
     params:
         cell=lambda wildcards: json.dumps(CELLS[wildcards.cell_id], sort_keys=True),
         model_dir=lambda wildcards: paths.model_dir(CELLS[wildcards.cell_id]["model"]),
         study=STUDY["study"],
         config_hash=STUDY["config_hash"],
         machine_id=MACHINE_ID,
-    wildcard_constraints:
-        cell_id="|".join(re.escape(cell_id) for cell_id in CELLS),
     shell:
         "cellbench run-cell --cell {params.cell:q} --study {params.study} "
         "--config-hash {params.config_hash} --machine-id {params.machine_id} "

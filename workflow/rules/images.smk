@@ -14,10 +14,10 @@ rule build_image:
         "results/images/{image}.json",
     log:
         "results/logs/images/{image}.log",
-    params:
-        spec=lambda wildcards: json.dumps(config["images"][wildcards.image]),
     wildcard_constraints:
         image="|".join(re.escape(name) for name in config["images"]),
+    params:
+        spec=lambda wildcards: json.dumps(config["images"][wildcards.image]),
     shell:
         "cellbench build-image --name {wildcards.image} --spec {params.spec:q} "
         "--out {output} --log {log}"

@@ -11,11 +11,11 @@ rule prepare_model:
         "results/models/{model}/manifest.json",
     log:
         "results/logs/models/{model}.log",
+    wildcard_constraints:
+        model="|".join(re.escape(name) for name in config["models"]),
     params:
         spec=lambda wildcards: json.dumps(config["models"][wildcards.model]),
         out_dir=lambda wildcards: paths.model_dir(wildcards.model),
-    wildcard_constraints:
-        model="|".join(re.escape(name) for name in config["models"]),
     shell:
         "cellbench prepare-model --name {wildcards.model} --spec {params.spec:q} "
         "--image-manifest {input.image} --out-dir {params.out_dir} --log {log}"

@@ -1,0 +1,79 @@
+import json
+
+import pandas as pd
+import pytest
+from cellbench import aggregate, report
+
+
+def _rows(cell, machine, batch, values, status="ok", effective=None):
+    rows = []
+    for repeat, value in enumerate(values):
+        rows.append(
+            {
+                "machine_id": machine, "cell_id": f"{cell}-h", "cell_name": cell, "batch_size": batch,
+                "input_len": 128, "output_len": 64, "repeat": repeat, "status": status, "error": None,
+                "output_tok_s": value, "latency_p50_s": 1.0, "ttft_p50_s": 0.1, "tpot_p50_s": 0.01,
+                "study": "s", "engine": "vllm", "image": "cpu", "model": "m", "dtype": "bfloat16",
+                "quantization": None, "effective_dtype": "bfloat16", "effective_quantization": None,
+                "effective_eager": True, "effective_json": json.dumps(effective or {"dtype": "bfloat16"}),
+                "load_s": 30.0, "peak_memory_mb": 1000.0, "device_name": "cpu", "schema_version": 1,
+                "method_version": 1,
+            }
+        )  # fmt: skip
+    return rows
+
+
+@pytest.fixture
+def rows():
+    data = (
+        _rows("base", "m1", 1, [10.0, 10.0])
+        + _rows("fast", "m1", 1, [19.0, 21.0])
+        + _rows("base", "m1", 8, [80.0, 80.0])
+        + _rows("fast", "m1", 8, [40.0, 40.0])
+        + _rows("base", "m2", 1, [5.0])
+        + _rows("fast", "m2", 1, [None], status="failed")
+    )
+    return pd.DataFrame(data)
+
+
+def test_spread_and_ratio_to_baseline_on_the_same_machine(rows):
+    points = aggregate.cell_points(rows, "base-h").set_index(["machine_id", "cell_name", "batch_size"])
+    fast = points.loc[("m1", "fast", 1)]
+    assert fast["output_tok_s"] == 20.0
+    assert (fast["output_tok_s_min"], fast["output_tok_s_max"]) == (19.0, 21.0)
+    assert fast["output_tok_s_cv"] == pytest.approx(0.05)  # population std 1 / mean 20
+    assert fast["vs_baseline"] == 2.0
+    assert points.loc[("m1", "fast", 8)]["vs_baseline"] == 0.5
+    assert points.loc[("m2", "base", 1)]["vs_baseline"] == 1.0  # m2's own baseline, not m1's
+    failed = points.loc[("m2", "fast", 1)]
+    assert failed["status"] == "failed" and failed["repeats"] == 0 and pd.isna(failed["vs_baseline"])
+
+
+def test_cv_flag_marks_noisy_points(rows):
+    rows.loc[(rows["cell_name"] == "fast") & (rows["batch_size"] == 1) & (rows["repeat"] == 1), "output_tok_s"] = 30.0
+    points = aggregate.cell_points(rows, "base-h").set_index(["machine_id", "cell_name", "batch_size"])
+    assert bool(points.loc[("m1", "fast", 1)]["cv_flag"])
+    assert not bool(points.loc[("m1", "base", 1)]["cv_flag"])
+
+
+def test_fastest_per_point_names_winner_and_margin(rows):
+    fastest = aggregate.fastest_per_point(aggregate.cell_points(rows, "base-h")).set_index(["machine_id", "batch_size"])
+    assert fastest.loc[("m1", 1), "fastest"] == "fast"
+    assert fastest.loc[("m1", 1), "margin"] == 2.0
+    assert fastest.loc[("m1", 8), "fastest"] == "base"
+    assert pd.isna(fastest.loc[("m2", 1), "runner_up"])  # the other cell failed
+
+
+def test_markdown_answers_which_is_fastest(rows, tmp_path):
+    points = aggregate.cell_points(rows, "base-h")
+    written = report.write_tables(points, "s", "base", tmp_path)
+    text = written[0].read_text()
+    assert "| m1 | 1 × 128→64 | **fast** | 20.0 | 2.00× | 2.00× base |" in text
+    assert "## Cells that did not finish" in text
+    assert pd.read_csv(written[1]).shape[0] == len(points)
+
+
+def test_describe_effective():
+    text = aggregate.describe_effective(json.dumps({"dtype": "float32", "enforce_eager": True, "torch_threads": 2}))
+    assert text == "float32, eager, 2 threads"
+    assert aggregate.describe_effective(None) == "engine did not start"
