@@ -138,11 +138,13 @@ def _read_raw(path: Path) -> dict | None:
 
 
 def _outcome(raw, code, timed_out, timeout_s, log_text) -> tuple[str, str | None]:
+    logged = measure.error_from_log(log_text)
     if timed_out:
-        return "timeout", f"cell exceeded its timeout of {timeout_s} s; container killed"
+        # A failing engine can hang instead of exiting; name what it logged before the kill.
+        cause = f" after the engine logged: {logged}" if logged else ""
+        return "timeout", f"cell exceeded its timeout of {timeout_s} s; container killed{cause}"
     if raw and raw.get("status") == "ok" and code == 0:
         return "ok", None
-    logged = measure.error_from_log(log_text)
     if raw and raw.get("error"):
         # The engine's own message is often "see root cause above"; the log names the cause.
         error = logged if logged and measure.classify("failed", logged) == "unsupported" else raw["error"]
