@@ -132,14 +132,12 @@ class VllmEngine:
         config = self.llm.llm_engine.vllm_config
         model, cache, sched = config.model_config, config.cache_config, config.scheduler_config
         compilation = config.compilation_config
-        import torch
-
         return {
             "dtype": str(model.dtype).removeprefix("torch."),
             "quantization": model.quantization,
             "enforce_eager": bool(model.enforce_eager),
-            "compilation_mode": str(getattr(compilation, "mode", getattr(compilation, "level", None))),
-            "cudagraph_mode": str(getattr(compilation, "cudagraph_mode", None)),
+            "compilation_mode": _enum_name(getattr(compilation, "mode", getattr(compilation, "level", None))),
+            "cudagraph_mode": _enum_name(getattr(compilation, "cudagraph_mode", None)),
             "max_model_len": model.max_model_len,
             "max_num_seqs": sched.max_num_seqs,
             "max_num_batched_tokens": sched.max_num_batched_tokens,
@@ -147,7 +145,6 @@ class VllmEngine:
             "kv_cache_dtype": str(cache.cache_dtype),
             "block_size": cache.block_size,
             "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
-            "torch_threads": torch.get_num_threads(),
             "env": selected_env(),
         }
 
@@ -176,6 +173,10 @@ class VllmEngine:
                 }
             )
         return requests
+
+
+def _enum_name(value) -> str | None:
+    return None if value is None else getattr(value, "name", str(value))
 
 
 ENGINES = {"vllm": VllmEngine}

@@ -74,6 +74,8 @@ def test_markdown_answers_which_is_fastest(rows, tmp_path):
 
 
 def test_describe_effective():
-    text = aggregate.describe_effective(json.dumps({"dtype": "float32", "enforce_eager": True, "torch_threads": 2}))
-    assert text == "float32, eager, 2 threads"
+    text = aggregate.describe_effective(json.dumps({"dtype": "float32", "enforce_eager": True, "max_num_seqs": 8}))
+    assert text == "float32, eager, max_num_seqs=8"
+    compiled = {"dtype": "bfloat16", "enforce_eager": False, "compilation_mode": "DYNAMO_TRACE_ONCE"}
+    assert aggregate.describe_effective(json.dumps(compiled)) == "bfloat16, compile=DYNAMO_TRACE_ONCE"
     assert aggregate.describe_effective(None) == "engine did not start"

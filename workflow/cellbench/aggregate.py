@@ -69,8 +69,6 @@ def describe_effective(effective_json: str | None) -> str:
         parts.append("eager")
     elif eff.get("compilation_mode") not in (None, "None"):
         parts.append(f"compile={eff['compilation_mode'].split('.')[-1]}")
-    if eff.get("torch_threads"):
-        parts.append(f"{eff['torch_threads']} threads")
     if eff.get("max_num_seqs"):
         parts.append(f"max_num_seqs={eff['max_num_seqs']}")
     return ", ".join(str(p) for p in parts)

@@ -1,14 +1,11 @@
 # Engine images, built from pinned recipes under containers/<name>/ (no registry needed).
 
 
-def image_recipe(wildcards):
-    context = ROOT / config["images"][wildcards.image]["context"]
-    return sorted(str(p) for p in context.rglob("*") if p.is_file())
-
-
 rule build_image:
     input:
-        image_recipe,
+        lambda wildcards: images.context_files(
+            ROOT / config["images"][wildcards.image]["context"]
+        ),
         base=ROOT / "containers" / "base" / "build.sh",
     output:
         "results/images/{image}.json",
