@@ -174,6 +174,7 @@ def write_archive(target: Path, manifest: dict, members: dict[str, Path]) -> Non
             for rel in manifest["members"]:
                 with open(members[rel], "rb") as handle:
                     tar.addfile(_tarinfo(rel, manifest["members"][rel]["bytes"], mtime), handle)
+        os.chmod(tmp, 0o644)  # meant to be shared; mkstemp makes it private
 
     metrics.write_atomic(target, write)
 
