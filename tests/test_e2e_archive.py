@@ -39,6 +39,7 @@ def snakemake(workdir: Path, machine: str, *args: str) -> subprocess.CompletedPr
 def machines(tmp_path_factory):
     study = tiny_study(ok={"dtype": "bfloat16"})
     study["defaults"]["sweep"].update(batch_size=[1], repeats=1)
+    study["defaults"]["timeout_s"] = 900  # a busy shared machine must not turn the comparison into a timeout row
     a, b = tmp_path_factory.mktemp("machine-a"), tmp_path_factory.mktemp("machine-b")
     for workdir in (a, b):
         (workdir / "study.yaml").write_text(yaml.safe_dump(study))
