@@ -11,7 +11,7 @@ min_version("9.0")
 
 ROOT = Path(workflow.basedir)
 sys.path.insert(0, str(ROOT / "workflow"))
-from cellbench import config as study_config, images, paths, provenance  # noqa: E402
+from cellbench import config as study_config, images, machines, paths, provenance  # noqa: E402
 
 DEFAULT_STUDY = ROOT / "config" / "config.yaml"
 
@@ -31,6 +31,7 @@ include: "workflow/rules/images.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/cells.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/archive.smk"
 
 
 rule all:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import aggregate, config, images, metrics, models, paths, provenance, report, runner
+from . import aggregate, archive, config, images, machines, metrics, models, paths, provenance, report, runner
 
 DEFAULT_STUDY = "config/config.yaml"
 
@@ -50,6 +50,7 @@ def cmd_aggregate(args) -> int:
     metrics.write_parquet(args.summary, table)
     points = aggregate.cell_points(rows, args.baseline_id)
     written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables))
+    written += machines.write_tables(points, args.machine_id, Path(args.tables))
     print("cellbench: tables: " + ", ".join(str(p) for p in written))
     return 0
 
@@ -66,6 +67,45 @@ def cmd_rerun(args) -> int:
     argv = ["snakemake", "--cores", "1", "--configfile", args.configfile, "--forcerun", target]
     print("$ " + " ".join(argv), file=sys.stderr)
     return subprocess.run(argv).returncode
+
+
+def cmd_archive(args) -> int:
+    study = json.loads(args.config_json) if args.config_json else config.load_study(args.configfile)
+    resolved = config.resolve(study)
+    target, manifest, missing = archive.create(
+        study,
+        resolved,
+        machine_id=args.machine_id,
+        git_sha=provenance.git_sha(),
+        results=paths.RESULTS,
+        out_dir=Path(args.out_dir),
+        with_images=args.with_images,
+        log=sys.stderr,
+    )
+    cells = sum(rel.endswith("/metrics.parquet") for rel in manifest["members"])
+    size_mb = target.stat().st_size / 2**20
+    print(
+        f"cellbench: archived {cells} cells of {resolved['study']} from {args.machine_id}: {target} ({size_mb:.1f} MB)"
+    )
+    if missing:
+        print(f"cellbench: {len(missing)} cells not run yet, not archived: {', '.join(missing)}", file=sys.stderr)
+    return 0
+
+
+def cmd_import(args) -> int:
+    limits = archive.Limits(
+        archive_bytes=args.max_archive_mb * archive.MiB, member_bytes=args.max_member_mb * archive.MiB
+    )
+    try:
+        outcome, target = archive.import_archive(Path(args.file), paths.RESULTS, args.machine_id, limits)
+    except archive.ArchiveError as exc:
+        print(f"cellbench: import {args.file}: refused: {exc}", file=sys.stderr)
+        return 2
+    if outcome == "unchanged":
+        print(f"cellbench: {args.file} is already imported in {target}; nothing to do")
+    else:
+        print(f"cellbench: imported {args.file} into {target}; run `snakemake --cores 1` to refresh the tables")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregate", help="(rule) all metrics -> summary.parquet and tables")
     for flag in ("--study", "--baseline-id", "--baseline-name", "--summary", "--tables"):
         p.add_argument(flag, required=True)
+    p.add_argument("--machine-id", default=None, help="this machine: the reference of machines.md")
     p.add_argument("metrics", nargs="*")
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("archive", help="pack this machine's results of a study into results/archive/*.tar.gz")
+    p.add_argument("--configfile", default=DEFAULT_STUDY)
+    p.add_argument("--config-json", default=None, help="(rule) the study as JSON instead of --configfile")
+    p.add_argument("--machine-id", default=None)
+    p.add_argument("--out-dir", default=str(paths.RESULTS / "archive"))
+    p.add_argument("--with-images", action="store_true", help="add `docker save` of the images (large)")
+    p.set_defaults(func=cmd_archive)
+
+    p = sub.add_parser("import", help="verify an archive from another machine, then unpack it into results/imported/")
+    p.add_argument("file")
+    p.add_argument("--machine-id", default=None, help="this machine (an archive from it is refused)")
+    p.add_argument("--max-archive-mb", type=int, default=archive.Limits.archive_bytes // archive.MiB)
+    p.add_argument("--max-member-mb", type=int, default=archive.Limits.member_bytes // archive.MiB)
+    p.set_defaults(func=cmd_import)
     return parser
 
 
@@ -112,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         args.machine_id = provenance.machine_id()
     try:
         return args.func(args)
-    except (config.ConfigError, images.ImageError, models.ModelError, metrics.SchemaError) as exc:
+    except (config.ConfigError, images.ImageError, models.ModelError, metrics.SchemaError, archive.ArchiveError) as exc:
         print(f"cellbench: {exc}", file=sys.stderr)
         return 2
 

@@ -4,17 +4,22 @@
 rule aggregate:
     input:
         metrics=expand(paths.cell_metrics("{cell_id}"), cell_id=sorted(CELLS)),
+        # Globbed when the DAG is built: after `cellbench import`, the next run refreshes the tables.
+        imported=lambda wildcards: machines.imported_metrics(),
     output:
         summary="results/summary.parquet",
         markdown="results/tables/summary.md",
         csv="results/tables/summary.csv",
+        machines_md="results/tables/machines.md",
+        machines_csv="results/tables/machines.csv",
     log:
         "results/logs/aggregate.log",
     params:
         study=STUDY["study"],
         baseline_id=STUDY["baseline"],
         baseline_name=CELLS[STUDY["baseline"]]["name"],
+        machine_id=MACHINE_ID,
     shell:
         "cellbench aggregate --study {params.study} --baseline-id {params.baseline_id} "
         "--baseline-name {params.baseline_name} --summary {output.summary} "
-        "--tables results/tables {input.metrics} > {log} 2>&1"
+        "--machine-id {params.machine_id} --tables results/tables {input.metrics} {input.imported} > {log} 2>&1"

@@ -1,0 +1,174 @@
+"""Cross-machine comparison: the same cell at the same point, measured on several machines.
+
+A cell id is the same on every machine (its hash covers only what is measured), so rows match
+by (cell_id, point). Ratios are taken against a reference machine: this machine when it
+measured the cell, else the first other one. Rows of a different schema_version or
+method_version are shown but not compared, with the reason; so are failed points.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pandas as pd
+
+from . import paths, report
+from .aggregate import POINT
+from .metrics import write_text_atomic
+
+MATCH = ["cell_id", *POINT]
+VERSIONS = ("schema_version", "method_version")
+COMPARED = [
+    *MATCH, "cell_name", "machine_id", "reference_machine", "device_name", "status", "output_tok_s",
+    "vs_reference", "compared", "note", *VERSIONS,
+]  # fmt: skip
+
+
+def imported_metrics(results: Path = paths.RESULTS) -> list[str]:
+    """Imported metrics files to aggregate: per machine and cell, only the newest archive's
+    (archive ids are UTC stamps), so a machine that shared twice is not counted twice."""
+    pattern = str(results / "imported" / "*" / "*" / "cells" / "*" / "metrics.parquet")
+    return newest_per_machine_cell(sorted(glob.glob(pattern)))
+
+
+def newest_per_machine_cell(files: list[str]) -> list[str]:
+    """.../imported/<machine>/<archive>/cells/<cell>/metrics.parquet: keep the greatest archive
+    per (machine, cell)."""
+    chosen: dict[tuple[str, str], tuple[str, str]] = {}
+    for path in files:
+        parts = Path(path).parts
+        machine, archive, cell = parts[-5], parts[-4], parts[-2]
+        if (machine, cell) not in chosen or archive > chosen[(machine, cell)][0]:
+            chosen[(machine, cell)] = (archive, path)
+    return sorted(path for _, path in chosen.values())
+
+
+def machine_order(machines, local: str) -> list[str]:
+    """This machine first, then the others by name."""
+    machines = set(machines)
+    return ([local] if local in machines else []) + sorted(machines - {local})
+
+
+def compare(points: pd.DataFrame, local: str) -> pd.DataFrame:
+    """One row per machine x matching (cell, point) measured on at least two machines, with the
+    ratio of output tok/s to the reference machine, or the reason it is not compared."""
+    if points.empty:
+        return pd.DataFrame(columns=COMPARED)
+    order = machine_order(points["machine_id"], local)
+    rank = {machine: index for index, machine in enumerate(order)}
+    rows = []
+    for _, group in points.groupby(MATCH, sort=True):
+        if group["machine_id"].nunique() < 2:
+            continue
+        group = group.assign(_rank=group["machine_id"].map(rank)).sort_values("_rank")
+        ref = group.iloc[0]
+        for _, row in group.iterrows():
+            ratio, note = _versus(row, ref)
+            rows.append(
+                {
+                    **{key: row[key] for key in MATCH},
+                    "cell_name": row["cell_name"],
+                    "machine_id": row["machine_id"],
+                    "reference_machine": ref["machine_id"],
+                    "device_name": row["device_name"],
+                    "status": row["status"],
+                    "output_tok_s": row["output_tok_s"],
+                    "vs_reference": ratio,
+                    "compared": ratio is not None,
+                    "note": note,
+                    "schema_version": row["schema_version"],
+                    "method_version": row["method_version"],
+                }
+            )
+    return pd.DataFrame(rows, columns=COMPARED)
+
+
+def _versus(row, ref) -> tuple[float | None, str]:
+    for version in VERSIONS:
+        if row[version] != ref[version]:
+            return None, f"not compared: {version} {row[version]} vs {ref[version]} on {ref['machine_id']}"
+    if row["status"] != "ok" or pd.isna(row["output_tok_s"]):
+        return None, f"not compared: {row['status']} on {row['machine_id']}"
+    if ref["status"] != "ok" or pd.isna(ref["output_tok_s"]) or not ref["output_tok_s"]:
+        return None, f"not compared: {ref['status']} on reference {ref['machine_id']}"
+    if row["machine_id"] == ref["machine_id"]:
+        return 1.0, "reference"
+    return row["output_tok_s"] / ref["output_tok_s"], ""
+
+
+def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) -> str:
+    out = ["# cellbench — machines", ""]
+    order = machine_order(points["machine_id"], local) if not points.empty else []
+    if len(order) < 2:
+        out.append(
+            f"Only one machine ({', '.join(order) or 'none'}) has results. Import an archive from another "
+            "machine (`cellbench import FILE`), then `snakemake --cores 1` to compare."
+        )
+        return "\n".join(out) + "\n"
+    out.append(
+        "Output tokens/s of the same cell (same cell id: same image name, model, engine settings and sweep) "
+        f"at the same point on each machine. Ratios are to the reference machine: `{local}` (this machine) "
+        "when it measured the cell, else the first machine that did."
+    )
+    out += ["", "## Machines", ""]
+    machine_rows = []
+    for machine in order:
+        mine = points[points["machine_id"] == machine]
+        machine_rows.append(
+            [
+                machine + (" (this machine)" if machine == local else ""),
+                ", ".join(sorted(mine["device_name"].dropna().astype(str).unique())) or "—",
+                mine["cell_id"].nunique(),
+                ", ".join(str(v) for v in sorted(mine["schema_version"].unique())),
+                ", ".join(str(v) for v in sorted(mine["method_version"].unique())),
+            ]
+        )
+    out.append(report.markdown_table(["machine", "device", "cells", "schema_version", "method_version"], machine_rows))
+    out += ["", "## Matching cells", ""]
+    if compared.empty:
+        out.append("No cell was measured at the same point on two machines.")
+    else:
+        headers = ["cell", "batch × in→out"]
+        for index, machine in enumerate(order):
+            headers.append(f"{machine} tok/s")
+            if index:
+                headers.append(f"{machine} ×")
+        headers.append("notes")
+        rows = []
+        for _, group in compared.groupby(MATCH, sort=True):
+            by_machine = group.set_index("machine_id")
+            first = group.iloc[0]
+            row = [first["cell_name"], report._point(first)]
+            notes = []
+            if first["reference_machine"] != order[0]:
+                notes.append(f"reference: {first['reference_machine']}")
+            for index, machine in enumerate(order):
+                if machine not in by_machine.index:
+                    row += ["—"] if not index else ["—", "—"]
+                    continue
+                entry = by_machine.loc[machine]
+                row.append(report._fmt(entry["output_tok_s"]) if entry["status"] == "ok" else entry["status"])
+                if index:
+                    row.append(report._ratio(entry["vs_reference"]) if entry["compared"] else "not compared")
+                if entry["note"].startswith("not compared"):
+                    notes.append(entry["note"].removeprefix("not compared: "))
+            rows.append([*row, "; ".join(dict.fromkeys(notes))])
+        out.append(report.markdown_table(headers, rows))
+    single = points.groupby(MATCH)["machine_id"].nunique()
+    only_one = int((single < 2).sum())
+    out += [
+        "",
+        f"{only_one} cell point(s) measured on one machine only are in `summary.md`. "
+        "Rows of a different schema_version or method_version (how a figure is measured) are never compared.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_tables(points: pd.DataFrame, local: str, tables_dir: Path) -> list[Path]:
+    compared = compare(points, local)
+    md, csv = tables_dir / "machines.md", tables_dir / "machines.csv"
+    write_text_atomic(md, machines_markdown(points, compared, local))
+    write_text_atomic(csv, compared.to_csv(index=False))
+    return [md, csv]

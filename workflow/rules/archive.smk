@@ -1,0 +1,21 @@
+# Share: `snakemake --cores 1 archive` packs this machine's results into results/archive/.
+# Not part of `all`; the file name carries a time stamp, so the rule has no fixed output and
+# runs every time it is asked for.
+
+
+rule archive:
+    input:
+        cells=expand(
+            "results/cells/{cell_id}/{name}",
+            cell_id=sorted(CELLS),
+            name=["metrics.parquet", "provenance.json", "engine.log"],
+        ),
+        images=sorted({paths.image_manifest(cell["image"]) for cell in CELLS.values()}),
+        models=sorted({paths.model_manifest(cell["model"]) for cell in CELLS.values()}),
+    log:
+        "results/logs/archive.log",
+    params:
+        config=json.dumps(config, sort_keys=True),
+        machine_id=MACHINE_ID,
+    shell:
+        "cellbench archive --config-json {params.config:q} --machine-id {params.machine_id} 2> {log}"
