@@ -17,7 +17,7 @@ def _rows(cell, machine, batch, values, status="ok", effective=None):
                 "quantization": None, "effective_dtype": "bfloat16", "effective_quantization": None,
                 "effective_eager": True, "effective_json": json.dumps(effective or {"dtype": "bfloat16"}),
                 "load_s": 30.0, "peak_memory_mb": 1000.0, "device_name": "cpu", "schema_version": 1,
-                "method_version": 1,
+                "method_version": 1, "host_load_max": 0.5,
             }
         )  # fmt: skip
     return rows
@@ -79,3 +79,10 @@ def test_describe_effective():
     compiled = {"dtype": "bfloat16", "enforce_eager": False, "compilation_mode": "DYNAMO_TRACE_ONCE"}
     assert aggregate.describe_effective(json.dumps(compiled)) == "bfloat16, compile=DYNAMO_TRACE_ONCE"
     assert aggregate.describe_effective(None) == "engine did not start"
+
+
+def test_busy_host_is_called_out(rows):
+    rows.loc[rows["cell_name"] == "fast", "host_load_max"] = 9.0
+    cells = aggregate.cell_points(rows, "base-h").drop_duplicates(["machine_id", "cell_id"])
+    assert report.busy_cells(cells, cores=2) == ["fast"]
+    assert report.busy_cells(cells, cores=16) == []

@@ -35,7 +35,7 @@ def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
     columns = [
         "study", "cell_name", "engine", "image", "model", "dtype", "quantization", "status", "error",
         "effective_dtype", "effective_quantization", "effective_eager", "effective_json", "load_s",
-        "peak_memory_mb", "device_name", "schema_version", "method_version",
+        "peak_memory_mb", "device_name", "schema_version", "method_version", "host_load_max",
     ]  # fmt: skip
     table = first[columns].join(stats, how="left")
     # A point is ok only if every row of it is ok (a later failed repeat spoils the point).

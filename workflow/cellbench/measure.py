@@ -124,6 +124,7 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
         "git_sha": context.get("git_sha"),
         "settings_json": json.dumps(cell, sort_keys=True),
         "effective_json": json.dumps(effective, sort_keys=True) if effective else None,
+        "host_load_max": context.get("host_load_max"),
     }
     rows = []
     measured: dict[tuple, int] = {}

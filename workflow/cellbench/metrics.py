@@ -72,6 +72,7 @@ COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
     "git_sha": (_STR, True, "project commit"),
     "settings_json": (_STR, False, "the resolved cell as JSON (requested settings)"),
     "effective_json": (_STR, True, "engine settings as the engine resolved them, JSON"),
+    "host_load_max": (_F64, True, "highest 1-min load average of the host seen around the cell"),
 }
 
 SCHEMA = pa.schema(

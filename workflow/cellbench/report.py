@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +32,14 @@ def _spread(row) -> str:
     return text + (" ⚠" if row["cv_flag"] else "")
 
 
+def busy_cells(cells: pd.DataFrame, cores: int | None = None) -> list[str]:
+    """Cells measured while the host was oversubscribed (load average above its core count)."""
+    if cells.empty or "host_load_max" not in cells:
+        return []
+    cores = cores or os.cpu_count()
+    return sorted(cells.loc[cells["host_load_max"] > cores, "cell_name"].unique())
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -46,6 +55,14 @@ def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, ba
         f"Machines: {', '.join(machines) or 'none'}. Cells: {len(cells)} ({ok_cells} ok). "
         f"Baseline: `{baseline_name}`. Figures are output tokens/s, mean over repeats."
     )
+    busy = busy_cells(cells)
+    if busy:
+        out += [
+            "",
+            f"⚠ {len(busy)} cell(s) ran while the host's load average exceeded its {os.cpu_count()} cores "
+            f"({', '.join(busy)}): other work shared the CPU, so their figures are lower and noisier than "
+            "on a quiet machine.",
+        ]
     out += ["", "## Fastest configuration at each point", ""]
     if fastest.empty:
         out.append("No point was measured successfully.")

@@ -90,9 +90,12 @@ def run_cell(
             scripts_dir=str(SCRIPTS_DIR),
             runtime=runtime,
         )
+        load_before = os.getloadavg()[0]
         started = time.time()
         code, timed_out = run_container(argv, name, work / "engine.log", cell["timeout_s"])
         wall_s = time.time() - started
+        # Like pyperf's metadata: a busy host is recorded, so a reader can discount the figure.
+        host_load_max = max(load_before, os.getloadavg()[0])
 
         raw = _read_raw(work / "raw.json")
         log_text = (work / "engine.log").read_text(errors="replace")
@@ -104,6 +107,7 @@ def run_cell(
             "config_hash": config_hash,
             "git_sha": provenance.git_sha(),
             "image_id": image_manifest["image_id"],
+            "host_load_max": host_load_max,
         }
         rows = measure.rows_for_cell(cell, raw, context, status=status, error=error)
         table = metrics.to_table(rows)
