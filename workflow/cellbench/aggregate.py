@@ -8,6 +8,7 @@ import pandas as pd
 
 POINT = ["batch_size", "input_len", "output_len"]
 KEY = ["machine_id", "cell_id", *POINT]
+_SEVERITY = ("ok", "failed", "unsupported", "timeout")  # worst last
 CV_FLAG = 0.05  # a point whose repeats spread more than this is flagged, not trusted silently
 
 
@@ -39,7 +40,7 @@ def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
     ]  # fmt: skip
     table = first[columns].join(stats, how="left")
     # A point is ok only if every row of it is ok (a later failed repeat spoils the point).
-    table["status"] = rows.groupby(KEY)["status"].agg(_worst)
+    table["status"] = worst_status(rows)
     table["repeats"] = table["repeats"].fillna(0).astype(int)
     table["cv_flag"] = table["output_tok_s_cv"] > CV_FLAG
     table = table.reset_index()
@@ -50,11 +51,10 @@ def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
     return joined.drop(columns=["baseline_tok_s"]).sort_values(["machine_id", *POINT, "cell_name"])
 
 
-def _worst(statuses: pd.Series) -> str:
-    for status in ("timeout", "unsupported", "failed"):
-        if (statuses == status).any():
-            return status
-    return "ok"
+def worst_status(rows: pd.DataFrame) -> pd.Series:
+    """Per point, the worst status of its rows (vectorised: 10,000 cells x 20 points in well under a second)."""
+    rank = rows["status"].map({status: i for i, status in enumerate(_SEVERITY)})
+    return rank.groupby([rows[k] for k in KEY]).max().map(dict(enumerate(_SEVERITY)))
 
 
 def describe_effective(effective_json: str | None) -> str:
