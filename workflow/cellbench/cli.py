@@ -61,7 +61,8 @@ def cmd_run_cell(args) -> int:
 def cmd_aggregate(args) -> int:
     table = metrics.read_metrics_table(args.metrics)  # already in the schema: no row-by-row rebuild
     metrics.write_parquet(args.summary, table)
-    rows = table.to_pandas()
+    rows = table.select(aggregate.USED_COLUMNS).to_pandas()
+    del table
     points = aggregate.cell_points(rows, args.baseline_id)
     written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables))
     written += machines.write_tables(points, args.machine_id, Path(args.tables))

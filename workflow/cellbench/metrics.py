@@ -143,16 +143,20 @@ def read_metrics_table(paths: Iterable[str | Path]) -> pa.Table:
             raise SchemaError(f"{path}: schema_version {version}, this cellbench reads {SCHEMA_VERSION}")
         return file.read(use_threads=False)
 
-    with ThreadPoolExecutor(max_workers=min(8, len(paths) or 1)) as pool:
-        tables = list(pool.map(read, paths))
-    if not tables:
-        return SCHEMA.empty_table()
-    # Files written before a nullable column was added lack it: it reads as nulls.
-    table = pa.concat_tables(tables, promote_options="default")
-    for name in SCHEMA.names:
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(len(table), SCHEMA.field(name).type))
-    return table.select(SCHEMA.names).cast(SCHEMA)
+    def conform(tables: list[pa.Table]) -> pa.Table:
+        # Files written before a nullable column was added lack it: it reads as nulls.
+        table = pa.concat_tables(tables, promote_options="default")
+        for name in SCHEMA.names:
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(len(table), SCHEMA.field(name).type))
+        # One contiguous chunk per batch: thousands of tiny per-file buffers cost far more memory.
+        return table.select(SCHEMA.names).cast(SCHEMA).combine_chunks()
+
+    batches = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for start in range(0, len(paths), 500):
+            batches.append(conform(list(pool.map(read, paths[start : start + 500]))))
+    return pa.concat_tables(batches) if batches else SCHEMA.empty_table()
 
 
 def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
