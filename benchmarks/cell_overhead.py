@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cellbench import config
 from studies import machine, snakemake, study_with_cells, write_study
 
 GOAL_S = 0.5
@@ -54,7 +55,8 @@ def main() -> None:
     snakemake(workdir, "--until", "prepare_model")
     total = snakemake(workdir, "--until", "run_cell", "--forcerun", "run_cell")
     overheads, containers = [], []
-    for cell_dir in sorted((workdir / "results" / "cells").iterdir()):
+    cell_ids = sorted(config.resolve(study)["cells"])
+    for cell_dir in (workdir / "results" / "cells" / cell_id for cell_id in cell_ids):
         provenance = json.loads((cell_dir / "provenance.json").read_text())
         assert provenance["status"] == "failed", f"{cell_dir.name}: the trivial cell should fail fast"
         rule = job_wall_s(workdir, f"results/cells/{cell_dir.name}/metrics.parquet")
