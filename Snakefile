@@ -37,6 +37,7 @@ localrules:
     build_image,
     prepare_model,
     aggregate,
+    archive,
     all,
 
 
