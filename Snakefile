@@ -12,6 +12,7 @@ min_version("9.0")
 ROOT = Path(workflow.basedir)
 sys.path.insert(0, str(ROOT / "workflow"))
 from cellbench import config as study_config, images, machines, paths, provenance  # noqa: E402
+from cellbench import scheduling  # noqa: E402
 
 DEFAULT_STUDY = ROOT / "config" / "config.yaml"
 
@@ -21,10 +22,23 @@ if not workflow.overwrite_configfiles:
     config.update(study_config.load_study(DEFAULT_STUDY))
 try:
     STUDY = study_config.resolve(config)
+    JOBS = {
+        cell_id: scheduling.job_resources(cell)
+        for cell_id, cell in STUDY["cells"].items()
+    }
 except study_config.ConfigError as error:
     sys.exit(f"cellbench: {error}")
 CELLS = STUDY["cells"]
 MACHINE_ID = provenance.machine_id(config.get("machine_id"))
+
+
+# On a cluster only cells are jobs; images, models and tables are made where snakemake runs.
+localrules:
+    build_image,
+    prepare_model,
+    aggregate,
+    archive,
+    all,
 
 
 include: "workflow/rules/images.smk"

@@ -64,3 +64,18 @@ def test_rocm_visible_devices_agree():
     flags = containers.device_flags("rocm", [4, 5], ["/dev/dri/renderD132", "/dev/dri/renderD133"])
     assert "HIP_VISIBLE_DEVICES=0,1" in flags and "CUDA_VISIBLE_DEVICES=0,1" in flags
     assert flags.count("--device") == 3  # kfd + one render node per GPU
+
+
+def test_podman_run_golden(study):
+    """podman takes the same command line; only the program differs (CELLBENCH_RUNTIME=podman)."""
+    spec = CASES["cpu"]
+    cell = _cell(study, "cpu", resources=spec["resources"], env={"VLLM_USE_TRITON_AWQ": "0"})
+    common = dict(run_id="RUN", image_ref="sha256:IMAGE", model_dir="/models/m", out_dir="/results/cells/x/.run-RUN",
+                  scripts_dir="/repo/scripts", environ=ENVIRON, origin="/work/study")  # fmt: skip
+    argv = containers.docker_run_command(cell, runtime="podman", **common)
+    text = "\n".join(argv).replace(cell["id"], "<cell_id>") + "\n"
+    golden = GOLDEN / "podman-run-cpu.txt"
+    if os.environ.get("CELLBENCH_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+    assert argv[1:] == containers.docker_run_command(cell, **common)[1:]

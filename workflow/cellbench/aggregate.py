@@ -8,6 +8,17 @@ import pandas as pd
 
 POINT = ["batch_size", "input_len", "output_len"]
 KEY = ["machine_id", "cell_id", *POINT]
+# Per-point columns taken from the first row of a point.
+CELL_COLUMNS = [
+    "study", "cell_name", "engine", "image", "model", "dtype", "quantization", "status", "error",
+    "effective_dtype", "effective_quantization", "effective_eager", "effective_json", "load_s",
+    "peak_memory_mb", "device_name", "schema_version", "method_version", "host_load_max",
+]  # fmt: skip
+# The Parquet columns cell_points reads: aggregation loads only these (10,000 cells fit in memory).
+USED_COLUMNS = list(
+    dict.fromkeys([*KEY, "repeat", "output_tok_s", "latency_p50_s", "ttft_p50_s", "tpot_p50_s", *CELL_COLUMNS])
+)
+_SEVERITY = ("ok", "failed", "unsupported", "timeout")  # worst last
 CV_FLAG = 0.05  # a point whose repeats spread more than this is flagged, not trusted silently
 
 
@@ -32,14 +43,9 @@ def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
             "tpot_p50_s": ok.groupby(KEY)["tpot_p50_s"].mean(),
         }
     )
-    columns = [
-        "study", "cell_name", "engine", "image", "model", "dtype", "quantization", "status", "error",
-        "effective_dtype", "effective_quantization", "effective_eager", "effective_json", "load_s",
-        "peak_memory_mb", "device_name", "schema_version", "method_version", "host_load_max",
-    ]  # fmt: skip
-    table = first[columns].join(stats, how="left")
+    table = first[CELL_COLUMNS].join(stats, how="left")
     # A point is ok only if every row of it is ok (a later failed repeat spoils the point).
-    table["status"] = rows.groupby(KEY)["status"].agg(_worst)
+    table["status"] = worst_status(rows)
     table["repeats"] = table["repeats"].fillna(0).astype(int)
     table["cv_flag"] = table["output_tok_s_cv"] > CV_FLAG
     table = table.reset_index()
@@ -50,11 +56,10 @@ def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
     return joined.drop(columns=["baseline_tok_s"]).sort_values(["machine_id", *POINT, "cell_name"])
 
 
-def _worst(statuses: pd.Series) -> str:
-    for status in ("timeout", "unsupported", "failed"):
-        if (statuses == status).any():
-            return status
-    return "ok"
+def worst_status(rows: pd.DataFrame) -> pd.Series:
+    """Per point, the worst status of its rows (vectorised: 10,000 cells x 20 points in well under a second)."""
+    rank = rows["status"].map({status: i for i, status in enumerate(_SEVERITY)})
+    return rank.groupby([rows[k] for k in KEY]).max().map(dict(enumerate(_SEVERITY)))
 
 
 def describe_effective(effective_json: str | None) -> str:

@@ -8,7 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import aggregate, archive, config, images, machines, metrics, models, paths, provenance, report, runner
+from . import (
+    aggregate,
+    archive,
+    config,
+    images,
+    machines,
+    metrics,
+    models,
+    paths,
+    provenance,
+    report,
+    runner,
+    runtimes,
+)
 
 DEFAULT_STUDY = "config/config.yaml"
 
@@ -41,13 +54,15 @@ def cmd_prepare_model(args) -> int:
 
 def cmd_run_cell(args) -> int:
     models.verify(Path(args.model_dir))
+    args.runtime = args.runtime or runtimes.runtime_from_env()
     return runner.main_run_cell(args)
 
 
 def cmd_aggregate(args) -> int:
-    rows = metrics.read_metrics(args.metrics)
-    table = metrics.to_table(rows.astype(object).where(rows.notna(), None).to_dict("records"))
+    table = metrics.read_metrics_table(args.metrics)  # already in the schema: no row-by-row rebuild
     metrics.write_parquet(args.summary, table)
+    rows = table.select(aggregate.USED_COLUMNS).to_pandas()
+    del table
     points = aggregate.cell_points(rows, args.baseline_id)
     written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables))
     written += machines.write_tables(points, args.machine_id, Path(args.tables))
@@ -135,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--cell", "--study", "--config-hash", "--image-manifest", "--model-dir"):
         p.add_argument(flag, required=True)
     p.add_argument("--machine-id", default=None)
-    p.add_argument("--runtime", default="docker")
+    p.add_argument("--runtime", choices=runtimes.RUNTIMES, help="default: CELLBENCH_RUNTIME, else docker")
     p.set_defaults(func=cmd_run_cell)
 
     p = sub.add_parser("aggregate", help="(rule) all metrics -> summary.parquet and tables")
@@ -168,7 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         args.machine_id = provenance.machine_id()
     try:
         return args.func(args)
-    except (config.ConfigError, images.ImageError, models.ModelError, metrics.SchemaError, archive.ArchiveError) as exc:
+    except (
+        config.ConfigError,
+        images.ImageError,
+        models.ModelError,
+        metrics.SchemaError,
+        archive.ArchiveError,
+        runtimes.RuntimeSetupError,
+    ) as exc:
         print(f"cellbench: {exc}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -131,15 +132,34 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Concatenate metrics files; refuse files of another schema version."""
-    frames = []
-    for path in paths:
-        table = pq.read_table(path)
-        version = (table.schema.metadata or {}).get(b"cellbench.schema_version", b"?").decode()
+def read_metrics_table(paths: Iterable[str | Path]) -> pa.Table:
+    """Concatenate metrics files as one Arrow table; refuse files of another schema version.
+    Files are read by a few threads (10,000 small files are mostly open/read latency)."""
+    paths = list(paths)
+
+    def read(path) -> pa.Table:
+        file = pq.ParquetFile(path)  # half the cost of pq.read_table per small file
+        version = (file.schema_arrow.metadata or {}).get(b"cellbench.schema_version", b"?").decode()
         if version != str(SCHEMA_VERSION):
             raise SchemaError(f"{path}: schema_version {version}, this cellbench reads {SCHEMA_VERSION}")
-        frames.append(table.to_pandas())
-    if not frames:
-        return SCHEMA.empty_table().to_pandas()
-    return pd.concat(frames, ignore_index=True)
+        return file.read(use_threads=False)
+
+    def conform(tables: list[pa.Table]) -> pa.Table:
+        # Files written before a nullable column was added lack it: it reads as nulls.
+        table = pa.concat_tables(tables, promote_options="default")
+        for name in SCHEMA.names:
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(len(table), SCHEMA.field(name).type))
+        # One contiguous chunk per batch: thousands of tiny per-file buffers cost far more memory.
+        return table.select(SCHEMA.names).cast(SCHEMA).combine_chunks()
+
+    batches = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for start in range(0, len(paths), 500):
+            batches.append(conform(list(pool.map(read, paths[start : start + 500]))))
+    return pa.concat_tables(batches) if batches else SCHEMA.empty_table()
+
+
+def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Concatenate metrics files; refuse files of another schema version."""
+    return read_metrics_table(paths).to_pandas()

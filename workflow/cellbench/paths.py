@@ -9,6 +9,11 @@ def image_manifest(image: str) -> Path:
     return RESULTS / "images" / f"{image}.json"
 
 
+def image_archive(image: str) -> Path:
+    """`docker save` of an image on shared storage, for nodes (or runtimes) that lack it."""
+    return RESULTS / "images" / f"{image}.tar"
+
+
 def model_dir(model: str) -> Path:
     return RESULTS / "models" / model
 

@@ -66,6 +66,14 @@ def host_facts() -> dict:
     }
 
 
+def scheduler_facts(environ: dict[str, str] | None = None) -> dict:
+    """The batch job a cell ran in (Slurm's variables), empty when it ran outside one."""
+    environ = os.environ if environ is None else environ
+    names = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_CLUSTER_NAME", "SLURM_CPUS_PER_TASK",
+             "SLURM_MEM_PER_NODE", "SLURM_JOB_GPUS")  # fmt: skip
+    return {name: environ[name] for name in names if name in environ}
+
+
 def scrub(value):
     """Drop every mapping entry whose key looks like a secret, recursively."""
     if isinstance(value, dict):

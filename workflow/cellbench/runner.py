@@ -19,7 +19,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import containers, measure, metrics, paths, provenance
+from . import containers, measure, metrics, paths, provenance, runtimes
 
 SCRIPTS_DIR = provenance.PROJECT_ROOT / "scripts"
 
@@ -81,6 +81,8 @@ def run_cell(
     try:
         (work / "cell.json").write_text(json.dumps({**cell, "points": measure.points(cell["sweep"])}, indent=1))
         name = containers.container_name(cell["id"], run_id)
+        archive = paths.image_archive(image_manifest["name"])
+        image_source = runtimes.ensure_image(runtime, image_manifest["image_id"], archive)
         argv = containers.docker_run_command(
             cell,
             run_id=run_id,
@@ -121,6 +123,9 @@ def run_cell(
                 "timed_out": timed_out,
                 "container_wall_s": wall_s,
                 "docker_run": argv,
+                "runtime": runtime,
+                "image_source": image_source,
+                "scheduler": provenance.scheduler_facts(),
                 "image": image_manifest,
                 "host": provenance.host_facts(),
                 "container": raw,

@@ -1,0 +1,63 @@
+"""Scheduler resources of one cell job (Slurm through Snakemake's executor plugin).
+
+Pure functions of the resolved cell, so the same study asks a cluster for the same resources
+everywhere: CPUs from the cell's cpuset, memory from its container limit, GPUs as a gres, and a
+wall-time limit that lets the runner's own timeout fire first (so a slow cell becomes a
+`timeout` row instead of a job Slurm killed without a word).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .config import ConfigError
+
+# Minutes beyond the cell timeout: model checksum, image load on a fresh node, container start
+# and removal, writing the results.
+RUNTIME_MARGIN_MIN = 10
+_UNITS_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "": 1 / 2**20}
+
+
+def cpu_count(cpuset: str) -> int:
+    """CPUs in a --cpuset-cpus list such as '0-3,8'; an empty list (no pinning) asks for one."""
+    if not cpuset:
+        return 1
+    count = 0
+    for part in cpuset.split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
+            raise ConfigError(f"resources.cpus: {cpuset!r} is not a CPU list like '0-3,8'")
+        count += int(last) - int(first) + 1 if last else 1
+    return count
+
+
+def memory_mb(memory: str) -> int:
+    """A docker memory size ('12g', '512m', bytes without a unit) in MB; empty (no limit) is 0."""
+    if not memory:
+        return 0
+    number, unit = (memory[:-1], memory[-1]) if memory[-1].isalpha() else (memory, "")
+    if not number.isdigit() or unit not in _UNITS_MB:
+        raise ConfigError(f"resources.memory: {memory!r} is not a size like '12g'")
+    return math.ceil(int(number) * _UNITS_MB[unit])
+
+
+def runtime_min(timeout_s: int) -> int:
+    return math.ceil(timeout_s / 60) + RUNTIME_MARGIN_MIN
+
+
+def gres(gpus: int) -> str:
+    return f"gpu:{gpus}" if gpus else ""
+
+
+def job_resources(cell: dict) -> dict:
+    """Snakemake resources of the cell's job (names as the Slurm executor plugin reads them)."""
+    resources = cell["resources"]
+    try:
+        return {
+            "cpus_per_task": cpu_count(resources.get("cpus", "")),
+            "mem_mb": memory_mb(resources.get("memory", "")),
+            "runtime": runtime_min(cell["timeout_s"]),
+            "gres": gres(resources.get("gpus", 0)),
+        }
+    except ConfigError as error:
+        raise ConfigError(f"config: cell {cell['name']}: {error}") from None
