@@ -125,13 +125,14 @@ def test_interrupt_removes_the_container_and_writes_nothing(tmp_path):
     snakemake(tmp_path, "--until", "prepare_model")  # image + model first, so the cell starts fast
     argv = ["snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
             "--configfile", str(tmp_path / "study.yaml")]  # fmt: skip
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group, as in a terminal: Ctrl-C signals the whole foreground group.
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while not labelled_containers(tmp_path):
         assert time.time() < deadline and process.poll() is None, "the cell's container never started"
         time.sleep(0.5)
     time.sleep(3)  # mid engine load
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     process.wait(timeout=120)
     assert labelled_containers(tmp_path) == []
     assert not list((tmp_path / "results" / "cells").rglob("metrics.parquet"))
