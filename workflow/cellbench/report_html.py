@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .explain import SEVERITY_MARK, measured_text, override_words
+from .explain import measured_text, override_words
 from .report import _fmt, _point, _ratio
 
 STYLE = """
@@ -21,6 +21,7 @@ tr.bad td{background:#fff3f3} .note{color:#555;font-size:0.9em} img{max-width:10
 """
 # Glyphs every common font has (the Markdown tables use the ✅/❌ emoji).
 VERDICT_HTML = {"✅": "<span class=pass>✔ pass</span>", "❌": "<span class=fail>✘ fail</span>"}
+SEVERITY_HTML = {"error": "<b class=fail>error</b>", "warning": "<b class=same>⚠ warning</b>", "info": "<b>ℹ info</b>"}
 
 
 def _e(value) -> str:
@@ -109,7 +110,7 @@ def page(
     rows = []
     for c in cells:
         items = [
-            f"{SEVERITY_MARK[f['severity']]} {_e(f['finding'])}<br><i>Do:</i> {_e(f['remediation'])} "
+            f"{SEVERITY_HTML[f['severity']]} {_e(f['finding'])}<br><i>Do:</i> {_e(f['remediation'])} "
             f'(<a href="{_e(f["source"])}">source</a>)<br><code>{_e(f["line"])}</code>'
             for f in c["findings"]
         ]
