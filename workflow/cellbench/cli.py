@@ -70,6 +70,28 @@ def cmd_aggregate(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    """summary.parquet -> diagnostics.md, verdicts.md, plots and the HTML report."""
+    from . import expectations, explain, plots, report_html  # matplotlib only where plots are drawn
+
+    rows = metrics.read_metrics([args.summary])
+    points = aggregate.cell_points(rows, args.baseline_id)
+    points = explain.with_roofline(points, json.loads(args.bandwidth)) if not points.empty else points
+    cells = explain.cells(points)
+    verdicts = expectations.verdicts(points, json.loads(args.expectations))
+    sentences = expectations.ratio_sentences(points, args.baseline_name)
+    tables, html_path = Path(args.tables), Path(args.html)
+    metrics.write_text_atomic(tables / "diagnostics.md", explain.diagnostics_markdown(cells, args.study))
+    metrics.write_text_atomic(
+        tables / "verdicts.md", explain.verdicts_markdown(verdicts, sentences, points, args.study)
+    )
+    drawn = plots.write_plots(points, Path(args.plots))
+    page = report_html.page(args.study, args.baseline_name, points, verdicts, sentences, cells, drawn, html_path)
+    metrics.write_text_atomic(html_path, page)
+    print(f"cellbench: report: {html_path}, {tables / 'diagnostics.md'}, {tables / 'verdicts.md'}")
+    return 0
+
+
 def cmd_rerun(args) -> int:
     """Rerun exactly one cell (and the tables after it); other cells are untouched."""
     study = _study(args.configfile)
@@ -174,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-archive-mb", type=int, default=archive.Limits.archive_bytes // archive.MiB)
     p.add_argument("--max-member-mb", type=int, default=archive.Limits.member_bytes // archive.MiB)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("explain", help="(rule) summary -> diagnostics, verdicts, plots, HTML report")
+    for flag in ("--summary", "--study", "--baseline-id", "--baseline-name", "--tables", "--plots", "--html"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--expectations", default="[]", help="the study's expectations as JSON")
+    p.add_argument("--bandwidth", default="{}", help="the study's bandwidth_gb_s as JSON")
+    p.set_defaults(func=cmd_explain)
     return parser
 
 

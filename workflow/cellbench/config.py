@@ -209,11 +209,25 @@ def _check_references(config: dict, cells: list[dict]) -> None:
                 raise ConfigError(f"config: models.{name}.prepare_image: {model['prepare_image']!r} is not in images")
 
 
+def _check_expectations(config: dict) -> None:
+    # A glob that matches no cell is not an error (a study trimmed to a few cells keeps its
+    # ranges); the verdicts list it as not measured.
+    for index, exp in enumerate(config.get("expectations", [])):
+        if exp.get("min") is not None and exp.get("max") is not None and exp["min"] > exp["max"]:
+            raise ConfigError(f"config: expectations[{index}]: min {exp['min']} is above max {exp['max']}")
+    for pattern in config.get("bandwidth_gb_s", {}):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"config: bandwidth_gb_s: {pattern!r} is not a valid regex ({exc})") from None
+
+
 def resolve(config: dict) -> dict:
     """Validate a study and return {"cells": {id: cell}, "baseline": id, ...}; raise ConfigError."""
     validate(config)
     cells = expand_cells(config)
     _check_references(config, cells)
+    _check_expectations(config)
     by_name = {cell["name"]: cell for cell in cells}
     return {
         "study": config["study"],

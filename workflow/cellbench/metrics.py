@@ -74,6 +74,9 @@ COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
     "settings_json": (_STR, False, "the resolved cell as JSON (requested settings)"),
     "effective_json": (_STR, True, "engine settings as the engine resolved them, JSON"),
     "host_load_max": (_F64, True, "highest 1-min load average of the host seen around the cell"),
+    "overrides_json": (_STR, True, "requested settings the engine did not use as asked, JSON list"),
+    "findings_json": (_STR, True, "known log signatures found in the cell's engine log, JSON list"),
+    "weight_bytes": (_INT, True, "model weight bytes as the engine holds them (roofline context)"),
 }
 
 SCHEMA = pa.schema(

@@ -100,7 +100,7 @@ def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, ba
                 _ratio(row["vs_baseline"]),
                 _fmt(row["latency_p50_s"], ".3f"),
                 _fmt(row["load_s"]),
-                row["engine_ran"],
+                row["engine_ran"] + (f" ⚠ {row['same_as']}" if isinstance(row.get("same_as"), str) else ""),
             ]
         )
     out.append(

@@ -19,7 +19,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import containers, measure, metrics, paths, provenance, runtimes
+from . import containers, diagnose, effective, measure, metrics, paths, provenance, roofline, runtimes
 
 SCRIPTS_DIR = provenance.PROJECT_ROOT / "scripts"
 
@@ -112,7 +112,8 @@ def run_cell(
             "host_load_max": host_load_max,
         }
         rows = measure.rows_for_cell(cell, raw, context, status=status, error=error)
-        table = metrics.to_table(rows)
+        explained = explain(cell, raw, log_text, error, model_dir)
+        table = metrics.to_table([{**row, **explained["columns"]} for row in rows])
         record = provenance.scrub(
             {
                 **context,
@@ -129,6 +130,7 @@ def run_cell(
                 "image": image_manifest,
                 "host": provenance.host_facts(),
                 "container": raw,
+                **explained["provenance"],
             }
         )
         metrics.write_parquet(paths.cell_metrics(cell["id"]), table)
@@ -137,6 +139,35 @@ def run_cell(
         return record["status"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def explain(cell: dict, raw: dict | None, log_text: str, error: str | None, model_dir: Path) -> dict:
+    """What the engine changed, what its log says, and the weight bytes it reads per decode step."""
+    raw = raw or {}
+    used = raw.get("effective")
+    found = diagnose.findings(log_text, error)
+    manifest = _read_raw(model_dir / "manifest.json") or {}
+    model_config = _read_raw(model_dir / "config.json") or {}
+    weight_bytes = roofline.engine_weight_bytes(
+        roofline.stored_weight_bytes(manifest),
+        model_config.get("torch_dtype") or model_config.get("dtype"),
+        (used or {}).get("dtype"),
+        quantized=bool((used or {}).get("quantization") or cell["quantization"]),
+    )
+    env_at_start = raw.get("provenance", {}).get("env_at_start", {})
+    return {
+        "columns": {
+            "overrides_json": effective.overrides_json(cell, used),
+            "findings_json": json.dumps(found, sort_keys=True),
+            "weight_bytes": weight_bytes,
+        },
+        "provenance": {
+            "overrides": effective.overrides(cell, used),
+            "engine_set_env": effective.engine_set_env(env_at_start, used["env"]) if used else {},
+            "findings": found,
+            "weight_bytes": weight_bytes,
+        },
+    }
 
 
 def _read_raw(path: Path) -> dict | None:

@@ -1,0 +1,38 @@
+import pytest
+from cellbench import roofline
+
+
+def test_weight_bytes_count_weight_files_only():
+    manifest = {"files": {"model.safetensors": {"bytes": 270}, "tokenizer.json": {"bytes": 3}, "m.gguf": {"bytes": 98}}}
+    assert roofline.stored_weight_bytes(manifest) == 270
+    assert roofline.stored_weight_bytes({"files": {"config.json": {"bytes": 1}}}) is None
+
+
+@pytest.mark.parametrize(
+    "stored_dtype, effective_dtype, quantized, expected",
+    [
+        ("bfloat16", "float32", False, 2000),
+        ("bfloat16", "bfloat16", False, 1000),
+        ("float16", "float32", True, 1000),
+        (None, "float32", False, 1000),
+    ],  # fmt: skip
+)
+def test_engine_weight_bytes_follow_the_dtype_the_engine_runs(stored_dtype, effective_dtype, quantized, expected):
+    assert roofline.engine_weight_bytes(1000, stored_dtype, effective_dtype, quantized) == expected
+
+
+def test_decode_fraction_of_the_bandwidth_bound():
+    # 16 GB of weights on a 5300 GB/s device: at most 331 decode steps/s; 10 ms per step is 100/s.
+    weights = 16e9
+    assert roofline.decode_fraction(weights, 0.010, 5300) == pytest.approx(100 / (5300 / 16))
+    assert roofline.bound_tok_s(weights, 1, 5300) == pytest.approx(331.25)
+    assert roofline.bound_tok_s(weights, 32, 5300) == pytest.approx(32 * 331.25)  # the batch shares the read
+    assert roofline.bytes_per_token(weights, 32) == pytest.approx(0.5e9)
+    assert roofline.decode_fraction(weights, None, 5300) is None and roofline.decode_fraction(None, 0.01, 5300) is None
+
+
+def test_bandwidth_comes_from_the_study_first_then_the_device_table():
+    assert roofline.bandwidth("AMD Instinct MI300X", {}) == (5300.0, roofline.device_table()[0]["source"])
+    assert roofline.bandwidth("AMD Instinct MI300X", {"MI300": 5000}) == (5000.0, "study")
+    assert roofline.bandwidth("Intel(R) Xeon(R) CPU", {}) is None
+    assert roofline.bandwidth(None, {".*": 20}) is None

@@ -1,0 +1,105 @@
+"""PNG plots of the point table (matplotlib, Agg: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .metrics import write_atomic  # noqa: E402
+
+PLOTS = ("throughput.png", "latency.png", "machines.png")
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _ok(points: pd.DataFrame) -> pd.DataFrame:
+    return points[(points["status"] == "ok") & points["output_tok_s"].notna()] if not points.empty else points
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def throughput(points: pd.DataFrame, path: Path) -> None:
+    """Output tok/s against batch size, one line per machine x cell (x prompt shape)."""
+    ok = _ok(points)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    several = ok["machine_id"].nunique() > 1 if not ok.empty else False
+    for key, group in ok.groupby(["machine_id", "cell_name", "input_len", "output_len"]) if not ok.empty else []:
+        machine, cell, inp, out = key
+        name = f"{cell} @ {machine}" if several else cell
+        group = group.sort_values("batch_size")
+        ax.plot(group["batch_size"], group["output_tok_s"], marker="o", label=f"{name} ({inp}→{out})")
+    if ok.empty:
+        _empty(ax, "no point measured successfully")
+    else:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ok["batch_size"].unique()), labels=[str(b) for b in sorted(ok["batch_size"].unique())])
+        ax.set_xlabel("batch size (requests submitted together)")
+        ax.set_ylabel("output tokens / s")
+        ax.set_title("Decode throughput by batch size")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def latency(points: pd.DataFrame, path: Path) -> None:
+    """End-to-end latency p50 / p90 / p99 per cell and point (grouped bars)."""
+    ok = _ok(points)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if ok.empty:
+        _empty(ax, "no point measured successfully")
+    else:
+        ok = ok.sort_values(["machine_id", "cell_name", "batch_size"])
+        several = ok["machine_id"].nunique() > 1
+        labels = [
+            f"{r.cell_name}{' @ ' + r.machine_id if several else ''}\nbatch {r.batch_size}" for r in ok.itertuples()
+        ]
+        width = 0.27
+        for offset, column in enumerate(("latency_p50_s", "latency_p90_s", "latency_p99_s")):
+            xs = [i + (offset - 1) * width for i in range(len(ok))]
+            ax.bar(xs, ok[column].fillna(0), width=width, label=column.split("_")[1])
+        ax.set_xticks(range(len(ok)), labels=labels, fontsize=7, rotation=30, ha="right")
+        ax.set_ylabel("end-to-end request latency, s")
+        ax.set_title("Latency percentiles per cell and batch size")
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def machines(points: pd.DataFrame, path: Path) -> None:
+    """Output tok/s per cell and point, one bar per machine."""
+    ok = _ok(points)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if ok.empty:
+        _empty(ax, "no point measured successfully")
+    else:
+        table = ok.pivot_table(index=["cell_name", "batch_size"], columns="machine_id", values="output_tok_s")
+        width = 0.8 / len(table.columns)
+        for i, machine in enumerate(table.columns):
+            xs = [x + (i - (len(table.columns) - 1) / 2) * width for x in range(len(table))]
+            ax.bar(xs, table[machine].fillna(0), width=width, label=machine)
+        ax.set_xticks(range(len(table)), labels=[f"{c}\nbatch {b}" for c, b in table.index], fontsize=7, rotation=30)
+        ax.set_ylabel("output tokens / s")
+        ax.set_title(f"Machine by machine ({len(table.columns)} machine{'s' if len(table.columns) > 1 else ''})")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def write_plots(points: pd.DataFrame, plots_dir: Path) -> list[Path]:
+    written = []
+    for name, draw in zip(PLOTS, (throughput, latency, machines), strict=True):
+        draw(points, plots_dir / name)
+        written.append(plots_dir / name)
+    return written
