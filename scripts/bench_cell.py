@@ -77,6 +77,16 @@ def gpu_facts() -> dict:
     return facts
 
 
+def oom_kills() -> int:
+    """Processes of this container the kernel killed for memory (cgroup v2, else v1)."""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        with contextlib.suppress(OSError, ValueError):
+            match = re.search(r"^oom_kill (\d+)$", Path(path).read_text(), re.MULTILINE)
+            if match:
+                return int(match.group(1))
+    return 0
+
+
 def versions() -> dict:
     found = {"python": platform.python_version()}
     for package in PACKAGES:
@@ -221,6 +231,7 @@ def main(cell_path: str) -> int:
         raw["traceback"] = traceback.format_exc()[-8000:]
         print(raw["traceback"], file=sys.stderr)
     raw["peak_memory_mb"] = peak_memory_mb()
+    raw["oom_kills"] = oom_kills()
     raw["finished_at"] = utc_now()
     write_json(raw_path, raw)
     return 0 if raw["status"] == "ok" else 1

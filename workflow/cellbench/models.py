@@ -123,4 +123,7 @@ def verify(model_dir: Path) -> None:
     for rel, expected in manifest["files"].items():
         path = Path(model_dir) / rel
         if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
-            raise ModelError(f"model {manifest['name']}: {rel} does not match its manifest checksum")
+            raise ModelError(
+                f"model {manifest['name']}: {rel} does not match its manifest checksum (changed since it was "
+                f"prepared); restore it, or delete {model_dir} and rerun to prepare the model again"
+            )
