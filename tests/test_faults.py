@@ -62,8 +62,9 @@ def study() -> dict:
 
 
 def run(workdir: Path, *args: str, env=None, check=False) -> subprocess.CompletedProcess:
-    argv = ["snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / "study.yaml"), *args]  # fmt: skip
+    # Targets and flags first: --configfile takes every word after it.
+    argv = ["snakemake", *args, "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "study.yaml")]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, env=env or ENV)
     if check and done.returncode:
         raise AssertionError(f"snakemake failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -380,7 +381,7 @@ def test_clean_containers_removes_leftovers_of_one_origin_only(lab, tmp_path):
     planted = [
         plant(workdir, here, dead_runner_label()),
         plant(workdir, here, lifecycle.runner_label()),
-        plant(workdir, elsewhere, ""),
+        plant(workdir, elsewhere, dead_runner_label()),
     ]
     try:
         argv = ["cellbench", "clean", "--containers", "--origin", str(here)]

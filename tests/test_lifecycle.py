@@ -24,7 +24,7 @@ def alive_only(*living):
         (label(pid=43), True),  # the runner exited
         (label(boot="b0"), True),  # the host rebooted since
         (label(host="h2"), None),  # another host's runner: not judged from here
-        (None, True),  # no label: nothing vouches for the container
+        (None, None),  # no label: from before the label existed
         ("garbage", True),
     ],
 )
@@ -34,12 +34,14 @@ def test_runner_is_gone(runner_label, gone):
 
 def test_leftovers_keep_live_and_foreign_runs():
     found = [
-        {"name": "live", "labels": {lifecycle.LABEL_RUNNER: label()}},
-        {"name": "dead", "labels": {lifecycle.LABEL_RUNNER: label(pid=7)}},
-        {"name": "elsewhere", "labels": {lifecycle.LABEL_RUNNER: label(host="h2", pid=7)}},
+        {"name": "live", "state": "running", "labels": {lifecycle.LABEL_RUNNER: label()}},
+        {"name": "dead", "state": "running", "labels": {lifecycle.LABEL_RUNNER: label(pid=7)}},
+        {"name": "elsewhere", "state": "running", "labels": {lifecycle.LABEL_RUNNER: label(host="h2", pid=7)}},
+        {"name": "old-running", "state": "running", "labels": {}},
+        {"name": "old-exited", "state": "exited", "labels": {}},
     ]
     stale = lifecycle.leftovers(found, "h1", "b1", alive_only((42, "1000")))
-    assert [c["name"] for c in stale] == ["dead"]
+    assert [c["name"] for c in stale] == ["dead", "old-exited"]
 
 
 def test_runner_label_names_this_process():

@@ -54,9 +54,9 @@ def runner_label(pid: int | None = None) -> str:
 
 def runner_is_gone(label: str | None, host: str, boot: str, alive=process_alive) -> bool | None:
     """True if the runner named by `label` is gone, False if it lives, None if it cannot be judged
-    from this host. A container without the label predates it: nothing vouches for it, so gone."""
+    from here (a runner on another host, or a container from before the label existed)."""
     if not label:
-        return True
+        return None
     try:
         label_host, label_boot, pid, ticks = label.rsplit(":", 3)
         pid_number = int(pid)
@@ -107,8 +107,15 @@ def list_containers(runtime: str = "docker", origin: str | None = None) -> list[
 
 
 def leftovers(containers: list[dict], host: str, boot: str, alive=process_alive) -> list[dict]:
-    """The containers whose runner is gone (pure, given `alive`)."""
-    return [c for c in containers if runner_is_gone(c["labels"].get(LABEL_RUNNER), host, boot, alive)]
+    """The containers whose runner is gone (pure, given `alive`). One without a runner label is a
+    leftover once it stopped (its --rm did not happen); a running one may belong to a live run."""
+    stale = []
+    for container in containers:
+        label = container["labels"].get(LABEL_RUNNER)
+        gone = runner_is_gone(label, host, boot, alive)
+        if gone or (not label and container["state"] != "running"):
+            stale.append(container)
+    return stale
 
 
 def remove_leftovers(runtime: str = "docker", origin: str | None = None) -> list[dict]:
