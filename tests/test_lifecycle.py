@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from cellbench import config, containers, lifecycle, runner
+from cellbench import config, containers, lifecycle, models, runner
 
 
 def label(host="h1", boot="b1", pid=42, ticks="1000"):
@@ -116,3 +116,12 @@ def test_publish_is_all_or_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         runner._publish(moves)
     assert not (tmp_path / "out-a").exists()
+
+
+def test_models_are_shared_for_reading(tmp_path):
+    (tmp_path / "sub").mkdir(mode=0o700)
+    (tmp_path / "sub" / "weights").write_bytes(b"w")
+    (tmp_path / "sub" / "weights").chmod(0o600)
+    models.share_for_reading(tmp_path)
+    assert (tmp_path / "sub" / "weights").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "sub").stat().st_mode & 0o777 == 0o755

@@ -56,6 +56,7 @@ def cmd_prepare_model(args) -> int:
 def cmd_run_cell(args) -> int:
     models.verify(Path(args.model_dir))
     args.runtime = args.runtime or runtimes.runtime_from_env()
+    models.share_for_reading(Path(args.model_dir))  # models prepared before cells ran unprivileged
     return runner.main_run_cell(args)
 
 
