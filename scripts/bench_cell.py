@@ -226,8 +226,9 @@ def main(cell_path: str) -> int:
         raw["status"] = "ok"
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data for the host
         raw["status"] = "failed"
-        message = str(exc).strip().splitlines()
-        raw["error"] = f"{type(exc).__name__}: {message[0] if message else ''}".strip()[:500]
+        # One line; a multi-line message (pydantic's) names its cause on the second line.
+        message = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        raw["error"] = f"{type(exc).__name__}: {' '.join(message[:2])}".strip()[:500]
         raw["traceback"] = traceback.format_exc()[-8000:]
         print(raw["traceback"], file=sys.stderr)
     raw["peak_memory_mb"] = peak_memory_mb()

@@ -226,11 +226,12 @@ def outside_faults(cell_faults):
         byte = handle.read(1)
         handle.seek(4096)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    unchanged("corrupt", run(workdir), "does not match its manifest checksum")
+    done = run(workdir)
     with open(weights, "r+b") as handle:
         handle.seek(4096)
         handle.write(byte)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    unchanged("corrupt", done, "does not match its manifest checksum")
 
     # The results volume is full: the cell's directory is a 1 MiB tmpfs, filled before the run.
     if os.geteuid() == 0 and shutil.which("mount"):

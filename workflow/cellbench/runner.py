@@ -131,7 +131,8 @@ def run_cell(
             raise RunnerError(f"{runtime} could not run the container: {lines[-1] if lines else 'exit 125'}")
         if (raw or {}).get("status") != "ok" and "No space left on device" in log_text:
             raise OSError(errno.ENOSPC, "no space left on device", str(work))
-        status, error = _outcome(raw, code, timed_out, cell["timeout_s"], log_text)
+        memory = cell["resources"].get("memory")
+        status, error = _outcome(raw, code, timed_out, cell["timeout_s"], log_text, memory=memory)
         context = {
             "study": study,
             "machine_id": machine,
@@ -197,7 +198,7 @@ def _read_raw(path: Path) -> dict | None:
         return None
 
 
-def _outcome(raw, code, timed_out, timeout_s, log_text) -> tuple[str, str | None]:
+def _outcome(raw, code, timed_out, timeout_s, log_text, memory=None) -> tuple[str, str | None]:
     logged = measure.error_from_log(log_text)
     if timed_out:
         # A failing engine can hang instead of exiting; name what it logged before the kill.
@@ -211,6 +212,8 @@ def _outcome(raw, code, timed_out, timeout_s, log_text) -> tuple[str, str | None
         return "failed", error
     if raw and raw.get("oom_kills"):
         return "failed", f"out of memory: the container hit its memory limit ({raw['oom_kills']} process(es) killed)"
+    if code == 137 and memory:
+        return "failed", f"container killed (exit 137): out of memory at its {memory} limit, or killed from outside"
     if code == 137:
         return "failed", "container killed (exit 137: out of memory or SIGKILL)"
     return "failed", logged or f"container exited with code {code} before reporting"
