@@ -125,3 +125,10 @@ def test_models_are_shared_for_reading(tmp_path):
     models.share_for_reading(tmp_path)
     assert (tmp_path / "sub" / "weights").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "sub").stat().st_mode & 0o777 == 0o755
+
+
+def test_an_oom_kill_inside_the_container_names_memory_over_the_engines_vague_error():
+    raw = {"status": "failed", "error": "RuntimeError: Engine core initialization failed.", "oom_kills": 1}
+    status, error = runner._outcome(raw, 1, False, 60, "")
+    assert status == "failed" and error.startswith("out of memory")
+    assert "600m limit" in runner._outcome(None, 137, False, 60, "", memory="600m")[1]

@@ -206,12 +206,12 @@ def _outcome(raw, code, timed_out, timeout_s, log_text, memory=None) -> tuple[st
         return "timeout", f"cell exceeded its timeout of {timeout_s} s; container killed{cause}"
     if raw and raw.get("status") == "ok" and code == 0:
         return "ok", None
+    if raw and raw.get("oom_kills"):
+        return "failed", f"out of memory: the container hit its memory limit ({raw['oom_kills']} process(es) killed)"
     if raw and raw.get("error"):
         # The engine's own message is often "see root cause above"; the log names the cause.
         error = logged if logged and measure.classify("failed", logged) == "unsupported" else raw["error"]
         return "failed", error
-    if raw and raw.get("oom_kills"):
-        return "failed", f"out of memory: the container hit its memory limit ({raw['oom_kills']} process(es) killed)"
     if code == 137 and memory:
         return "failed", f"container killed (exit 137): out of memory at its {memory} limit, or killed from outside"
     if code == 137:
