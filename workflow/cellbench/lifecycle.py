@@ -72,9 +72,7 @@ def runner_is_gone(label: str | None, host: str, boot: str, alive=process_alive)
 def ensure_runtime(runtime: str = "docker") -> None:
     """Raise RuntimeUnavailable with one line when the daemon does not answer."""
     try:
-        done = subprocess.run(
-            [runtime, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True, timeout=30
-        )
+        done = subprocess.run([runtime, "info"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeUnavailable(f"{runtime} does not answer ({exc}); start the daemon and rerun") from None
     if done.returncode:
