@@ -11,7 +11,7 @@ min_version("9.0")
 
 ROOT = Path(workflow.basedir)
 sys.path.insert(0, str(ROOT / "workflow"))
-from cellbench import config as study_config, images, machines, paths, provenance  # noqa: E402
+from cellbench import config as study_config, images, lifecycle, machines, paths, provenance  # noqa: E402
 from cellbench import scheduling  # noqa: E402
 
 DEFAULT_STUDY = ROOT / "config" / "config.yaml"
@@ -54,6 +54,11 @@ rule all:
     input:
         rules.aggregate.output,
         rules.explain.output,
+
+
+# Containers of runs here whose runner died (kill -9, reboot, lost node) are removed first.
+onstart:
+    lifecycle.clean_on_start(str(Path.cwd()))
 
 
 onsuccess:

@@ -82,6 +82,16 @@ def gpu_facts() -> dict:
     return facts
 
 
+def oom_kills() -> int:
+    """Processes of this container the kernel killed for memory (cgroup v2, else v1)."""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        with contextlib.suppress(OSError, ValueError):
+            match = re.search(r"^oom_kill (\d+)$", Path(path).read_text(), re.MULTILINE)
+            if match:
+                return int(match.group(1))
+    return 0
+
+
 def versions() -> dict:
     found = {"python": platform.python_version()}
     for package in PACKAGES:
@@ -248,11 +258,13 @@ def main(cell_path: str) -> int:
         raw["status"] = "ok"
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data for the host
         raw["status"] = "failed"
-        message = str(exc).strip().splitlines()
-        raw["error"] = f"{type(exc).__name__}: {message[0] if message else ''}".strip()[:500]
+        # One line; a multi-line message (pydantic's) names its cause on the second line.
+        message = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        raw["error"] = f"{type(exc).__name__}: {' '.join(message[:2])}".strip()[:500]
         raw["traceback"] = traceback.format_exc()[-8000:]
         print(raw["traceback"], file=sys.stderr)
     raw["peak_memory_mb"] = peak_memory_mb()
+    raw["oom_kills"] = oom_kills()
     raw["finished_at"] = utc_now()
     write_json(raw_path, raw)
     return 0 if raw["status"] == "ok" else 1

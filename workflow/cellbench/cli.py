@@ -13,6 +13,7 @@ from . import (
     archive,
     config,
     images,
+    lifecycle,
     machines,
     metrics,
     models,
@@ -55,6 +56,7 @@ def cmd_prepare_model(args) -> int:
 def cmd_run_cell(args) -> int:
     models.verify(Path(args.model_dir))
     args.runtime = args.runtime or runtimes.runtime_from_env()
+    models.share_for_reading(Path(args.model_dir))  # models prepared before cells ran unprivileged
     return runner.main_run_cell(args)
 
 
@@ -145,6 +147,20 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_clean(args) -> int:
+    """Remove leftover cell containers: those whose runner process is gone."""
+    if not args.containers:
+        print("cellbench: clean: say what to clean (--containers)", file=sys.stderr)
+        return 2
+    lifecycle.ensure_runtime(args.runtime)
+    removed = lifecycle.remove_leftovers(args.runtime, args.origin)
+    for container in removed:
+        print(f"removed {container['name']} ({container['state']})")
+    scope = f"of {Path(args.origin).resolve()}" if args.origin else "of every origin"
+    print(f"cellbench: clean: {len(removed)} leftover container(s) {scope} removed", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cell")
     p.add_argument("--configfile", default=DEFAULT_STUDY)
     p.set_defaults(func=cmd_rerun)
+
+    p = sub.add_parser("clean", help="remove leftover containers of cellbench runs whose runner is gone")
+    p.add_argument("--containers", action="store_true", help="cell containers (label cellbench.cell)")
+    p.add_argument("--origin", help="only those started from this working directory")
+    p.add_argument("--runtime", default="docker")
+    p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("build-image", help="(rule) build an engine image and write its manifest")
     for flag in ("--name", "--spec", "--out", "--log"):
@@ -219,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.SchemaError,
         archive.ArchiveError,
         runtimes.RuntimeSetupError,
+        lifecycle.RuntimeUnavailable,
     ) as exc:
         print(f"cellbench: {exc}", file=sys.stderr)
         return 2

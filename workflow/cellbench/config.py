@@ -34,7 +34,13 @@ IDENTITY_KEYS = (
     "mode",
     "sweep",
 )
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+# Names of credentials; not token counts (max_num_batched_tokens) or tokenizers, which provenance needs.
+SECRET_NAME = re.compile(r"TOKEN(?!S|IZ)|KEY|SECRET|PASSWORD|PASSWD", re.IGNORECASE)
+# Shapes of well-known credentials (Hugging Face, GitHub, OpenAI-style, AWS access keys).
+SECRET_VALUE = re.compile(
+    r"\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16})\b"
+)
+PROJECT_ROOT = SCHEMA_PATH.parents[2]
 
 
 class ConfigError(ValueError):
@@ -85,6 +91,13 @@ def validate(config: dict) -> None:
         where = _key_path(error)
         prefix = "" if where == "<top>" else f"{where}."
         raise ConfigError(f"config: {prefix}{unknown[0]}: unknown key") from None
+    # A pattern message quotes a regex; the schema's description says in words what is expected.
+    if error.validator == "pattern" and error.schema.get("description"):
+        what = "key" if "propertyNames" in error.schema_path else "value"
+        expected = error.schema["description"]
+        raise ConfigError(
+            f"config: {_key_path(error)}: {what} {error.instance!r} is not valid; expected {expected}"
+        ) from None
     raise ConfigError(f"config: {_key_path(error)}: {error.message}") from None
 
 
@@ -222,12 +235,83 @@ def _check_expectations(config: dict) -> None:
             raise ConfigError(f"config: bandwidth_gb_s: {pattern!r} is not a valid regex ({exc})") from None
 
 
+def _secret_values(value, where: str):
+    """(key path) of every string that has the shape of a credential."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _secret_values(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _secret_values(item, f"{where}[{index}]")
+    elif isinstance(value, str) and SECRET_VALUE.search(value):
+        yield where
+
+
+def _check_secrets(config: dict) -> None:
+    """A study is shared and archived: it must hold no credential, by name or by shape."""
+    for where in _secret_values(config, ""):
+        raise ConfigError(
+            f"config: {where}: holds what looks like a credential; remove it and export it in the shell instead"
+        )
+    tables = [(f"images.{name}.build_args", image.get("build_args", {})) for name, image in config["images"].items()]
+    settings = [("defaults", config.get("defaults", {}))]
+    settings += [(f"cells[{index}]", group) for index, group in enumerate(config["cells"])]
+    for where, group in settings:
+        tables.append((f"{where}.engine_args", group.get("engine_args", {})))
+        tables.append((f"{where}.env", group.get("env", {})))
+        tables.append((f"{where}.axes", group.get("axes", {})))
+    for where, table in tables:
+        for name in table:
+            if SECRET_NAME.search(name.split(".", 1)[-1]):
+                raise ConfigError(
+                    f"config: {where}.{name} looks like a secret; export it in the shell instead, "
+                    "cellbench passes it to the container without writing it down"
+                )
+
+
+def _check_resources(cells: list[dict]) -> None:
+    """Settings that each pass the schema but cannot hold together."""
+    for cell in cells:
+        where = f"config: cell {cell['name']}"
+        gpus = cell["resources"].get("gpus", 0)
+        if cell["device"] == "cpu" and gpus:
+            raise ConfigError(
+                f"{where}: resources.gpus is {gpus} but image {cell['image']!r} is a cpu image; expected 0"
+            )
+        tensor_parallel = cell["engine_args"].get("tensor_parallel_size", 1)
+        if cell["device"] in ("rocm", "cuda") and isinstance(tensor_parallel, int) and tensor_parallel > max(gpus, 1):
+            raise ConfigError(
+                f"{where}: engine_args.tensor_parallel_size is {tensor_parallel} but resources.gpus gives "
+                f"{gpus}; expected resources.gpus >= {tensor_parallel}"
+            )
+
+
+def _check_paths(config: dict) -> None:
+    """Build contexts and wheelhouse files exist before any job is planned."""
+    for name, image in config["images"].items():
+        context = PROJECT_ROOT / image["context"]
+        if not (context / "Dockerfile").is_file():
+            raise ConfigError(
+                f"config: images.{name}.context: {image['context']!r} has no Dockerfile; "
+                "expected a folder under the project root holding one"
+            )
+        wheelhouse = image.get("wheelhouse")
+        if wheelhouse and not (context / wheelhouse).is_file():
+            raise ConfigError(
+                f"config: images.{name}.wheelhouse: {wheelhouse!r} is not a file in {image['context']}; "
+                "expected a requirements file there"
+            )
+
+
 def resolve(config: dict) -> dict:
     """Validate a study and return {"cells": {id: cell}, "baseline": id, ...}; raise ConfigError."""
     validate(config)
+    _check_secrets(config)
     cells = expand_cells(config)
     _check_references(config, cells)
     _check_expectations(config)
+    _check_resources(cells)
+    _check_paths(config)
     by_name = {cell["name"]: cell for cell in cells}
     return {
         "study": config["study"],

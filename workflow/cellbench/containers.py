@@ -15,6 +15,10 @@ LABEL_RUN = "cellbench.run"
 LABEL_ORIGIN = "cellbench.origin"  # the working directory whose results/ the container writes
 MOUNT_MODEL, MOUNT_OUT, MOUNT_SCRIPTS = "/model", "/out", "/cellbench"
 SECRET_ENV = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+RUNTIME_FAILED = 125  # `docker run` exit code when docker itself failed, before the command ran
+# The engine runs as nobody:nogroup. vLLM on CPU runs so (tested); it needs a writable HOME for
+# its caches and a user name for torch's cache paths, neither of which nobody has.
+CONTAINER_USER = "65534:65534"
 
 
 def container_name(cell_id: str, run_id: str) -> str:
@@ -63,6 +67,17 @@ def resource_flags(resources: dict) -> list[str]:
     return flags
 
 
+def hardening_flags(device: str, user: str | None) -> list[str]:
+    """No privilege escalation; on CPU no capabilities either. GPU images keep docker's default
+    capabilities (their device flags are unverified here without the hardware)."""
+    if not user:
+        return []
+    flags = ["--user", user, "-e", "HOME=/tmp", "-e", "USER=cellbench", "--security-opt", "no-new-privileges"]
+    if device == "cpu":
+        flags += ["--cap-drop", "ALL"]
+    return flags
+
+
 def passthrough_secrets(environ: dict[str, str]) -> list[str]:
     """Secrets go by name only (`-e NAME`): docker reads the value, no file or argv holds it."""
     flags = []
@@ -85,6 +100,8 @@ def docker_run_command(
     runtime: str = "docker",
     environ: dict[str, str] | None = None,
     origin: str = ".",
+    labels: dict[str, str] | None = None,
+    user: str | None = None,
 ) -> list[str]:
     gpus = gpus or []
     environ = os.environ if environ is None else environ
@@ -99,6 +116,9 @@ def docker_run_command(
         "-v", f"{os.path.abspath(scripts_dir)}:{MOUNT_SCRIPTS}:ro",
         "-v", f"{os.path.abspath(out_dir)}:{MOUNT_OUT}:rw",
     ]  # fmt: skip
+    for key, value in sorted((labels or {}).items()):
+        argv += ["--label", f"{key}={value}"]
+    argv += hardening_flags(cell["device"], user)
     argv += device_flags(cell["device"], gpus, render_nodes or [])
     argv += resource_flags(cell["resources"])
     for name, value in sorted(cell["env"].items()):

@@ -109,6 +109,7 @@ def prepare_pypi_gguf(name: str, spec: dict, image_manifest: dict, out_dir: Path
                 "files": file_hashes(tmp),
             }
             write_json_atomic(tmp / "manifest.json", manifest)
+            share_for_reading(tmp)
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             os.replace(tmp, out_dir)
@@ -117,10 +118,22 @@ def prepare_pypi_gguf(name: str, spec: dict, image_manifest: dict, out_dir: Path
     return manifest
 
 
+def share_for_reading(model_dir: Path) -> None:
+    """Let any user read the model: cells run it as an unprivileged user. A model is no secret,
+    but the converter and atomic writes leave some files readable by their owner only."""
+    for path in [Path(model_dir), *Path(model_dir).rglob("*")]:
+        wanted = path.stat().st_mode | (0o555 if path.is_dir() else 0o444)
+        if path.stat().st_mode != wanted:
+            path.chmod(wanted)
+
+
 def verify(model_dir: Path) -> None:
     """Checksums of a prepared model against its manifest (a corrupted file fails before a run)."""
     manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
     for rel, expected in manifest["files"].items():
         path = Path(model_dir) / rel
         if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
-            raise ModelError(f"model {manifest['name']}: {rel} does not match its manifest checksum")
+            raise ModelError(
+                f"model {manifest['name']}: {rel} does not match its manifest checksum (changed since it was "
+                f"prepared); restore it, or delete {model_dir} and rerun to prepare the model again"
+            )

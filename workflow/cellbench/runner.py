@@ -8,6 +8,7 @@ run redoes the cell instead of trusting half of it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import containers, diagnose, effective, measure, metrics, paths, provenance, roofline, runtimes
+from . import containers, diagnose, effective, lifecycle, measure, metrics, paths, provenance, roofline, runtimes
 
 SCRIPTS_DIR = provenance.PROJECT_ROOT / "scripts"
 
@@ -28,8 +29,26 @@ class Interrupted(Exception):
     pass
 
 
+class RunnerError(RuntimeError):
+    """The run could not happen for reasons outside the cell (docker, disk): nothing is written."""
+
+
 def _raise_interrupted(signum, _frame):
     raise Interrupted(signal.Signals(signum).name)
+
+
+def _wait(process: subprocess.Popen, timeout_s: float, pipeline: int) -> int:
+    """Wait for the container client; raise TimeoutExpired, or Interrupted if the pipeline died."""
+    deadline = time.monotonic() + timeout_s
+    ticks = lifecycle.start_ticks(pipeline)
+    while True:
+        try:
+            return process.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
+        if not lifecycle.process_alive(pipeline, ticks):
+            raise Interrupted(f"the death of its pipeline (pid {pipeline})")
 
 
 def remove_container(name: str, runtime: str = "docker") -> None:
@@ -47,7 +66,7 @@ def run_container(argv: list[str], name: str, log_path: Path, timeout_s: float) 
         with open(log_path, "wb") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                return process.wait(timeout=timeout_s), False
+                return _wait(process, timeout_s, lifecycle.pipeline_pid()), False
             except subprocess.TimeoutExpired:
                 return None, True
             finally:
@@ -74,6 +93,7 @@ def run_cell(
     runtime: str = "docker",
 ) -> str:
     """Run the cell; write metrics.parquet, provenance.json, engine.log; return its status."""
+    lifecycle.ensure_runtime(runtime)
     run_id = new_run_id()
     cell_dir = paths.cell_dir(cell["id"])
     work = cell_dir / f".run-{run_id}"
@@ -91,7 +111,11 @@ def run_cell(
             out_dir=str(work),
             scripts_dir=str(SCRIPTS_DIR),
             runtime=runtime,
+            labels={lifecycle.LABEL_RUNNER: lifecycle.runner_label()},
+            user=containers.CONTAINER_USER,
         )
+        # The engine runs as an unprivileged user: it may write only its output directory.
+        work.chmod(0o777)
         load_before = os.getloadavg()[0]
         started = time.time()
         code, timed_out = run_container(argv, name, work / "engine.log", cell["timeout_s"])
@@ -101,7 +125,14 @@ def run_cell(
 
         raw = _read_raw(work / "raw.json")
         log_text = (work / "engine.log").read_text(errors="replace")
-        status, error = _outcome(raw, code, timed_out, cell["timeout_s"], log_text)
+        if raw is None and code == containers.RUNTIME_FAILED:
+            # docker itself failed (daemon gone, bad flag, missing image): not the cell's doing.
+            lines = [line for line in log_text.splitlines() if line.strip()]
+            raise RunnerError(f"{runtime} could not run the container: {lines[-1] if lines else 'exit 125'}")
+        if (raw or {}).get("status") != "ok" and "No space left on device" in log_text:
+            raise OSError(errno.ENOSPC, "no space left on device", str(work))
+        memory = cell["resources"].get("memory")
+        status, error = _outcome(raw, code, timed_out, cell["timeout_s"], log_text, memory=memory)
         context = {
             "study": study,
             "machine_id": machine,
@@ -133,9 +164,17 @@ def run_cell(
                 **explained["provenance"],
             }
         )
-        metrics.write_parquet(paths.cell_metrics(cell["id"]), table)
-        metrics.write_json_atomic(paths.cell_provenance(cell["id"]), record)
-        os.replace(work / "engine.log", paths.cell_log(cell["id"]))
+        # Everything that takes space is written inside the run directory first; then three
+        # renames on the same file system publish the cell, so a full disk leaves nothing half.
+        metrics.write_parquet(work / "metrics.parquet", table)
+        metrics.write_json_atomic(work / "provenance.json", record)
+        _publish(
+            {
+                work / "metrics.parquet": paths.cell_metrics(cell["id"]),
+                work / "provenance.json": paths.cell_provenance(cell["id"]),
+                work / "engine.log": paths.cell_log(cell["id"]),
+            }
+        )
         return record["status"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -170,6 +209,19 @@ def explain(cell: dict, raw: dict | None, log_text: str, error: str | None, mode
     }
 
 
+def _publish(moves: dict[Path, Path]) -> None:
+    """Rename every file into place, or none: a failure undoes the renames already done."""
+    done = []
+    try:
+        for src, dest in moves.items():
+            os.replace(src, dest)
+            done.append(dest)
+    except BaseException:
+        for dest in done:
+            dest.unlink(missing_ok=True)
+        raise
+
+
 def _read_raw(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -177,7 +229,7 @@ def _read_raw(path: Path) -> dict | None:
         return None
 
 
-def _outcome(raw, code, timed_out, timeout_s, log_text) -> tuple[str, str | None]:
+def _outcome(raw, code, timed_out, timeout_s, log_text, memory=None) -> tuple[str, str | None]:
     logged = measure.error_from_log(log_text)
     if timed_out:
         # A failing engine can hang instead of exiting; name what it logged before the kill.
@@ -185,10 +237,14 @@ def _outcome(raw, code, timed_out, timeout_s, log_text) -> tuple[str, str | None
         return "timeout", f"cell exceeded its timeout of {timeout_s} s; container killed{cause}"
     if raw and raw.get("status") == "ok" and code == 0:
         return "ok", None
+    if raw and raw.get("oom_kills"):
+        return "failed", f"out of memory: the container hit its memory limit ({raw['oom_kills']} process(es) killed)"
     if raw and raw.get("error"):
         # The engine's own message is often "see root cause above"; the log names the cause.
         error = logged if logged and measure.classify("failed", logged) == "unsupported" else raw["error"]
         return "failed", error
+    if code == 137 and memory:
+        return "failed", f"container killed (exit 137): out of memory at its {memory} limit, or killed from outside"
     if code == 137:
         return "failed", "container killed (exit 137: out of memory or SIGKILL)"
     return "failed", logged or f"container exited with code {code} before reporting"
@@ -211,5 +267,14 @@ def main_run_cell(args) -> int:
     except Interrupted as exc:
         print(f"cellbench: cell {cell['id']} interrupted by {exc}; container removed, nothing written", file=sys.stderr)
         return 130
+    except (RunnerError, lifecycle.RuntimeUnavailable) as exc:
+        print(f"cellbench: cell {cell['id']} not run: {exc}; nothing written", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = exc.filename or paths.cell_dir(cell["id"])
+        print(f"cellbench: cell {cell['id']}: no space left on the device of {where}; nothing written", file=sys.stderr)
+        return 1
     print(f"cellbench: cell {cell['id']}: {status}", file=sys.stderr)
     return 0
