@@ -4,7 +4,10 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
-if ! python3 -c "import cellbench, snakemake, pytest, ruff, snakemake_executor_plugin_slurm, matplotlib" >/dev/null 2>&1; then
+# Reinstall when the `cellbench` on this Python is another checkout's (rules call the command).
+installed=$(cd / && python3 -c "import cellbench, snakemake, pytest, ruff, snakemake_executor_plugin_slurm, matplotlib
+print(cellbench.__file__)" 2>/dev/null || true)
+if [ "$installed" != "$root/workflow/cellbench/__init__.py" ]; then
   echo "cellbench: installing the cellbench package and its tools (pip install -e '.[dev]')" >&2
   python3 -m pip install --quiet --disable-pip-version-check -e "$root[dev]"
 fi
