@@ -59,13 +59,12 @@ def parse_vllm_reference(log_text: str) -> dict:
 def llama_bench_command(gguf: str, point: dict, effective: dict, repetitions: int) -> list[str]:
     """llama-bench with the threads, batch sizes and flash-attention setting the cellbench
     engine resolved, so the two run the same llama.cpp configuration."""
-    flash = {0: "0", 1: "1"}.get(effective.get("flash_attn_type"))  # -1: llama.cpp's auto
+    # llama-cpp-python turns flash attention off unless asked; llama-bench's default is auto.
+    flash = {-1: "auto", 0: "off", 1: "on"}[effective["flash_attn_type"]]
     argv = ["llama-bench", "-m", f"/model/{gguf}", "-p", "0", "-n", "0",
             "-pg", f"{point['input_len']},{point['output_len']}", "-t", str(effective["n_threads"]),
             "-b", str(effective["n_batch"]), "-ub", str(effective["n_ubatch"]), "-ngl", "0",
-            "-r", str(repetitions), "-o", "json"]  # fmt: skip
-    if flash is not None:
-        argv += ["-fa", flash]
+            "-fa", flash, "-r", str(repetitions), "-o", "json"]  # fmt: skip
     return argv
 
 
