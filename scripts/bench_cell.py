@@ -374,12 +374,17 @@ class VllmServer:
             "enforce_eager": r"enforce_eager=(True|False)",
             "max_model_len": r"max_seq_len=(\d+)",
             "compilation_mode": r"'mode': <(CompilationMode\.\w+)",
+            # On CPU the server keeps cores for its front end; the engine computes on the rest.
+            "engine_core_ids": r"core ids=\[([0-9, ]*)\]",
+            "reserved_cpus": r"reserved_cpus=\[([0-9, ]*)\]",
         }
         for key, pattern in patterns.items():
             match = re.search(pattern, text)
             if match:
                 value = match.group(1)
-                found[key] = {"True": True, "False": False, "None": None}.get(value, value)
+                found[key] = (
+                    int(value) if value.isdigit() else {"True": True, "False": False, "None": None}.get(value, value)
+                )
         return found
 
     def _stream(self, prompt: list[int], output_len: int, start: float, record: dict) -> None:
