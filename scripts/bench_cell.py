@@ -10,6 +10,8 @@ library only, besides the engine: the same script runs in every image.
 """
 
 import contextlib
+import http.client
+import inspect
 import json
 import os
 import platform
@@ -18,6 +20,7 @@ import re
 import resource
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from datetime import UTC, datetime
@@ -216,7 +219,232 @@ def _enum_name(value) -> str | None:
     return None if value is None else getattr(value, "name", str(value))
 
 
-ENGINES = {"vllm": VllmEngine}
+SHARED_ARGS = {"max_model_len": "n_ctx"}  # vLLM EngineArgs name -> llama_cpp.Llama name
+
+
+class LlamaCppEngine:
+    """llama.cpp (llama-cpp-python) on the model's GGUF file, as stored (e.g. Q4_1).
+
+    What "batch" means here: llama-cpp-python's Llama decodes one sequence at a time, so a
+    point's batch_size requests run one after another in this one engine; it is the number of
+    requests of the point, not a parallel batch. TTFT and latency count from the start of the
+    point, as in vLLM's offline batch where every request arrives at once, so waiting for the
+    requests ahead shows in them.
+    """
+
+    def __init__(self, cell: dict):
+        from llama_cpp import Llama
+
+        if not cell.get("model_gguf"):
+            raise ValueError(f"model {cell['model']}: the prepared model keeps no GGUF file for llama.cpp")
+        # Names that mean the same for both engines are mapped, so a study's defaults serve both.
+        args = {SHARED_ARGS.get(name, name): value for name, value in cell["engine_args"].items()}
+        accepted = set(inspect.signature(Llama.__init__).parameters) - {"self", "model_path", "kwargs"}
+        unknown = sorted(set(args) - accepted)
+        if unknown:
+            raise ValueError(
+                f"engine_args.{unknown[0]}: not a llama_cpp.Llama argument "
+                "(llamacpp cells take Llama keyword arguments such as n_ctx, n_batch, n_threads)"
+            )
+        threads = len(os.sched_getaffinity(0))  # the container's CPUs (--cpuset-cpus)
+        self.args = {"n_threads": threads, "n_threads_batch": threads, "seed": cell["sweep"]["seed"], **args}
+        self.llm = Llama(model_path=f"/model/{cell['model_gguf']}", n_gpu_layers=0, verbose=True, **self.args)
+        stored = self.llm._model.desc().split()[-1]
+        if cell["quantization"] and cell["quantization"].lower() != stored.lower():
+            raise ValueError(
+                f"quantization {cell['quantization']!r} requested, but {cell['model_gguf']} is {stored}; "
+                "llama.cpp runs a GGUF as stored"
+            )
+        self.vocab_size = self.llm.n_vocab()
+        vocab = self.llm._model.vocab
+        import llama_cpp
+
+        # Control tokens (BOS, EOS, chat markers) never appear in the random prompts.
+        self.special_ids = {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_control(vocab, t)}
+
+    def effective(self) -> dict:
+        import llama_cpp
+
+        desc = self.llm._model.desc()
+        return {
+            "engine": "llamacpp",
+            "model_desc": desc,
+            "quantization": desc.split()[-1] if desc else None,
+            "n_threads": self.llm.context_params.n_threads,
+            "n_threads_batch": self.llm.context_params.n_threads_batch,
+            "n_ctx": self.llm.n_ctx(),
+            "n_batch": self.llm.n_batch,
+            "n_ubatch": self.llm.context_params.n_ubatch,
+            "flash_attn_type": int(getattr(self.llm.context_params, "flash_attn_type", -1)),
+            "type_k": int(self.llm.context_params.type_k),
+            "system_info": llama_cpp.llama_print_system_info().decode(),
+            "requested": self.args,
+            "env": selected_env(),
+        }
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> list[dict]:
+        start = time.perf_counter()
+        requests = []
+        for prompt in prompts:
+            self.llm.reset()  # no prefix reuse from the previous request: every prompt is prefilled
+            times = []
+            # Same sampling as the vLLM cells: temperature 1, no top-k/top-p/min-p; generate() never
+            # stops at EOS by itself, so the output length is fixed by counting.
+            tokens = self.llm.generate(prompt, temp=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+            for _ in tokens:
+                times.append(time.perf_counter())
+                if len(times) == output_len:
+                    break
+            tokens.close()
+            requests.append(
+                {
+                    "prompt_tokens": len(prompt),
+                    "output_tokens": len(times),
+                    "ttft_s": times[0] - start if times else None,
+                    "latency_s": times[-1] - start if times else None,
+                }
+            )
+        return requests
+
+
+class VllmServer:
+    """vLLM's OpenAI-compatible server on 127.0.0.1 inside this container (still --network none),
+    and a streaming client beside it. Load time = server start until /health answers.
+
+    A point sends its batch_size requests at once (closed loop, concurrency = batch size), or
+    with seeded Poisson arrivals at serve.request_rate. Per request it records the send time and
+    the arrival time of every streamed chunk that carried text (as vLLM's serving benchmark
+    does); the host computes TTFT, TPOT, ITL and E2E latency from these timestamps.
+    """
+
+    PORT = 8000
+
+    def __init__(self, cell: dict):
+        from transformers import AutoTokenizer
+
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/model",
+                "--host", "127.0.0.1", "--port", str(self.PORT), "--dtype", cell["dtype"],
+                "--seed", str(cell["sweep"]["seed"]), "--disable-uvicorn-access-log"]  # fmt: skip
+        if cell["quantization"]:
+            argv += ["--quantization", cell["quantization"]]
+        for name, value in sorted(cell["engine_args"].items()):
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value is False:
+                argv.append("--no-" + name.replace("_", "-"))
+            elif value is not None:
+                argv += [flag, str(value)]
+        print("$ " + " ".join(argv), flush=True)
+        self.log: list[str] = []
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._echo, daemon=True).start()
+        while not self._healthy():
+            if self.process.poll() is not None:
+                errors = [line for line in self.log if re.search(r"Error|Exception", line)]
+                last = errors[-1].strip() if errors else "no error line in its log"
+                raise RuntimeError(f"vLLM server exited with code {self.process.returncode}: {last}")
+            time.sleep(0.5)
+        self.request_rate = cell["serve"].get("request_rate")
+        self.seed = cell["sweep"]["seed"]
+        tokenizer = AutoTokenizer.from_pretrained("/model")
+        self.vocab_size = len(tokenizer)
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def _echo(self) -> None:
+        for line in self.process.stdout:
+            self.log.append(line)
+            sys.stdout.write(line)
+
+    def _healthy(self) -> bool:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", self.PORT, timeout=5)
+            connection.request("GET", "/health")
+            return connection.getresponse().status == 200
+        except OSError:
+            return False
+
+    def effective(self) -> dict:
+        """What the server's engine resolved, read from the config line it logs at start."""
+        text = "".join(self.log)
+        found = {"engine": "vllm", "mode": "serve", "env": selected_env()}
+        patterns = {
+            "dtype": r"dtype=torch\.(\w+)",
+            "quantization": r"quantization=(\w+)",
+            "enforce_eager": r"enforce_eager=(True|False)",
+            "max_model_len": r"max_seq_len=(\d+)",
+            "compilation_mode": r"'mode': <(CompilationMode\.\w+)",
+            # On CPU the server keeps cores for its front end; the engine computes on the rest.
+            "engine_core_ids": r"core ids=\[([0-9, ]*)\]",
+            "reserved_cpus": r"reserved_cpus=\[([0-9, ]*)\]",
+        }
+        for key, pattern in patterns.items():
+            match = re.search(pattern, text)
+            if match:
+                value = match.group(1)
+                found[key] = (
+                    int(value) if value.isdigit() else {"True": True, "False": False, "None": None}.get(value, value)
+                )
+        return found
+
+    def _stream(self, prompt: list[int], output_len: int, start: float, record: dict) -> None:
+        body = {
+            "model": "/model", "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
+            "ignore_eos": True, "temperature": 1.0, "top_p": 1.0, "stream": True,
+            "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        connection = http.client.HTTPConnection("127.0.0.1", self.PORT, timeout=600)
+        record["send_s"] = time.perf_counter() - start
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"vLLM server answered {response.status}: {response.read()[:300]!r}")
+        while line := response.readline():
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            now = time.perf_counter() - start
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                record["chunk_s"].append(now)
+            if chunk.get("usage"):
+                record["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
+                record["output_tokens"] = chunk["usage"]["completion_tokens"]
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> list[dict]:
+        rng = random.Random(f"{self.seed}:arrivals:{len(prompts)}:{output_len}")
+        send_at, clock = [], 0.0
+        for _ in prompts:
+            send_at.append(clock)
+            if self.request_rate:
+                clock += rng.expovariate(self.request_rate)
+        records = [{"prompt_tokens": len(p), "output_tokens": 0, "send_s": None, "chunk_s": []} for p in prompts]
+        errors: list[BaseException] = []
+
+        def client(index: int) -> None:
+            try:
+                time.sleep(max(0.0, start + send_at[index] - time.perf_counter()))
+                self._stream(prompts[index], output_len, start, records[index])
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return records
+
+    def close(self) -> None:
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=30)
+
+
+ENGINES = {"vllm": VllmEngine, "llamacpp": LlamaCppEngine}
+SERVERS = {"vllm": VllmServer}
 
 
 def main(cell_path: str) -> int:
@@ -238,7 +466,7 @@ def main(cell_path: str) -> int:
     sweep = cell["sweep"]
     try:
         start = time.perf_counter()
-        engine = ENGINES[cell["engine"]](cell)
+        engine = (SERVERS if cell["mode"] == "serve" else ENGINES)[cell["engine"]](cell)
         raw["load_s"] = time.perf_counter() - start
         raw["effective"] = engine.effective()
         raw["status"] = "measuring"
@@ -255,6 +483,8 @@ def main(cell_path: str) -> int:
                 wall = time.perf_counter() - begin
                 raw["points"].append({**point, "repeat": repeat, "wall_s": wall, "requests": requests})
                 write_json(raw_path, raw)
+        if hasattr(engine, "close"):
+            engine.close()
         raw["status"] = "ok"
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data for the host
         raw["status"] = "failed"

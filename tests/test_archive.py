@@ -33,7 +33,8 @@ def make_results(results: Path, study: dict, resolved: dict, machine: str = SOUR
         (results / "cells" / cell_id / "provenance.json").write_text(json.dumps({"cell": cell_id}))
         (results / "cells" / cell_id / "engine.log").write_text(f"log of {cell_id}\n")
     (results / "images").mkdir()
-    (results / "images" / "cpu.json").write_text(json.dumps({"name": "cpu", "tag": "cellbench/base:bookworm"}))
+    for image in study["images"]:
+        (results / "images" / f"{image}.json").write_text(json.dumps({"name": image, "tag": "cellbench/base:bookworm"}))
     (results / "models" / "smollm2-135m").mkdir(parents=True)
     (results / "models" / "smollm2-135m" / "manifest.json").write_text(json.dumps({"name": "smollm2-135m"}))
     (results / "models" / "smollm2-135m" / "model.safetensors").write_bytes(b"weights stay home")

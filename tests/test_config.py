@@ -7,7 +7,7 @@ from cellbench import config
 def test_default_study_expands_to_named_cells(study):
     cells = config.expand_cells(study)
     names = [c["name"] for c in cells]
-    assert names == ["vllm-bfloat16-enforce_eager", "vllm-float32-enforce_eager", "vllm-compiled"]
+    assert names == ["vllm-bfloat16-enforce_eager", "vllm-float32-enforce_eager", "vllm-compiled", "llamacpp"]
     for cell in cells:
         assert re.fullmatch(re.escape(cell["name"]) + r"-[0-9a-f]{10}", cell["id"])
         assert cell["sweep"]["batch_size"] == [1, 8]  # study defaults reach every cell
@@ -120,3 +120,34 @@ def test_bad_yaml_and_missing_file_are_one_line(tmp_path):
         config.load_study(bad)
     with pytest.raises(config.ConfigError, match="cannot read study file"):
         config.load_study(tmp_path / "missing.yaml")
+
+
+def test_llamacpp_and_serve_cells(study):
+    study["cells"] += [
+        {"name": "served", "mode": "serve", "serve": {"request_rate": 4}},
+        {"name": "modes", "axes": {"mode": ["offline", "serve"]}},
+    ]
+    cells = {c["name"]: c for c in config.resolve(study)["cells"].values()}
+    assert cells["llamacpp"]["engine"] == "llamacpp" and cells["llamacpp"]["mode"] == "offline"
+    assert cells["served"]["serve"] == {"request_rate": 4}
+    # serve settings are part of the id only in serve mode
+    assert cells["modes-serve"]["serve"] == {} and cells["modes-offline"]["mode"] == "offline"
+    offline = dict(cells["modes-offline"], serve={"request_rate": 9})
+    assert config.cell_hash(offline) == config.cell_hash(cells["modes-offline"])
+    served = dict(cells["served"], serve={"request_rate": 9})
+    assert config.cell_hash(served) != config.cell_hash(cells["served"])
+
+
+@pytest.mark.parametrize(
+    "group, message",
+    [
+        ({"engine": "llamacpp", "dtype": "float32"}, "a llamacpp cell runs its GGUF as stored"),
+        ({"engine": "llamacpp", "mode": "serve"}, "mode serve is implemented for vllm cells only"),
+        ({"mode": "online"}, "mode: 'online' is not one of"),
+        ({"mode": "serve", "serve": {"request_rate": 0}}, "serve.request_rate"),
+    ],
+)
+def test_bad_engine_or_mode_names_the_cell(study, group, message):
+    study["cells"].append({"name": "bad", **group})
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.resolve(study)

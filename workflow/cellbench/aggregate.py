@@ -63,11 +63,13 @@ def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
             "tpot_p50_s": ok.groupby(KEY)["tpot_p50_s"].mean(),
         }
     )
+    stats = stats.join(latency_spread(ok))
     table = first[CELL_COLUMNS].join(stats, how="left")
     # A point is ok only if every row of it is ok (a later failed repeat spoils the point).
     table["status"] = worst_status(rows)
     table["repeats"] = table["repeats"].fillna(0).astype(int)
     table["cv_flag"] = table["output_tok_s_cv"] > CV_FLAG
+    table["latency_cv_flag"] = table["latency_p50_s_cv"] > CV_FLAG
     table = table.reset_index()
     base = table[table["cell_id"] == baseline_id].set_index(["machine_id", *POINT])["output_tok_s"]
     joined = table.join(base.rename("baseline_tok_s"), on=["machine_id", *POINT])
@@ -84,18 +86,40 @@ def worst_status(rows: pd.DataFrame) -> pd.Series:
     return rank.groupby([rows[k] for k in KEY]).max().map(dict(enumerate(_SEVERITY)))
 
 
+# Serving figures averaged over repeats where the rows have them (serve-mode cells).
+SERVE_MEANS = ["ttft_p99_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s"]
+
+
+def latency_spread(ok: pd.DataFrame) -> pd.DataFrame:
+    """Spread of the median request latency over a point's repeats (min, max, population CV)
+    and the mean of the serving percentiles present in the rows."""
+    grouped = ok.groupby(KEY)["latency_p50_s"]
+    spread = pd.DataFrame(
+        {
+            "latency_p50_s_min": grouped.min(),
+            "latency_p50_s_max": grouped.max(),
+            "latency_p50_s_cv": grouped.std(ddof=0) / grouped.mean(),
+        }
+    )
+    present = [column for column in SERVE_MEANS if column in ok]
+    return spread.join(ok.groupby(KEY)[present].mean()) if present else spread
+
+
 def describe_effective(effective_json: str | None) -> str:
     """What the engine actually ran, in a few words (read inside the container after start)."""
     if not isinstance(effective_json, str):
         return "engine did not start"
     eff = json.loads(effective_json)
-    parts = [eff.get("dtype", "?")]
+    # llama.cpp has no single dtype: it runs the GGUF's types (its quantization) as stored.
+    parts = [eff.get("dtype", "?")] if eff.get("engine") != "llamacpp" else []
     if eff.get("quantization"):
         parts.append(eff["quantization"])
     if eff.get("enforce_eager"):
         parts.append("eager")
     elif eff.get("compilation_mode") not in (None, "None"):
         parts.append(f"compile={eff['compilation_mode'].split('.')[-1]}")
+    if eff.get("mode") == "serve":
+        parts.append("OpenAI server")
     if eff.get("max_num_seqs"):
         parts.append(f"max_num_seqs={eff['max_num_seqs']}")
     return ", ".join(str(p) for p in parts)

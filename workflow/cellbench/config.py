@@ -153,6 +153,8 @@ def canonical_json(value: Any) -> str:
 
 def cell_hash(cell: dict) -> str:
     identity = {key: cell[key] for key in IDENTITY_KEYS}
+    if cell["mode"] == "serve":  # client settings matter only to a serving cell
+        identity["serve"] = cell["serve"]
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:10]
 
 
@@ -169,7 +171,6 @@ def expand_cells(config: dict) -> list[dict]:
         axes = group.get("axes", {})
         for values in itertools.product(*axes.values()):
             cell = copy.deepcopy(settings)
-            cell["mode"] = "offline"
             labels = [group["name"]]
             for key, value in zip(axes, values, strict=True):
                 _set_axis(cell, key, value)
@@ -206,6 +207,15 @@ def _check_references(config: dict, cells: list[dict]) -> None:
                     f"{where}: env.{name} looks like a secret; export it in the shell instead, "
                     "cellbench passes it to the container without writing it down"
                 )
+        if cell["engine"] == "llamacpp":
+            if cell["dtype"] != "auto":
+                raise ConfigError(
+                    f"{where}: dtype {cell['dtype']!r}: a llamacpp cell runs its GGUF as stored, use dtype auto"
+                )
+            if not config["models"][cell["model"]].get("file", "").endswith(".gguf"):
+                raise ConfigError(f"{where}: model {cell['model']!r} has no GGUF file for the llamacpp engine")
+        if cell["mode"] == "serve" and cell["engine"] != "vllm":
+            raise ConfigError(f"{where}: mode serve is implemented for vllm cells only, not {cell['engine']}")
         if cell["name"] in seen:
             raise ConfigError(f"{where}: two cells resolve to the same name")
         seen[cell["name"]] = cell["id"]

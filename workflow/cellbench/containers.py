@@ -102,6 +102,7 @@ def docker_run_command(
     origin: str = ".",
     labels: dict[str, str] | None = None,
     user: str | None = None,
+    command: list[str] | None = None,
 ) -> list[str]:
     gpus = gpus or []
     environ = os.environ if environ is None else environ
@@ -124,5 +125,6 @@ def docker_run_command(
     for name, value in sorted(cell["env"].items()):
         argv += ["-e", f"{name}={value}"]
     argv += passthrough_secrets(environ)
-    argv += [image_ref, "python3", f"{MOUNT_SCRIPTS}/bench_cell.py", f"{MOUNT_OUT}/cell.json"]
+    # `command` replaces the bench script, e.g. an engine's own benchmark under the same conditions.
+    argv += [image_ref, *(command or ["python3", f"{MOUNT_SCRIPTS}/bench_cell.py", f"{MOUNT_OUT}/cell.json"])]
     return argv

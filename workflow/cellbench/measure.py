@@ -47,14 +47,41 @@ def tpot(request: dict) -> float | None:
     return (request["latency_s"] - request["ttft_s"]) / (request["output_tokens"] - 1)
 
 
+def streamed_timings(request: dict) -> dict:
+    """TTFT, E2E latency and inter-token latencies of a streamed request, vLLM's way.
+
+    A serve-mode client records, relative to the start of the point, when it sent the request
+    (`send_s`) and when each streamed chunk that carried output arrived (`chunk_s`). TTFT is
+    first chunk - send, latency is last chunk - send, ITLs are the gaps between consecutive
+    chunks (a chunk holding several tokens is one gap, as in vLLM's serving benchmark)."""
+    chunks = request.get("chunk_s") or []
+    if not chunks:
+        return {**request, "ttft_s": None, "latency_s": None, "itl_s": []}
+    send = request["send_s"]
+    return {
+        **request,
+        "ttft_s": chunks[0] - send,
+        "latency_s": chunks[-1] - send,
+        "itl_s": [later - earlier for earlier, later in itertools.pairwise(chunks)],
+    }
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def point_metrics(point: dict) -> dict:
     """Throughput and latency figures of one measured repeat."""
     requests, wall = point["requests"], point["wall_s"]
+    requests = [streamed_timings(r) if "chunk_s" in r else r for r in requests]
     prompt_tokens = sum(r["prompt_tokens"] for r in requests)
     output_tokens = sum(r["output_tokens"] for r in requests)
     latencies = [r["latency_s"] for r in requests]
     ttfts = [r["ttft_s"] for r in requests]
     tpots = [tpot(r) for r in requests]
+    # Inter-token latencies of all requests of the point together (only streamed requests have them).
+    itls = [gap for r in requests for gap in r.get("itl_s", [])]
     return {
         "duration_s": wall,
         "output_tokens": output_tokens,
@@ -68,6 +95,12 @@ def point_metrics(point: dict) -> dict:
         "ttft_p99_s": percentile(ttfts, 99),
         "tpot_p50_s": percentile(tpots, 50),
         "tpot_p99_s": percentile(tpots, 99),
+        "ttft_mean_s": _mean(ttfts),
+        "tpot_mean_s": _mean(tpots),
+        "itl_mean_s": _mean(itls),
+        "itl_p50_s": percentile(itls, 50),
+        "itl_p90_s": percentile(itls, 90),
+        "itl_p99_s": percentile(itls, 99),
     }
 
 

@@ -77,6 +77,12 @@ COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
     "overrides_json": (_STR, True, "requested settings the engine did not use as asked, JSON list"),
     "findings_json": (_STR, True, "known log signatures found in the cell's engine log, JSON list"),
     "weight_bytes": (_INT, True, "model weight bytes as the engine holds them (roofline context)"),
+    "ttft_mean_s": (_F64, True, "time to first token, mean"),
+    "tpot_mean_s": (_F64, True, "time per output token after the first, mean"),
+    "itl_mean_s": (_F64, True, "inter-token latency (gap between streamed chunks), mean; serve mode"),
+    "itl_p50_s": (_F64, True, "inter-token latency, median; serve mode"),
+    "itl_p90_s": (_F64, True, "inter-token latency, 90th percentile; serve mode"),
+    "itl_p99_s": (_F64, True, "inter-token latency, 99th percentile; serve mode"),
 }
 
 SCHEMA = pa.schema(

@@ -40,6 +40,30 @@ def busy_cells(cells: pd.DataFrame, cores: int | None = None) -> list[str]:
     return sorted(cells.loc[cells["host_load_max"] > cores, "cell_name"].unique())
 
 
+def _latency(row) -> str:
+    """Median request latency with the CV of its repeats (⚠ above the flag)."""
+    if pd.isna(row["latency_p50_s"]):
+        return "—"
+    text = f"{row['latency_p50_s']:.3f} ±{row['latency_p50_s_cv']:.1%}"
+    return text + (" ⚠" if row["latency_cv_flag"] else "")
+
+
+def serving_markdown(points: pd.DataFrame) -> list[str]:
+    """Serve-mode points: TTFT, TPOT, ITL and E2E latency (means over repeats of each percentile)."""
+    if "itl_p50_s" not in points or points["itl_p50_s"].isna().all():
+        return []
+    served = points[points["itl_p50_s"].notna()]
+    rows = [
+        [r["machine_id"], r["cell_name"], _point(r)]
+        + [_fmt(r[c] * 1000, ".1f") for c in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+                                              "itl_p50_s", "itl_p99_s", "latency_p50_s", "latency_p99_s")]
+        for _, r in served.iterrows()
+    ]  # fmt: skip
+    headers = ["machine", "cell", "batch × in→out", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+               "ITL p50", "ITL p99", "E2E p50", "E2E p99"]  # fmt: skip
+    return ["", "## Serving latency (ms, vLLM's definitions)", "", markdown_table(headers, rows)]
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -98,7 +122,7 @@ def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, ba
                 _fmt(row["output_tok_s"]),
                 _spread(row),
                 _ratio(row["vs_baseline"]),
-                _fmt(row["latency_p50_s"], ".3f"),
+                _latency(row),
                 _fmt(row["load_s"]),
                 row["engine_ran"] + (f" ⚠ {row['same_as']}" if isinstance(row.get("same_as"), str) else ""),
             ]
@@ -113,13 +137,14 @@ def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, ba
                 "output tok/s",
                 "min–max, CV",
                 "× baseline",
-                "p50 latency s",
+                "p50 latency s ±CV",
                 "load s",
                 "engine actually ran",
             ],  # fmt: skip
             rows,
         )
     )
+    out += serving_markdown(points)
     failed = cells[cells["status"] != "ok"] if not cells.empty else cells
     if not failed.empty:
         out += ["", "## Cells that did not finish", ""]

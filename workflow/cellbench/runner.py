@@ -99,7 +99,11 @@ def run_cell(
     work = cell_dir / f".run-{run_id}"
     work.mkdir(parents=True)
     try:
-        (work / "cell.json").write_text(json.dumps({**cell, "points": measure.points(cell["sweep"])}, indent=1))
+        # The GGUF's file name comes from the prepared model's manifest (llama.cpp loads /model/<gguf>).
+        gguf = json.loads((Path(model_dir) / "manifest.json").read_text()).get("gguf")
+        (work / "cell.json").write_text(
+            json.dumps({**cell, "points": measure.points(cell["sweep"]), "model_gguf": gguf}, indent=1)
+        )
         name = containers.container_name(cell["id"], run_id)
         archive = paths.image_archive(image_manifest["name"])
         image_source = runtimes.ensure_image(runtime, image_manifest["image_id"], archive)

