@@ -11,7 +11,14 @@ min_version("9.0")
 
 ROOT = Path(workflow.basedir)
 sys.path.insert(0, str(ROOT / "workflow"))
-from cellbench import config as study_config, images, lifecycle, machines, paths, provenance  # noqa: E402
+from cellbench import (
+    config as study_config,
+    images,
+    lifecycle,
+    machines,
+    paths,
+    provenance,
+)  # noqa: E402
 from cellbench import scheduling  # noqa: E402
 
 DEFAULT_STUDY = ROOT / "config" / "config.yaml"
