@@ -92,6 +92,27 @@ def oom_kills() -> int:
     return 0
 
 
+def torch_gpu_facts() -> dict:
+    """torch's HIP/CUDA build and the first visible GPU's name and arch; {} without torch or a GPU."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    facts = {}
+    try:
+        facts = {"hip": getattr(torch.version, "hip", None), "cuda": getattr(torch.version, "cuda", None)}
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            facts["device_name"] = props.name
+            facts["device_count"] = torch.cuda.device_count()
+            # ROCm: "gfx942:sramecc+:xnack-"; CUDA: compute capability as sm_XY.
+            arch = getattr(props, "gcnArchName", None) or f"sm_{props.major}{props.minor}"
+            facts["arch"] = arch.split(":")[0]
+    except Exception as exc:  # noqa: BLE001 - provenance must never fail the cell
+        facts["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return {k: v for k, v in facts.items() if v is not None}
+
+
 def versions() -> dict:
     found = {"python": platform.python_version()}
     for package in PACKAGES:
@@ -158,7 +179,7 @@ class VllmEngine:
         # Per-request timestamps (TTFT, last token) come from the engine's request stats.
         args["disable_log_stats"] = False
         self.cell = cell
-        self.llm = LLM(model="/model", dtype=cell["dtype"], **args)
+        self.llm = LLM(model=cell.get("model_path", "/model"), dtype=cell["dtype"], **args)
         tokenizer = self.llm.get_tokenizer()
         self.vocab_size = len(tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
@@ -263,6 +284,9 @@ def main(cell_path: str) -> int:
         raw["error"] = f"{type(exc).__name__}: {' '.join(message[:2])}".strip()[:500]
         raw["traceback"] = traceback.format_exc()[-8000:]
         print(raw["traceback"], file=sys.stderr)
+    # After the measurements: asking torch about the GPU initializes it in this process.
+    if cell["device"] != "cpu":
+        raw["provenance"]["gpu"]["torch"] = torch_gpu_facts()
     raw["peak_memory_mb"] = peak_memory_mb()
     raw["oom_kills"] = oom_kills()
     raw["finished_at"] = utc_now()
