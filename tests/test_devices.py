@@ -45,7 +45,9 @@ def test_allowed_gpus_by_index(tmp_path):
     assert [g.index for g in devices.discover("rocm", {devices.GPUS_ENV: "1"}, tmp_path)] == [1]
     # In a Slurm job only the GPUs of its gres are used (CELLBENCH_GPUS still wins).
     assert [g.index for g in devices.discover("rocm", {"SLURM_JOB_GPUS": "0,2"}, tmp_path)] == [0, 2]
-    assert [g.index for g in devices.discover("rocm", {"SLURM_JOB_GPUS": "0,2", devices.GPUS_ENV: "1"}, tmp_path)] == [1]
+    assert [g.index for g in devices.discover("rocm", {"SLURM_JOB_GPUS": "0,2", devices.GPUS_ENV: "1"}, tmp_path)] == [
+        1
+    ]
 
 
 def test_nvidia_gpu_listing():

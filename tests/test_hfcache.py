@@ -70,6 +70,15 @@ def test_prepare_records_commit_and_hashes_and_cells_mount_the_repo(tmp_path, mo
         models.verify(out)
 
 
+def test_a_file_the_engine_user_cannot_read_is_refused(tmp_path):
+    repo = fake_hub(tmp_path)
+    blob = (repo / "snapshots" / COMMIT / "model.safetensors").resolve()
+    blob.chmod(0o600)
+    spec = {"source": "hf-cache", "repo_id": "Qwen/Qwen3-8B"}
+    with pytest.raises(models.ModelError, match=f"{blob} is not readable by other users.*chmod -R o\\+rX {repo}"):
+        hfcache.prepare("m", spec, tmp_path / "out", tmp_path / "log", {"HF_HUB_CACHE": str(tmp_path)})
+
+
 def test_missing_model_names_the_way_out_unless_download_is_allowed(tmp_path):
     spec = {"source": "hf-cache", "repo_id": "Qwen/Qwen3-8B-AWQ"}
     with pytest.raises(models.ModelError, match="set models.awq.allow_download: true"):

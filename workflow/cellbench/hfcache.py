@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +69,18 @@ def download(hub: Path, repo_id: str, revision: str | None, log) -> None:
         raise ModelError(f"model {repo_id}: download failed: {first}") from None
 
 
+def check_readable(snapshot: Path) -> None:
+    """The engine runs as an unprivileged user: every file and folder it reads must be world-readable."""
+    for path in [snapshot, *snapshot.rglob("*")]:
+        mode = path.stat().st_mode  # through the symlink: the blob's own mode
+        need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(mode) else 0)
+        if mode & need != need:
+            raise ModelError(
+                f"{path.resolve()} is not readable by other users, as the engine runs; "
+                f"chmod -R o+rX {snapshot.parent.parent}"
+            )
+
+
 def prepare(name: str, spec: dict, out_dir: Path, log_path: Path, environ: dict[str, str]) -> dict:
     """Resolve the model in the hub cache (downloading only if allowed), hash its files and write
     results/models/<name>/manifest.json pointing at the snapshot."""
@@ -83,6 +96,7 @@ def prepare(name: str, spec: dict, out_dir: Path, log_path: Path, environ: dict[
             download(hub, spec["repo_id"], revision, log)
             repo, commit = resolve(hub, spec["repo_id"], revision)
         snapshot = repo / "snapshots" / commit
+        check_readable(snapshot)
         log.write(f"{spec['repo_id']}: revision {revision or 'main'} -> {commit}; hashing {snapshot}\n")
         manifest = {
             "name": name,
