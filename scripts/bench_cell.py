@@ -95,6 +95,27 @@ def oom_kills() -> int:
     return 0
 
 
+def torch_gpu_facts() -> dict:
+    """torch's HIP/CUDA build and the first visible GPU's name and arch; {} without torch or a GPU."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    facts = {}
+    try:
+        facts = {"hip": getattr(torch.version, "hip", None), "cuda": getattr(torch.version, "cuda", None)}
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            facts["device_name"] = props.name
+            facts["device_count"] = torch.cuda.device_count()
+            # ROCm: "gfx942:sramecc+:xnack-"; CUDA: compute capability as sm_XY.
+            arch = getattr(props, "gcnArchName", None) or f"sm_{props.major}{props.minor}"
+            facts["arch"] = arch.split(":")[0]
+    except Exception as exc:  # noqa: BLE001 - provenance must never fail the cell
+        facts["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return {k: v for k, v in facts.items() if v is not None}
+
+
 def versions() -> dict:
     found = {"python": platform.python_version()}
     for package in PACKAGES:
@@ -161,7 +182,7 @@ class VllmEngine:
         # Per-request timestamps (TTFT, last token) come from the engine's request stats.
         args["disable_log_stats"] = False
         self.cell = cell
-        self.llm = LLM(model="/model", dtype=cell["dtype"], **args)
+        self.llm = LLM(model=cell.get("model_path", "/model"), dtype=cell["dtype"], **args)
         tokenizer = self.llm.get_tokenizer()
         self.vocab_size = len(tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
@@ -322,7 +343,8 @@ class VllmServer:
     def __init__(self, cell: dict):
         from transformers import AutoTokenizer
 
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/model",
+        self.model_path = cell.get("model_path", "/model")
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
                 "--host", "127.0.0.1", "--port", str(self.PORT), "--dtype", cell["dtype"],
                 "--seed", str(cell["sweep"]["seed"]), "--disable-uvicorn-access-log"]  # fmt: skip
         if cell["quantization"]:
@@ -347,7 +369,7 @@ class VllmServer:
             time.sleep(0.5)
         self.request_rate = cell["serve"].get("request_rate")
         self.seed = cell["sweep"]["seed"]
-        tokenizer = AutoTokenizer.from_pretrained("/model")
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.vocab_size = len(tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
 
@@ -389,7 +411,7 @@ class VllmServer:
 
     def _stream(self, prompt: list[int], output_len: int, start: float, record: dict) -> None:
         body = {
-            "model": "/model", "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
+            "model": self.model_path, "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
             "ignore_eos": True, "temperature": 1.0, "top_p": 1.0, "stream": True,
             "stream_options": {"include_usage": True},
         }  # fmt: skip
@@ -493,6 +515,9 @@ def main(cell_path: str) -> int:
         raw["error"] = f"{type(exc).__name__}: {' '.join(message[:2])}".strip()[:500]
         raw["traceback"] = traceback.format_exc()[-8000:]
         print(raw["traceback"], file=sys.stderr)
+    # After the measurements: asking torch about the GPU initializes it in this process.
+    if cell["device"] != "cpu":
+        raw["provenance"]["gpu"]["torch"] = torch_gpu_facts()
     raw["peak_memory_mb"] = peak_memory_mb()
     raw["oom_kills"] = oom_kills()
     raw["finished_at"] = utc_now()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,9 @@ from . import (
     aggregate,
     archive,
     config,
+    devices,
+    doctor,
+    hfcache,
     images,
     lifecycle,
     machines,
@@ -22,6 +26,7 @@ from . import (
     report,
     runner,
     runtimes,
+    slots,
 )
 
 DEFAULT_STUDY = "config/config.yaml"
@@ -47,8 +52,13 @@ def cmd_build_image(args) -> int:
 
 
 def cmd_prepare_model(args) -> int:
+    spec = json.loads(args.spec)
+    if spec["source"] == "hf-cache":
+        prepared = hfcache.prepare(args.name, spec, Path(args.out_dir), Path(args.log), dict(os.environ))
+        print(f"cellbench: model {args.name}: {spec['repo_id']}@{prepared['commit']}, {len(prepared['files'])} files")
+        return 0
     manifest = json.loads(Path(args.image_manifest).read_text())
-    prepared = models.prepare_pypi_gguf(args.name, json.loads(args.spec), manifest, Path(args.out_dir), Path(args.log))
+    prepared = models.prepare_pypi_gguf(args.name, spec, manifest, Path(args.out_dir), Path(args.log))
     print(f"cellbench: model {args.name}: {len(prepared['files'])} files, sample {prepared['smoke']['greedy']!r}")
     return 0
 
@@ -161,6 +171,24 @@ def cmd_clean(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    """Machine checks, then what the study needs; exit 1 when the study cannot run here."""
+    try:
+        study = config.load_study(args.configfile)
+        cells = list(config.resolve(study)["cells"].values())
+    except config.ConfigError as exc:
+        print(doctor.report([doctor.Check(doctor.FAIL, str(exc))]))
+        return 2
+    facts = doctor.gather(study, dict(os.environ))
+    machine = doctor.machine_checks(facts)
+    needs = doctor.study_checks(facts, study, cells)
+    print("this machine:\n" + doctor.report(machine))
+    print(f"study {study['study']} ({args.configfile}, {len(cells)} cells):\n" + doctor.report(needs))
+    final = doctor.verdict(args.configfile, machine + needs)
+    print(doctor.report([final]))
+    return 0 if final.mark == doctor.OK else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,14 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="docker")
     p.set_defaults(func=cmd_clean)
 
+    p = sub.add_parser("doctor", help="check this machine (Docker, GPUs, tools, disk) against a study")
+    p.add_argument("--configfile", default=DEFAULT_STUDY)
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("build-image", help="(rule) build an engine image and write its manifest")
     for flag in ("--name", "--spec", "--out", "--log"):
         p.add_argument(flag, required=True)
     p.set_defaults(func=cmd_build_image)
 
     p = sub.add_parser("prepare-model", help="(rule) prepare a model directory and its manifest")
-    for flag in ("--name", "--spec", "--image-manifest", "--out-dir", "--log"):
+    for flag in ("--name", "--spec", "--out-dir", "--log"):
         p.add_argument(flag, required=True)
+    p.add_argument("--image-manifest", help="image that converts the model (pypi-gguf)")
     p.set_defaults(func=cmd_prepare_model)
 
     p = sub.add_parser("run-cell", help="(rule) run one cell in its container")
@@ -242,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         archive.ArchiveError,
         runtimes.RuntimeSetupError,
         lifecycle.RuntimeUnavailable,
+        devices.DeviceError,
+        slots.SlotError,
     ) as exc:
         print(f"cellbench: {exc}", file=sys.stderr)
         return 2

@@ -230,6 +230,8 @@ def _check_references(config: dict, cells: list[dict]) -> None:
                     raise ConfigError(f"config: models.{name}.{key}: required for pypi-gguf")
             if model["prepare_image"] not in config["images"]:
                 raise ConfigError(f"config: models.{name}.prepare_image: {model['prepare_image']!r} is not in images")
+        if model["source"] == "hf-cache" and not model.get("repo_id"):
+            raise ConfigError(f"config: models.{name}.repo_id: required for hf-cache")
 
 
 def _check_expectations(config: dict) -> None:
@@ -288,6 +290,8 @@ def _check_resources(cells: list[dict]) -> None:
             raise ConfigError(
                 f"{where}: resources.gpus is {gpus} but image {cell['image']!r} is a cpu image; expected 0"
             )
+        if cell["device"] in ("rocm", "cuda") and gpus < 1:
+            raise ConfigError(f"{where}: a {cell['device']} cell has resources.gpus {gpus}; expected at least 1")
         tensor_parallel = cell["engine_args"].get("tensor_parallel_size", 1)
         if cell["device"] in ("rocm", "cuda") and isinstance(tensor_parallel, int) and tensor_parallel > max(gpus, 1):
             raise ConfigError(

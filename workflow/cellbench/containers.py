@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 
+from . import devices
+
 CONTAINER_PREFIX = "cellbench-"
 LABEL_CELL = "cellbench.cell"
 LABEL_RUN = "cellbench.run"
@@ -26,8 +28,8 @@ def container_name(cell_id: str, run_id: str) -> str:
     return f"{CONTAINER_PREFIX}{cell_id}-{run_id}"
 
 
-def device_flags(device: str, gpus: list[int], render_nodes: list[str]) -> list[str]:
-    """Flags giving a container its devices. `gpus` are host indices; inside they count from 0."""
+def device_flags(device: str, gpus: list[devices.Gpu], group_ids: list[int] | None = None) -> list[str]:
+    """Flags giving a container its GPUs. `gpus` carry host indices; inside they count from 0."""
     if device == "cpu":
         if gpus:
             raise ValueError("a cpu cell cannot be given GPUs")
@@ -36,12 +38,18 @@ def device_flags(device: str, gpus: list[int], render_nodes: list[str]) -> list[
         raise ValueError(f"a {device} cell needs at least one GPU")
     visible = ",".join(str(i) for i in range(len(gpus)))
     if device == "rocm":
+        if not group_ids:
+            raise ValueError("a rocm cell needs the group ids of /dev/kfd and its render nodes")
+        # /dev/kfd is the compute interface; the render nodes passed decide which GPUs the
+        # container can open, so inside it they are numbered 0..n-1.
         flags = ["--device", "/dev/kfd"]
-        for node in render_nodes:
-            flags += ["--device", node]
+        for gpu in gpus:
+            if not gpu.render_node:
+                raise ValueError(f"rocm GPU {gpu.index} has no render node")
+            flags += ["--device", gpu.render_node]
+        for gid in group_ids:  # the host's video/render groups owning those nodes, as numbers
+            flags += ["--group-add", str(gid)]
         flags += [
-            "--group-add", "video",
-            "--group-add", "render",
             "--ipc", "host",
             "--security-opt", "seccomp=unconfined",
             # vLLM on ROCm refuses to start when these two disagree.
@@ -50,8 +58,9 @@ def device_flags(device: str, gpus: list[int], render_nodes: list[str]) -> list[
         ]  # fmt: skip
         return flags
     if device == "cuda":
-        devices = ",".join(str(g) for g in gpus)
-        return ["--gpus", f'"device={devices}"', "--ipc", "host", "-e", f"CUDA_VISIBLE_DEVICES={visible}"]
+        # docker reads --gpus as CSV: the quotes keep "device=0,1" one field, not "device=0" and "1".
+        devices_csv = ",".join(str(gpu.index) for gpu in gpus)
+        return ["--gpus", f'"device={devices_csv}"', "--ipc", "host", "-e", f"CUDA_VISIBLE_DEVICES={visible}"]
     raise ValueError(f"unknown device kind {device!r}")
 
 
@@ -95,8 +104,8 @@ def docker_run_command(
     model_dir: str,
     out_dir: str,
     scripts_dir: str,
-    gpus: list[int] | None = None,
-    render_nodes: list[str] | None = None,
+    gpus: list[devices.Gpu] | None = None,
+    group_ids: list[int] | None = None,
     runtime: str = "docker",
     environ: dict[str, str] | None = None,
     origin: str = ".",
@@ -120,11 +129,13 @@ def docker_run_command(
     for key, value in sorted((labels or {}).items()):
         argv += ["--label", f"{key}={value}"]
     argv += hardening_flags(cell["device"], user)
-    argv += device_flags(cell["device"], gpus, render_nodes or [])
+    argv += device_flags(cell["device"], gpus, group_ids)
     argv += resource_flags(cell["resources"])
     for name, value in sorted(cell["env"].items()):
         argv += ["-e", f"{name}={value}"]
     argv += passthrough_secrets(environ)
+    # Cells have no network: tell the hub client, so it never waits on a hub it cannot reach.
+    argv += ["-e", "HF_HUB_OFFLINE=1"]
     # `command` replaces the bench script, e.g. an engine's own benchmark under the same conditions.
     argv += [image_ref, *(command or ["python3", f"{MOUNT_SCRIPTS}/bench_cell.py", f"{MOUNT_OUT}/cell.json"])]
     return argv

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -53,16 +54,28 @@ def image_id(ref: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def declared_base(dockerfile: str) -> str | None:
+    """The default of `ARG BASE_IMAGE=...` in a Dockerfile: the image's pinned base."""
+    match = re.search(r"^ARG\s+BASE_IMAGE=(\S+)\s*$", dockerfile, re.MULTILINE)
+    return match.group(1) if match else None
+
+
 def ensure_base(base: str, log) -> str:
     """Return the base image id, building the local base or pulling a named one if missing."""
     if base == LOCAL_BASE:
         if _run(["bash", str(PROJECT_ROOT / "containers" / "base" / "build.sh"), base], log).returncode:
             raise ImageError(f"building the local base image {base} failed; see the image log")
-    elif image_id(base) is None and _run(["docker", "pull", base], log).returncode:
-        raise ImageError(
-            f"base image {base} is not in the local Docker daemon and cannot be pulled; "
-            f"on a machine with registry access run 'docker pull {base}', or 'docker load' a saved copy"
-        )
+    elif image_id(base) is None:
+        log.write(f"$ docker pull {base}\n")
+        pulled = subprocess.run(["docker", "pull", base], capture_output=True, text=True)
+        log.write(pulled.stdout + pulled.stderr)
+        if pulled.returncode:
+            lines = (pulled.stderr or pulled.stdout).strip().splitlines()
+            raise ImageError(
+                f"base image {base} is not in the local Docker daemon and 'docker pull {base}' failed "
+                f"({lines[-1] if lines else f'exit {pulled.returncode}'}); pull it where a registry is "
+                f"reachable and bring it here: docker save {base} | gzip > base.tar.gz, then docker load -i base.tar.gz"
+            )
     found = image_id(base)
     if found is None:
         raise ImageError(f"base image {base} is still missing after building or pulling it")
@@ -95,7 +108,7 @@ def build_image(name: str, spec: dict, manifest_path: Path, log_path: Path) -> d
     build_args = dict(spec.get("build_args") or {})
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        base = spec.get("base")
+        base = spec.get("base") or declared_base((context / "Dockerfile").read_text())
         base_id = ensure_base(base, log) if base else ""
         if base:
             build_args["BASE_IMAGE"] = base

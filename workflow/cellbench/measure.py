@@ -11,7 +11,7 @@ import json
 import math
 import re
 
-from . import metrics
+from . import devices, metrics
 
 # (pattern in the engine log or error, status): a cell asked for what the engine cannot do.
 UNSUPPORTED = [
@@ -122,6 +122,12 @@ def classify(status: str, error: str | None) -> str:
     return status
 
 
+def _device_name(device: str, container: dict) -> str | None:
+    if device == "cpu":
+        return container.get("cpu", {}).get("cpu_model")
+    return devices.gpu_summary(container.get("gpu", {})).get("device_name")
+
+
 def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, error: str | None) -> list[dict]:
     """One row per measured repeat; every point short of its repeats gets one more row with the
     cell's failure status, so a failed or timed-out cell is rows, never a missing file."""
@@ -141,7 +147,7 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
         "image": cell["image"],
         "image_id": context.get("image_id"),
         "device": cell["device"],
-        "device_name": raw.get("provenance", {}).get("cpu", {}).get("cpu_model"),
+        "device_name": _device_name(cell["device"], raw.get("provenance", {})),
         "model": cell["model"],
         "mode": cell["mode"],
         "dtype": cell["dtype"],

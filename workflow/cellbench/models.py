@@ -130,8 +130,9 @@ def share_for_reading(model_dir: Path) -> None:
 def verify(model_dir: Path) -> None:
     """Checksums of a prepared model against its manifest (a corrupted file fails before a run)."""
     manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    files_dir = Path(manifest.get("snapshot_dir") or model_dir)  # hf-cache models stay in the hub cache
     for rel, expected in manifest["files"].items():
-        path = Path(model_dir) / rel
+        path = files_dir / rel
         if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
             raise ModelError(
                 f"model {manifest['name']}: {rel} does not match its manifest checksum (changed since it was "

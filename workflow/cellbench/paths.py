@@ -48,3 +48,11 @@ def summary() -> Path:
 
 def tables_dir() -> Path:
     return RESULTS / "tables"
+
+
+def model_inputs(spec: dict, root: Path) -> dict:
+    """What preparing a model depends on: an hf-cache model only on the hub cache (no image, no
+    converter), so changing the converter never reruns the GPU cells."""
+    if spec["source"] == "hf-cache":
+        return {}
+    return {"image": image_manifest(spec["prepare_image"]), "converter": root / "scripts" / "convert_gguf.py"}

@@ -8,6 +8,8 @@ run redoes the cell instead of trusting half of it.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -17,10 +19,24 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import containers, diagnose, effective, lifecycle, measure, metrics, paths, provenance, roofline, runtimes
+from . import (
+    containers,
+    devices,
+    diagnose,
+    effective,
+    lifecycle,
+    measure,
+    metrics,
+    paths,
+    provenance,
+    roofline,
+    runtimes,
+    slots,
+)
 
 SCRIPTS_DIR = provenance.PROJECT_ROOT / "scripts"
 
@@ -82,6 +98,36 @@ def run_container(argv: list[str], name: str, log_path: Path, timeout_s: float) 
             signal.signal(sig, handler)
 
 
+def model_mount(model_dir: Path) -> tuple[Path, str]:
+    """(host folder mounted read-only at /model, the model's path inside the container). A hub
+    cache model mounts its whole repo folder: snapshot files are symlinks into its blobs/."""
+    manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    if manifest.get("snapshot_dir"):
+        repo = Path(manifest["repo_dir"])
+        return repo, f"{containers.MOUNT_MODEL}/{Path(manifest['snapshot_dir']).relative_to(repo)}"
+    return Path(model_dir), containers.MOUNT_MODEL
+
+
+@contextlib.contextmanager
+def claimed_gpus(cell: dict, environ: dict[str, str], root: str = "/") -> Iterator[list[devices.Gpu]]:
+    """The GPUs this cell may use, held for the with-block (none for a cpu cell)."""
+    if cell["device"] == "cpu":
+        yield []
+        return
+    found = devices.discover(cell["device"], environ, root)
+    if not found:
+        raise devices.DeviceError(f"cell {cell['name']} needs a {cell['device']} GPU; none found on this machine")
+    by_key = {gpu.key: gpu for gpu in found}
+    # Waiting for a free GPU can take long: Ctrl-C or SIGTERM then ends the cell like during a run.
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with slots.acquire(list(by_key), cell["resources"]["gpus"], slots.lock_dir(environ)) as keys:
+            yield [by_key[key] for key in keys]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_cell(
     cell: dict,
     *,
@@ -99,33 +145,37 @@ def run_cell(
     work = cell_dir / f".run-{run_id}"
     work.mkdir(parents=True)
     try:
+        mount_dir, model_path = model_mount(model_dir)
         # The GGUF's file name comes from the prepared model's manifest (llama.cpp loads /model/<gguf>).
         gguf = json.loads((Path(model_dir) / "manifest.json").read_text()).get("gguf")
-        (work / "cell.json").write_text(
-            json.dumps({**cell, "points": measure.points(cell["sweep"]), "model_gguf": gguf}, indent=1)
-        )
+        cell_json = {**cell, "points": measure.points(cell["sweep"]), "model_path": model_path, "model_gguf": gguf}
+        (work / "cell.json").write_text(json.dumps(cell_json, indent=1))
         name = containers.container_name(cell["id"], run_id)
         archive = paths.image_archive(image_manifest["name"])
         image_source = runtimes.ensure_image(runtime, image_manifest["image_id"], archive)
-        argv = containers.docker_run_command(
-            cell,
-            run_id=run_id,
-            image_ref=image_manifest["image_id"],
-            model_dir=str(model_dir),
-            out_dir=str(work),
-            scripts_dir=str(SCRIPTS_DIR),
-            runtime=runtime,
-            labels={lifecycle.LABEL_RUNNER: lifecycle.runner_label()},
-            user=containers.CONTAINER_USER,
-        )
-        # The engine runs as an unprivileged user: it may write only its output directory.
-        work.chmod(0o777)
-        load_before = os.getloadavg()[0]
-        started = time.time()
-        code, timed_out = run_container(argv, name, work / "engine.log", cell["timeout_s"])
-        wall_s = time.time() - started
-        # Like pyperf's metadata: a busy host is recorded, so a reader can discount the figure.
-        host_load_max = max(load_before, os.getloadavg()[0])
+        with claimed_gpus(cell, dict(os.environ)) as gpus:
+            nodes = ["/dev/kfd", *(gpu.render_node for gpu in gpus)] if cell["device"] == "rocm" else []
+            argv = containers.docker_run_command(
+                cell,
+                run_id=run_id,
+                image_ref=image_manifest["image_id"],
+                model_dir=str(mount_dir),
+                out_dir=str(work),
+                scripts_dir=str(SCRIPTS_DIR),
+                gpus=gpus,
+                group_ids=devices.device_gids(nodes),
+                runtime=runtime,
+                labels={lifecycle.LABEL_RUNNER: lifecycle.runner_label()},
+                user=containers.CONTAINER_USER,
+            )
+            # The engine runs as an unprivileged user: it may write only its output directory.
+            work.chmod(0o777)
+            load_before = os.getloadavg()[0]
+            started = time.time()
+            code, timed_out = run_container(argv, name, work / "engine.log", cell["timeout_s"])
+            wall_s = time.time() - started
+            # Like pyperf's metadata: a busy host is recorded, so a reader can discount the figure.
+            host_load_max = max(load_before, os.getloadavg()[0])
 
         raw = _read_raw(work / "raw.json")
         log_text = (work / "engine.log").read_text(errors="replace")
@@ -164,6 +214,8 @@ def run_cell(
                 "scheduler": provenance.scheduler_facts(),
                 "image": image_manifest,
                 "host": provenance.host_facts(),
+                "gpus": [dataclasses.asdict(gpu) for gpu in gpus],
+                "gpu": devices.gpu_summary((raw or {}).get("provenance", {}).get("gpu", {})),
                 "container": raw,
                 **explained["provenance"],
             }
@@ -190,7 +242,8 @@ def explain(cell: dict, raw: dict | None, log_text: str, error: str | None, mode
     used = raw.get("effective")
     found = diagnose.findings(log_text, error)
     manifest = _read_raw(model_dir / "manifest.json") or {}
-    model_config = _read_raw(model_dir / "config.json") or {}
+    # An hf-cache model's files stay in its hub snapshot; the manifest says where.
+    model_config = _read_raw(Path(manifest.get("snapshot_dir") or model_dir) / "config.json") or {}
     weight_bytes = roofline.engine_weight_bytes(
         roofline.stored_weight_bytes(manifest),
         model_config.get("torch_dtype") or model_config.get("dtype"),

@@ -21,6 +21,8 @@ rule run_cell:
         mem_mb=lambda wildcards: JOBS[wildcards.cell_id]["mem_mb"],
         runtime=lambda wildcards: JOBS[wildcards.cell_id]["runtime"],
         gres=lambda wildcards: JOBS[wildcards.cell_id]["gres"],
+        # `--resources gpu=K` bounds the GPUs of cells running at once; cellbench.slots picks which.
+        gpu=lambda wildcards: CELLS[wildcards.cell_id]["resources"]["gpus"],
     params:
         cell=lambda wildcards: json.dumps(CELLS[wildcards.cell_id], sort_keys=True),
         model_dir=lambda wildcards: paths.model_dir(CELLS[wildcards.cell_id]["model"]),

@@ -1,12 +1,14 @@
-# Models, prepared on the host from local packages (never fetched inside a cell).
+# Models, prepared on the host (never fetched inside a cell): pypi-gguf models are converted in
+# an engine image; hf-cache models are resolved in the user's hub cache and hashed.
 
 
 rule prepare_model:
     input:
-        image=lambda wildcards: paths.image_manifest(
-            config["models"][wildcards.model]["prepare_image"]
+        unpack(
+            lambda wildcards: paths.model_inputs(
+                config["models"][wildcards.model], ROOT
+            )
         ),
-        converter=ROOT / "scripts" / "convert_gguf.py",
     output:
         "results/models/{model}/manifest.json",
     log:
@@ -16,6 +18,9 @@ rule prepare_model:
     params:
         spec=lambda wildcards: json.dumps(config["models"][wildcards.model]),
         out_dir=lambda wildcards: paths.model_dir(wildcards.model),
+        image_arg=lambda wildcards, input: (
+            f"--image-manifest {input.image}" if "image" in input.keys() else ""
+        ),
     shell:
         "cellbench prepare-model --name {wildcards.model} --spec {params.spec:q} "
-        "--image-manifest {input.image} --out-dir {params.out_dir} --log {log}"
+        "{params.image_arg} --out-dir {params.out_dir} --log {log}"

@@ -1,0 +1,40 @@
+"""GPU image recipes are pinned, and a base image that cannot be had fails with a clear error."""
+
+import io
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from cellbench import images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name, repo", [("rocm", "vllm/vllm-openai-rocm"), ("cuda", "vllm/vllm-openai")])
+def test_gpu_images_pin_the_official_vllm_image(name, repo):
+    dockerfile = (ROOT / "containers" / name / "Dockerfile").read_text()
+    base = images.declared_base(dockerfile)
+    assert re.fullmatch(re.escape(repo) + r":v\d+\.\d+\.\d+", base), base  # a release tag, never latest
+    # The official images start `vllm serve`; a cell must run bench_cell.py instead.
+    assert re.search(r"^ENTRYPOINT \[\]$", dockerfile, re.MULTILINE)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.MULTILINE)
+
+
+def test_declared_base_of_the_cpu_image_is_the_local_one():
+    assert images.declared_base((ROOT / "containers" / "cpu" / "Dockerfile").read_text()) == images.LOCAL_BASE
+    assert images.declared_base("FROM debian:bookworm\n") is None
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="needs the docker client")
+def test_a_base_image_that_cannot_be_had_names_its_tag():
+    """A real `docker pull` of a tag that cannot exist (fails fast: no such repository, or no registry)."""
+    tag = "cellbench-test/no-such-image:never-0000"
+    log = io.StringIO()
+    with pytest.raises(images.ImageError) as caught:
+        images.ensure_base(tag, log)
+    message = str(caught.value)
+    assert f"base image {tag} is not in the local Docker daemon and 'docker pull {tag}' failed (" in message
+    assert f"docker save {tag}" in message and "docker load" in message
+    assert "\n" not in message
+    assert f"$ docker pull {tag}" in log.getvalue()

@@ -1,0 +1,203 @@
+"""`cellbench doctor`: can this machine run a study, and if not, what is missing.
+
+Two layers: `gather()` collects facts about the machine (Docker, devices, groups, tools, disk,
+hub cache) with a few quick commands, and `checks()` judges them against a study: a pure
+function, tested with made-up facts. Each check is one line: ✅ fine, ⚠️ worth knowing but not
+blocking, ❌ the study cannot run until it is fixed.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import devices, hfcache, images, models
+
+OK, WARN, FAIL = "✅", "⚠️", "❌"
+# Rough unpacked sizes of the engine images by device kind, to judge free disk before a build.
+IMAGE_GB = {"cpu": 6, "rocm": 30, "cuda": 20}
+HOST_TOOLS = {"rocm": ("rocm-smi", "rocminfo"), "cuda": ("nvidia-smi",)}
+
+
+@dataclass(frozen=True)
+class Check:
+    mark: str
+    text: str
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 127, str(exc)
+    return done.returncode, (done.stdout if done.returncode == 0 else done.stderr).strip()
+
+
+def gather(study: dict | None, environ: dict[str, str], root: str = "/") -> dict:
+    """Facts about this machine (and the images and models `study` names)."""
+    facts: dict = {"uid": os.getuid(), "groups": {}, "tools": {}, "images": {}, "models": {}}
+    for gid in os.getgroups():
+        try:
+            facts["groups"][gid] = grp.getgrgid(gid).gr_name
+        except KeyError:
+            facts["groups"][gid] = str(gid)
+    code, out = _run(["docker", "version", "--format", "{{json .}}"])
+    version = json.loads(out) if code == 0 and out.startswith("{") else {}
+    facts["docker_client"] = (version.get("Client") or {}).get("Version") or (shutil.which("docker") and "unknown")
+    facts["docker_server"] = (version.get("Server") or {}).get("Version")
+    facts["docker_error"] = None if facts["docker_server"] else out.splitlines()[-1] if out else "docker not found"
+    facts["runtimes"], facts["default_runtime"], docker_root = [], None, "/var/lib/docker"
+    if facts["docker_server"]:
+        code, out = _run(["docker", "info", "--format", "{{json .}}"])
+        info = json.loads(out) if code == 0 and out.startswith("{") else {}
+        facts["runtimes"] = sorted(info.get("Runtimes") or {})
+        facts["default_runtime"] = info.get("DefaultRuntime")
+        docker_root = info.get("DockerRootDir") or docker_root
+    disk_path = next((p for p in (Path(docker_root), Path("/")) if p.exists()), Path("/"))
+    facts["disk_path"], facts["disk_free_gb"] = str(disk_path), shutil.disk_usage(disk_path).free / 2**30
+    facts["kfd"] = (Path(root) / "dev" / "kfd").exists()
+    facts["render_nodes"] = sorted(str(p) for p in (Path(root) / "dev" / "dri").glob("renderD*"))
+    facts["rocm_gpus"] = [gpu.name or gpu.render_node for gpu in devices.rocm_gpus(root)]
+    facts["cuda_gpus"] = [gpu.name for gpu in devices.cuda_gpus()]
+    for tool in (*HOST_TOOLS["rocm"], *HOST_TOOLS["cuda"]):
+        facts["tools"][tool] = shutil.which(tool)
+    if study:
+        for name, spec in study["images"].items():
+            context = images.PROJECT_ROOT / spec["context"]
+            dockerfile = context / "Dockerfile"
+            base = spec.get("base") or (dockerfile.is_file() and images.declared_base(dockerfile.read_text())) or None
+            present = bool(facts["docker_server"] and base and images.image_id(base))
+            facts["images"][name] = {"base": base, "base_present": present}
+        hub = hfcache.hub_dir(environ)
+        facts["hub_dir"] = str(hub)
+        for name, spec in study["models"].items():
+            if spec["source"] != "hf-cache":
+                continue
+            try:
+                facts["models"][name] = {"commit": hfcache.resolve(hub, spec["repo_id"], spec.get("revision"))[1]}
+            except models.ModelError as exc:
+                facts["models"][name] = {"error": str(exc)}
+    return facts
+
+
+def machine_checks(facts: dict) -> list[Check]:
+    checks = []
+    if facts["docker_server"]:
+        checks.append(Check(OK, f"docker: client {facts['docker_client']}, daemon {facts['docker_server']} answers"))
+        runtimes = ", ".join(facts["runtimes"]) or "none listed"
+        checks.append(Check(OK, f"docker runtime: {facts['default_runtime']} (default); available: {runtimes}"))
+    else:
+        checks.append(Check(FAIL, f"docker: no daemon answers ({facts['docker_error']}); run scripts/setup.sh"))
+    if facts["rocm_gpus"] or facts["cuda_gpus"]:
+        found = [f"AMD {g}" for g in facts["rocm_gpus"]] + [f"NVIDIA {g}" for g in facts["cuda_gpus"]]
+        checks.append(Check(OK, f"GPU: {len(found)} found: {', '.join(found)}"))
+    else:
+        seen = [
+            "/dev/kfd present" if facts["kfd"] else "no /dev/kfd",
+            f"{len(facts['render_nodes'])} /dev/dri render nodes" if facts["render_nodes"] else "no /dev/dri",
+            "nvidia-smi lists no GPU" if facts["tools"].get("nvidia-smi") else "no nvidia-smi",
+        ]
+        checks.append(Check(WARN, f"GPU: none on this machine ({', '.join(seen)}); only cpu studies can run"))
+    if facts["uid"] == 0:
+        checks.append(Check(OK, "groups: running as root (Docker socket and device nodes are open to it)"))
+    else:
+        names = set(facts["groups"].values())
+        missing = [g for g in ("docker", "video", "render") if g not in names]
+        mark = WARN if missing else OK
+        detail = f"not in {', '.join(missing)} (sudo usermod -aG {','.join(missing)} $USER)" if missing else "ok"
+        checks.append(Check(mark, f"groups: {', '.join(sorted(names)) or 'none'}: {detail}"))
+    for kind, label in (("rocm", "ROCm"), ("cuda", "NVIDIA")):
+        tools = HOST_TOOLS[kind]
+        found = [t for t in tools if facts["tools"].get(t)]
+        if found == list(tools):
+            checks.append(Check(OK, f"{label} tools on the host: {', '.join(tools)}"))
+        else:
+            missing = ", ".join(t for t in tools if t not in found)
+            checks.append(Check(WARN, f"{label} tools on the host: {missing} not found (cells use the image's own)"))
+    return checks
+
+
+def study_checks(facts: dict, study: dict, cells: list[dict]) -> list[Check]:
+    """What the study (its config and resolved cells) needs that this machine lacks."""
+    checks = []
+    for kind in sorted({cell["device"] for cell in cells}):
+        need = max(cell["resources"]["gpus"] for cell in cells if cell["device"] == kind)
+        if kind == "cpu":
+            checks.append(Check(OK, "device cpu: runs on any Docker host"))
+            continue
+        have = len(facts[f"{kind}_gpus"])
+        vendor = {"rocm": "AMD (ROCm)", "cuda": "NVIDIA"}[kind]
+        if have >= need:
+            checks.append(Check(OK, f"device {kind}: {have} {vendor} GPU(s), cells need {need}"))
+        else:
+            why = {
+                "rocm": "no /dev/kfd" if not facts["kfd"] else "/dev/kfd present but no GPU in the KFD topology",
+                "cuda": "nvidia-smi lists no GPU" if facts["tools"].get("nvidia-smi") else "no nvidia-smi",
+            }[kind]
+            checks.append(
+                Check(FAIL, f"device {kind}: cells need {need} {vendor} GPU(s), this machine has {have} ({why})")
+            )
+        if kind == "cuda" and "nvidia" not in facts["runtimes"] and have:
+            checks.append(Check(FAIL, "docker runtime: no nvidia runtime; install the NVIDIA Container Toolkit"))
+    missing_gb = 0
+    for image, spec in sorted(study["images"].items()):
+        fact = facts["images"].get(image, {})
+        base = fact.get("base")
+        if base == images.LOCAL_BASE:
+            checks.append(Check(OK, f"image {image}: base {base} is built here (debootstrap, no registry)"))
+            missing_gb += IMAGE_GB[spec["device"]]
+        elif fact.get("base_present"):
+            checks.append(Check(OK, f"image {image}: base {base} is in the local Docker daemon"))
+        else:
+            checks.append(
+                Check(
+                    WARN,
+                    f"image {image}: base {base} is not in the local Docker daemon; "
+                    f"the build will 'docker pull' it (needs a registry) or 'docker load' a saved copy first",
+                )
+            )
+            missing_gb += IMAGE_GB[spec["device"]]
+    if missing_gb > facts["disk_free_gb"]:
+        checks.append(
+            Check(
+                FAIL, f"disk: {facts['disk_free_gb']:.0f} GB free under {facts['disk_path']}, images need ~{missing_gb}"
+            )
+        )
+    else:
+        checks.append(Check(OK, f"disk: {facts['disk_free_gb']:.0f} GB free under {facts['disk_path']}"))
+    for model, spec in sorted(study["models"].items()):
+        if spec["source"] != "hf-cache":
+            checks.append(Check(OK, f"model {model}: {spec['source']} {spec.get('package', '')}".rstrip()))
+            continue
+        fact = facts["models"].get(model, {})
+        if fact.get("commit"):
+            checks.append(Check(OK, f"model {model}: {spec['repo_id']} at {fact['commit'][:12]} in {facts['hub_dir']}"))
+        elif spec.get("allow_download"):
+            checks.append(
+                Check(WARN, f"model {model}: {spec['repo_id']} not cached; will be downloaded (allow_download)")
+            )
+        else:
+            checks.append(
+                Check(
+                    FAIL,
+                    f"model {model}: {spec['repo_id']} not in {facts['hub_dir']}; run "
+                    f"'hf download {spec['repo_id']}' or set allow_download: true",
+                )
+            )
+    return checks
+
+
+def verdict(name: str, checks: list[Check]) -> Check:
+    blockers = [c for c in checks if c.mark == FAIL]
+    if blockers:
+        return Check(FAIL, f"{name} cannot run here: {len(blockers)} problem(s) above")
+    return Check(OK, f"{name} can run here")
+
+
+def report(lines: list[Check]) -> str:
+    return "\n".join(f"{c.mark} {c.text}" for c in lines)
