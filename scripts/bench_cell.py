@@ -328,6 +328,20 @@ class LlamaCppEngine:
         return requests
 
 
+def cli_flags(engine_args: dict) -> list[str]:
+    """Engine args as vLLM command-line flags (booleans as --flag / --no-flag)."""
+    argv = []
+    for name, value in sorted(engine_args.items()):
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + name.replace("_", "-"))
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 class VllmServer:
     """vLLM's OpenAI-compatible server on 127.0.0.1 inside this container (still --network none),
     and a streaming client beside it. Load time = server start until /health answers.
@@ -349,14 +363,7 @@ class VllmServer:
                 "--seed", str(cell["sweep"]["seed"]), "--disable-uvicorn-access-log"]  # fmt: skip
         if cell["quantization"]:
             argv += ["--quantization", cell["quantization"]]
-        for name, value in sorted(cell["engine_args"].items()):
-            flag = "--" + name.replace("_", "-")
-            if value is True:
-                argv.append(flag)
-            elif value is False:
-                argv.append("--no-" + name.replace("_", "-"))
-            elif value is not None:
-                argv += [flag, str(value)]
+        argv += cli_flags(cell["engine_args"])
         print("$ " + " ".join(argv), flush=True)
         self.log: list[str] = []
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -13,8 +13,11 @@ Both sides measure the same thing with the same boundaries:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+
+from .provenance import PROJECT_ROOT
 
 GOALS = {"vllm": 0.03, "llamacpp": 0.05}  # allowed |ratio - 1|
 
@@ -27,6 +30,14 @@ VLLM_THROUGHPUT = (
 _VLLM_LINE = re.compile(r"Throughput: ([0-9.]+) requests/s, ([0-9.]+) total tokens/s, ([0-9.]+) output tokens/s")
 
 
+def _bench_cell():
+    """The in-container script, whose engine-args-to-flags rule the reference must share."""
+    spec = importlib.util.spec_from_file_location("bench_cell", PROJECT_ROOT / "scripts" / "bench_cell.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def vllm_reference_command(cell: dict, point: dict, warmups: int) -> list[str]:
     """vLLM's throughput benchmark with the cell's model, dtype and engine args."""
     argv = ["python3", "-c", VLLM_THROUGHPUT, "--backend", "vllm", "--model", "/model",
@@ -36,15 +47,7 @@ def vllm_reference_command(cell: dict, point: dict, warmups: int) -> list[str]:
             "--dtype", cell["dtype"], "--seed", str(cell["sweep"]["seed"])]  # fmt: skip
     if cell["quantization"]:
         argv += ["--quantization", cell["quantization"]]
-    for name, value in sorted(cell["engine_args"].items()):
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is False:
-            argv.append("--no-" + name.replace("_", "-"))
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
+    return argv + _bench_cell().cli_flags(cell["engine_args"])
 
 
 def parse_vllm_reference(log_text: str) -> dict:

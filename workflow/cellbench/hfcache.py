@@ -9,7 +9,6 @@ a token is read by huggingface_hub from HF_TOKEN in the environment and never wr
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
@@ -18,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .metrics import write_json_atomic
-from .models import ModelError, file_hashes
+from .models import ModelError, file_hashes, replace_dir
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -114,9 +113,7 @@ def prepare(name: str, spec: dict, out_dir: Path, log_path: Path, environ: dict[
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir.parent))
     try:
         write_json_atomic(tmp / "manifest.json", manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest

