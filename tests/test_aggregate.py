@@ -86,3 +86,13 @@ def test_busy_host_is_called_out(rows):
     cells = aggregate.cell_points(rows, "base-h").drop_duplicates(["machine_id", "cell_id"])
     assert report.busy_cells(cells, cores=2) == ["fast"]
     assert report.busy_cells(cells, cores=16) == []
+
+
+def test_aggregation_loads_every_column_the_tables_read(rows):
+    """cli aggregate loads only USED_COLUMNS: serving figures must survive that selection."""
+    for column in ("itl_p50_s", "itl_p99_s", "ttft_p99_s", "tpot_p99_s"):
+        rows[column] = 0.01
+    rows["settings_json"] = "{}"
+    selected = rows[[c for c in aggregate.USED_COLUMNS if c in rows]]
+    points = aggregate.cell_points(selected, "base-h")
+    assert report.serving_markdown(points)[1].startswith("## Serving latency")
