@@ -62,7 +62,8 @@ def test_prepare_records_commit_and_hashes_and_cells_mount_the_repo(tmp_path, mo
     assert json.loads(written) == manifest
     assert "hf_secret_value" not in written + (tmp_path / "log").read_text()
     models.verify(out)
-    assert runner.model_mount(out) == (repo.resolve(), f"/model/snapshots/{COMMIT}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert runner.model_mount(out, manifest) == (repo.resolve(), f"/model/snapshots/{COMMIT}")
     # A changed file in the cache is caught before a cell runs on it.
     blob = (repo / "snapshots" / COMMIT / "model.safetensors").resolve()
     blob.write_bytes(b"NEW weights")

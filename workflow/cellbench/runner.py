@@ -98,10 +98,9 @@ def run_container(argv: list[str], name: str, log_path: Path, timeout_s: float) 
             signal.signal(sig, handler)
 
 
-def model_mount(model_dir: Path) -> tuple[Path, str]:
+def model_mount(model_dir: Path, manifest: dict) -> tuple[Path, str]:
     """(host folder mounted read-only at /model, the model's path inside the container). A hub
     cache model mounts its whole repo folder: snapshot files are symlinks into its blobs/."""
-    manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
     if manifest.get("snapshot_dir"):
         repo = Path(manifest["repo_dir"])
         return repo, f"{containers.MOUNT_MODEL}/{Path(manifest['snapshot_dir']).relative_to(repo)}"
@@ -145,9 +144,10 @@ def run_cell(
     work = cell_dir / f".run-{run_id}"
     work.mkdir(parents=True)
     try:
-        mount_dir, model_path = model_mount(model_dir)
+        model_manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+        mount_dir, model_path = model_mount(model_dir, model_manifest)
         # The GGUF's file name comes from the prepared model's manifest (llama.cpp loads /model/<gguf>).
-        gguf = json.loads((Path(model_dir) / "manifest.json").read_text()).get("gguf")
+        gguf = model_manifest.get("gguf")
         cell_json = {**cell, "points": measure.points(cell["sweep"]), "model_path": model_path, "model_gguf": gguf}
         (work / "cell.json").write_text(json.dumps(cell_json, indent=1))
         name = containers.container_name(cell["id"], run_id)
@@ -197,7 +197,7 @@ def run_cell(
             "host_load_max": host_load_max,
         }
         rows = measure.rows_for_cell(cell, raw, context, status=status, error=error)
-        explained = explain(cell, raw, log_text, error, model_dir)
+        explained = explain(cell, raw, log_text, error, model_dir, model_manifest)
         table = metrics.to_table([{**row, **explained["columns"]} for row in rows])
         record = provenance.scrub(
             {
@@ -236,12 +236,11 @@ def run_cell(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def explain(cell: dict, raw: dict | None, log_text: str, error: str | None, model_dir: Path) -> dict:
+def explain(cell: dict, raw: dict | None, log_text: str, error: str | None, model_dir: Path, manifest: dict) -> dict:
     """What the engine changed, what its log says, and the weight bytes it reads per decode step."""
     raw = raw or {}
     used = raw.get("effective")
     found = diagnose.findings(log_text, error)
-    manifest = _read_raw(model_dir / "manifest.json") or {}
     # An hf-cache model's files stay in its hub snapshot; the manifest says where.
     model_config = _read_raw(Path(manifest.get("snapshot_dir") or model_dir) / "config.json") or {}
     weight_bytes = roofline.engine_weight_bytes(
