@@ -15,10 +15,12 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
+
+if TYPE_CHECKING:
+    import jsonschema
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -80,6 +82,8 @@ def _key_path(error: jsonschema.ValidationError) -> str:
 
 def validate(config: dict) -> None:
     """Validate against the schema; raise ConfigError naming the first offending key."""
+    import jsonschema  # only where a config is validated, not in every cell's run
+
     validator = jsonschema.Draft202012Validator(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
     if not errors:

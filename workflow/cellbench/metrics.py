@@ -14,10 +14,13 @@ import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # pandas costs a third of a second to import; cells never need it
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 METHOD_VERSION = 1

@@ -7,6 +7,7 @@ pinned transformers of an engine image, in a container with --network none.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,11 @@ from pathlib import Path
 from .images import cache_dir
 from .metrics import write_json_atomic
 from .provenance import PROJECT_ROOT
+
+# Written after a full checksum pass: the stat of every file then. Any write through the
+# filesystem moves a file's ctime (which no user tool can set back), so an unchanged stat means
+# unchanged bytes, and the next cell skips re-reading gigabytes of weights.
+VERIFIED_STAMP = ".verified.json"
 
 
 class ModelError(RuntimeError):
@@ -65,7 +71,7 @@ def file_hashes(directory: Path) -> dict[str, dict]:
     return {
         str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file() and p.name not in ("manifest.json", VERIFIED_STAMP)
     }
 
 
@@ -132,14 +138,36 @@ def share_for_reading(model_dir: Path) -> None:
             path.chmod(wanted)
 
 
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 def verify(model_dir: Path) -> None:
-    """Checksums of a prepared model against its manifest (a corrupted file fails before a run)."""
-    manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    """Checksums of a prepared model against its manifest (a corrupted file fails before a run).
+    The full pass runs once per change of the files; after it, a stat comparison suffices."""
+    model_dir = Path(model_dir)
+    manifest_text = (model_dir / "manifest.json").read_text()
+    manifest = json.loads(manifest_text)
     files_dir = Path(manifest.get("snapshot_dir") or model_dir)  # hf-cache models stay in the hub cache
+    paths = {rel: files_dir / rel for rel in manifest["files"]}
+    stamp_path = model_dir / VERIFIED_STAMP
+    manifest_sha = hashlib.sha256(manifest_text.encode()).hexdigest()
+    try:
+        stamp = json.loads(stamp_path.read_text())
+        if stamp["manifest_sha256"] == manifest_sha and stamp["stat"] == {
+            rel: _stat_key(path) for rel, path in paths.items()
+        }:
+            return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no stamp, or a stale or unreadable one: check every byte
     for rel, expected in manifest["files"].items():
-        path = files_dir / rel
+        path = paths[rel]
         if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
             raise ModelError(
                 f"model {manifest['name']}: {rel} does not match its manifest checksum (changed since it was "
                 f"prepared); restore it, or delete {model_dir} and rerun to prepare the model again"
             )
+    stamp = {"manifest_sha256": manifest_sha, "stat": {rel: _stat_key(path) for rel, path in paths.items()}}
+    with contextlib.suppress(OSError):  # a read-only results folder only costs the next cell a full pass
+        write_json_atomic(stamp_path, stamp)

@@ -1,0 +1,76 @@
+"""Model checksum before each cell: one full pass, then a stat stamp; any change is still caught."""
+
+import json
+import os
+
+import pytest
+
+from cellbench import models
+
+
+@pytest.fixture
+def model(tmp_path):
+    """A prepared model folder: two weight files and their manifest."""
+    out = tmp_path / "models" / "tiny"
+    out.mkdir(parents=True)
+    (out / "model.gguf").write_bytes(b"weights " * 1000)
+    (out / "config.json").write_text('{"dtype": "bfloat16"}')
+    manifest = {"name": "tiny", "files": models.file_hashes(out)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """Names of the files sha256_file read."""
+    seen = []
+    real = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda path: seen.append(path.name) or real(path))
+    return seen
+
+
+def test_second_verify_trusts_the_stamp(model, hashed):
+    models.verify(model)
+    assert sorted(hashed) == ["config.json", "model.gguf"]
+    assert (model / models.VERIFIED_STAMP).is_file()
+    hashed.clear()
+    models.verify(model)
+    assert hashed == []
+    # The stamp is no file of the model: preparing again would not checksum it.
+    assert models.VERIFIED_STAMP not in models.file_hashes(model)
+
+
+def test_same_size_change_with_restored_mtime_is_caught(model, hashed):
+    models.verify(model)
+    weights = model / "model.gguf"
+    before = weights.stat()
+    weights.write_bytes(b"WEIGHTS " * 1000)  # same size
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime put back; ctime cannot be
+    with pytest.raises(models.ModelError, match="model.gguf does not match its manifest checksum"):
+        models.verify(model)
+
+
+def test_a_new_manifest_makes_a_full_pass(model, hashed):
+    models.verify(model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["files"]["config.json"]["sha256"] = "0" * 64
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    hashed.clear()
+    with pytest.raises(models.ModelError, match="config.json does not match"):
+        models.verify(model)
+    assert "config.json" in hashed
+
+
+@pytest.mark.parametrize("stamp", ["not json", "[]", '{"manifest_sha256": 1}'])
+def test_a_broken_stamp_means_a_full_pass(model, hashed, stamp):
+    (model / models.VERIFIED_STAMP).write_text(stamp)
+    models.verify(model)
+    assert sorted(hashed) == ["config.json", "model.gguf"]
+    assert json.loads((model / models.VERIFIED_STAMP).read_text())["manifest_sha256"]
+
+
+def test_a_missing_file_is_caught_even_with_a_stamp(model):
+    models.verify(model)
+    (model / "config.json").unlink()
+    with pytest.raises(models.ModelError, match="config.json does not match"):
+        models.verify(model)
