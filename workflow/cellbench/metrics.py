@@ -8,6 +8,7 @@ so rows of different methods are never compared as if they were alike.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:  # pandas costs a third of a second to import; cells never need it
@@ -110,8 +112,24 @@ def to_table(rows: Iterable[dict]) -> pa.Table:
             raise SchemaError(f"row {index}: missing required column(s) {missing}")
         if row["status"] not in STATUSES:
             raise SchemaError(f"row {index}: status {row['status']!r} not in {STATUSES}")
-    columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
-    return pa.Table.from_pydict(columns, schema=SCHEMA)
+    # Parsed as JSON lines by Arrow, not converted with pa.array: converting Python objects makes
+    # pyarrow import pandas, a third of a second that every cell's run would pay for a few rows.
+    lines = "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode()
+    if not lines:
+        return SCHEMA.empty_table()
+    table = pa_json.read_json(
+        io.BytesIO(lines),
+        read_options=pa_json.ReadOptions(block_size=len(lines)),  # a row must not straddle blocks
+        parse_options=pa_json.ParseOptions(explicit_schema=SCHEMA),
+    )
+    return table.cast(SCHEMA)
+
+
+def _plain(value):
+    """numpy scalars (from statistics over arrays) as the Python number they hold."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not a metrics value")
 
 
 def atomic_path(path: Path) -> tuple[int, str]:
