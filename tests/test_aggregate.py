@@ -1,6 +1,7 @@
 import json
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from cellbench import aggregate, report
 
@@ -88,11 +89,11 @@ def test_busy_host_is_called_out(rows):
     assert report.busy_cells(cells, cores=16) == []
 
 
-def test_aggregation_loads_every_column_the_tables_read(rows):
-    """cli aggregate loads only USED_COLUMNS: serving figures must survive that selection."""
+def test_arrow_rows_as_the_cli_reads_them_give_the_same_points(rows):
+    """cli aggregate hands cell_points the Arrow table it read; tests hand it pandas rows."""
     for column in ("itl_p50_s", "itl_p99_s", "ttft_p99_s", "tpot_p99_s"):
         rows[column] = 0.01
     rows["settings_json"] = "{}"
-    selected = rows[[c for c in aggregate.USED_COLUMNS if c in rows]]
-    points = aggregate.cell_points(selected, "base-h")
-    assert report.serving_markdown(points)[1].startswith("## Serving latency")
+    from_arrow = aggregate.cell_points(pa.Table.from_pandas(rows, preserve_index=False), "base-h")
+    pd.testing.assert_frame_equal(from_arrow, aggregate.cell_points(rows, "base-h"))
+    assert report.serving_markdown(from_arrow)[1].startswith("## Serving latency")

@@ -1,6 +1,5 @@
 import json
 
-import pandas as pd
 from cellbench import effective
 
 
@@ -82,12 +81,10 @@ def test_engine_set_env_lists_what_changed_while_starting():
 
 def test_same_as_rows_works_per_machine():
     default, off = cell("awq"), cell("awq-triton_off", env={"VLLM_USE_TRITON_AWQ": "0"})
-    rows = pd.DataFrame(
-        [
-            {"machine_id": m, "cell_id": c["id"], "settings_json": json.dumps(c), "effective_json": json.dumps(e)}
-            for m in ("amd-1", "amd-2")
-            for c, e in ((default, rocm_effective()), (off, rocm_effective()))
-        ]
-    )
+    rows = [
+        {"machine_id": m, "cell_id": c["id"], "settings_json": json.dumps(c), "effective_json": json.dumps(e)}
+        for m in ("amd-1", "amd-2")
+        for c, e in ((default, rocm_effective()), (off, rocm_effective()))
+    ]
     marks = effective.same_as_rows(rows)
     assert set(marks) == {("amd-1", "awq-triton_off-h"), ("amd-2", "awq-triton_off-h")}

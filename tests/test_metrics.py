@@ -38,15 +38,65 @@ def test_schema_refuses_bad_rows():
         metrics.to_table([_row(status="meh")])
 
 
-def test_other_schema_version_is_refused(tmp_path):
-    import pyarrow as pa
+@pytest.fixture
+def good_and_old(tmp_path):
+    good, old = tmp_path / "good.parquet", tmp_path / "old.parquet"
+    metrics.write_parquet(good, metrics.to_table([_row()]))
+    table = metrics.to_table([_row(schema_version=0)]).replace_schema_metadata({"cellbench.schema_version": "0"})
+    pq.write_table(table, old)
+    return good, old
 
-    path = tmp_path / "old.parquet"
-    table = metrics.to_table([_row()])
-    pq.write_table(table.replace_schema_metadata({"cellbench.schema_version": "0"}), path)
-    with pytest.raises(metrics.SchemaError, match="schema_version 0"):
-        metrics.read_metrics([path])
-    assert isinstance(table, pa.Table)
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        metrics.read_metrics,
+        lambda paths: metrics._read_each([str(p) for p in paths]),
+        lambda paths: metrics.combine_metrics(paths, paths[0].parent / "summary.parquet"),
+    ],
+    ids=["read", "file-by-file", "combine"],
+)
+def test_rows_of_another_schema_version_are_refused_naming_the_file(good_and_old, read):
+    good, old = good_and_old
+    with pytest.raises(metrics.SchemaError, match=f"{old}: schema_version 0, this cellbench reads 1"):
+        read([good, old])
+
+
+def test_combine_streams_every_row_into_one_file_and_a_refusal_keeps_the_old_one(tmp_path, good_and_old):
+    good, old = good_and_old
+    other = tmp_path / "other.parquet"
+    metrics.write_parquet(other, metrics.to_table([_row(cell_id="d-0123456789", output_tok_s=20.0)]))
+    summary = tmp_path / "summary.parquet"
+    metrics.combine_metrics([good, other], summary)
+    assert pq.ParquetFile(summary).metadata.metadata[b"cellbench.schema_version"] == b"1"
+    frame = metrics.read_metrics([summary])
+    assert list(frame.columns) == list(metrics.COLUMNS) and frame["output_tok_s"].tolist() == [12.5, 20.0]
+    before = summary.read_bytes()
+    with pytest.raises(metrics.SchemaError):
+        metrics.combine_metrics([good, old], summary)
+    assert summary.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_a_file_from_before_a_column_was_added_reads_it_as_nulls(tmp_path):
+    path = tmp_path / "older.parquet"
+    pq.write_table(metrics.to_table([_row()]).drop_columns(["itl_p99_s", "host_load_max"]), path)
+    frame = metrics.read_metrics([path])
+    assert list(frame.columns) == list(metrics.COLUMNS)
+    assert frame["itl_p99_s"].isna().all() and frame["output_tok_s"].tolist() == [12.5]
+
+
+def test_a_file_that_is_not_metrics_is_named(tmp_path):
+    good, junk = tmp_path / "good.parquet", tmp_path / "junk.parquet"
+    metrics.write_parquet(good, metrics.to_table([_row()]))
+    junk.write_text("not parquet")
+    with pytest.raises(metrics.SchemaError, match=f"{junk}: not a cellbench metrics file"):
+        metrics.read_metrics([good, junk])
+
+
+def test_no_files_is_an_empty_table_in_the_schema(tmp_path):
+    assert list(metrics.read_metrics([]).columns) == list(metrics.COLUMNS)
+    metrics.combine_metrics([], tmp_path / "summary.parquet")
+    assert pq.read_schema(tmp_path / "summary.parquet") == metrics.SCHEMA
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):

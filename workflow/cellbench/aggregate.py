@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import polars as pl
+import pyarrow as pa
 
 from . import effective, metrics
 
@@ -19,89 +21,88 @@ CELL_COLUMNS = [
 ]  # fmt: skip
 # Serving figures averaged over repeats where the rows have them (serve-mode cells).
 SERVE_MEANS = ["ttft_p99_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s"]
-# The Parquet columns cell_points reads: aggregation loads only these (10,000 cells fit in memory).
-USED_COLUMNS = list(
-    dict.fromkeys(
-        [
-            *KEY,
-            "repeat",
-            "output_tok_s",
-            "latency_p50_s",
-            "latency_p90_s",
-            "latency_p99_s",
-            "ttft_p50_s",
-            "tpot_p50_s",
-            "settings_json",
-            *SERVE_MEANS,
-            *CELL_COLUMNS,
-        ]
-    )  # fmt: skip
-)
 _SEVERITY = ("ok", "failed", "unsupported", "timeout")  # worst last
 CV_FLAG = 0.05  # a point whose repeats spread more than this is flagged, not trusted silently
 
 
-def cell_points(rows: pd.DataFrame, baseline_id: str) -> pd.DataFrame:
+def cell_points(rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame, baseline_id: str) -> pd.DataFrame:
     """Mean, min, max and coefficient of variation of output tok/s over repeats, per point,
-    with the ratio to the baseline cell measured on the same machine at the same point."""
-    if rows.empty:
-        return pd.DataFrame()
-    # Columns a row does not carry (added at the end of the schema later) read as null.
-    rows = rows.reindex(columns=list(dict.fromkeys([*metrics.COLUMNS, *rows.columns])))
-    first = rows.sort_values("repeat", na_position="last").groupby(KEY, sort=False).first()
-    ok = rows[rows["status"] == "ok"]
-    grouped = ok.groupby(KEY)["output_tok_s"]
-    stats = pd.DataFrame(
-        {
-            "repeats": grouped.count(),
-            "output_tok_s": grouped.mean(),
-            "output_tok_s_min": grouped.min(),
-            "output_tok_s_max": grouped.max(),
-            # Population CV over the repeats (0 with a single repeat).
-            "output_tok_s_cv": grouped.std(ddof=0) / grouped.mean(),
-            "latency_p50_s": ok.groupby(KEY)["latency_p50_s"].mean(),
-            "latency_p90_s": ok.groupby(KEY)["latency_p90_s"].mean(),
-            "latency_p99_s": ok.groupby(KEY)["latency_p99_s"].mean(),
-            "ttft_p50_s": ok.groupby(KEY)["ttft_p50_s"].mean(),
-            "tpot_p50_s": ok.groupby(KEY)["tpot_p50_s"].mean(),
-        }
+    with the ratio to the baseline cell measured on the same machine at the same point.
+    Computed lazily with polars, which reads only the columns used; returned as pandas."""
+    frame = _lazy(rows)
+    # In the schema's types; columns a row does not carry (added to the schema later) read as null.
+    schema, names = pl.from_arrow(metrics.SCHEMA.empty_table()).schema, frame.collect_schema().names()
+    frame = frame.with_columns(
+        pl.col(c).cast(schema[c]) if c in names else pl.lit(None, schema[c]).alias(c) for c in metrics.COLUMNS
     )
-    stats = stats.join(latency_spread(ok))
-    table = first[CELL_COLUMNS].join(stats, how="left")
+    # Per-point columns: the first non-null value, repeats in order (a failed repeat's error shows).
+    first = (
+        frame.sort("repeat", nulls_last=True, maintain_order=True)
+        .group_by(KEY, maintain_order=True)
+        .agg(pl.col(CELL_COLUMNS).drop_nulls().first())
+    )
+    rank = pl.col("status").replace_strict(_SEVERITY, range(len(_SEVERITY)), default=None)
     # A point is ok only if every row of it is ok (a later failed repeat spoils the point).
-    table["status"] = worst_status(rows)
-    table["repeats"] = table["repeats"].fillna(0).astype(int)
-    table["cv_flag"] = table["output_tok_s_cv"] > CV_FLAG
-    table["latency_cv_flag"] = table["latency_p50_s_cv"] > CV_FLAG
-    table = table.reset_index()
-    base = table[table["cell_id"] == baseline_id].set_index(["machine_id", *POINT])["output_tok_s"]
-    joined = table.join(base.rename("baseline_tok_s"), on=["machine_id", *POINT])
-    joined["vs_baseline"] = joined["output_tok_s"] / joined["baseline_tok_s"]
-    joined["engine_ran"] = joined["effective_json"].map(describe_effective)
-    marks = effective.same_as_rows(rows, baseline_id)
-    joined["same_as"] = [marks.get(key) for key in zip(joined["machine_id"], joined["cell_id"], strict=True)]
-    return joined.drop(columns=["baseline_tok_s"]).sort_values(["machine_id", *POINT, "cell_name"])
-
-
-def worst_status(rows: pd.DataFrame) -> pd.Series:
-    """Per point, the worst status of its rows (vectorised: 10,000 cells x 20 points in well under a second)."""
-    rank = rows["status"].map({status: i for i, status in enumerate(_SEVERITY)})
-    return rank.groupby([rows[k] for k in KEY]).max().map(dict(enumerate(_SEVERITY)))
-
-
-def latency_spread(ok: pd.DataFrame) -> pd.DataFrame:
-    """Spread of the median request latency over a point's repeats (min, max, population CV)
-    and the mean of the serving percentiles present in the rows."""
-    grouped = ok.groupby(KEY)["latency_p50_s"]
-    spread = pd.DataFrame(
-        {
-            "latency_p50_s_min": grouped.min(),
-            "latency_p50_s_max": grouped.max(),
-            "latency_p50_s_cv": grouped.std(ddof=0) / grouped.mean(),
-        }
+    worst = frame.group_by(KEY).agg(rank.max().alias("_rank"))
+    tok, p50 = pl.col("output_tok_s"), pl.col("latency_p50_s")
+    means = ("latency_p50_s", "latency_p90_s", "latency_p99_s", "ttft_p50_s", "tpot_p50_s")
+    stats = (
+        frame.filter(pl.col("status") == "ok")
+        .group_by(KEY)
+        .agg(
+            tok.count().alias("repeats"),
+            tok.mean().alias("output_tok_s"),
+            tok.min().alias("output_tok_s_min"),
+            tok.max().alias("output_tok_s_max"),
+            (tok.std(ddof=0) / tok.mean()).alias("output_tok_s_cv"),  # population CV, 0 for one repeat
+            *(pl.col(c).mean() for c in means),
+            p50.min().alias("latency_p50_s_min"),
+            p50.max().alias("latency_p50_s_max"),
+            (p50.std(ddof=0) / p50.mean()).alias("latency_p50_s_cv"),
+            *(pl.col(c).mean() for c in SERVE_MEANS),
+        )
     )
-    present = [column for column in SERVE_MEANS if column in ok]
-    return spread.join(ok.groupby(KEY)[present].mean()) if present else spread
+    table = (
+        first.join(stats, on=KEY, how="left", nulls_equal=True)
+        .join(worst, on=KEY, how="left", nulls_equal=True)
+        .with_columns(
+            pl.col("_rank").replace_strict(range(len(_SEVERITY)), _SEVERITY, default=None).alias("status"),
+            pl.col("repeats").fill_null(0).cast(pl.Int64),
+            (pl.col("output_tok_s_cv") > CV_FLAG).fill_null(False).alias("cv_flag"),
+            (pl.col("latency_p50_s_cv") > CV_FLAG).fill_null(False).alias("latency_cv_flag"),
+        )
+        .drop("_rank")
+    )
+    base = table.filter(pl.col("cell_id") == baseline_id).select("machine_id", *POINT, baseline_tok_s="output_tok_s")
+    table = (
+        table.join(base, on=["machine_id", *POINT], how="left", nulls_equal=True)
+        .with_columns(vs_baseline=pl.col("output_tok_s") / pl.col("baseline_tok_s"))
+        .drop("baseline_tok_s")
+        .sort(["machine_id", *POINT, "cell_name"], maintain_order=True)
+    )
+    cells = (
+        frame.filter(pl.col("settings_json").is_not_null())
+        .unique(["machine_id", "cell_id"], keep="first", maintain_order=True)
+        .select("machine_id", "cell_id", "settings_json", "effective_json")
+    )
+    table, cells = pl.collect_all([table, cells])
+    if table.is_empty():
+        return pd.DataFrame()
+    # Described once per distinct record: a cell repeats its record at every point.
+    described = {value: describe_effective(value) for value in table["effective_json"].drop_nulls().unique()}
+    marks = effective.same_as_rows(cells.iter_rows(named=True), baseline_id)
+    points = table.to_pandas()
+    points["engine_ran"] = points["effective_json"].map(described).fillna(describe_effective(None))
+    points["same_as"] = [marks.get(key) for key in zip(points["machine_id"], points["cell_id"], strict=True)]
+    return points
+
+
+def _lazy(rows) -> pl.LazyFrame:
+    if isinstance(rows, pl.LazyFrame):
+        return rows
+    if isinstance(rows, pd.DataFrame):
+        return pl.from_pandas(rows).lazy()
+    return (rows.rechunk() if isinstance(rows, pl.DataFrame) else pl.from_arrow(rows)).lazy()
 
 
 def describe_effective(effective_json: str | None) -> str:

@@ -73,11 +73,8 @@ def cmd_run_cell(args) -> int:
 def cmd_aggregate(args) -> int:
     from . import aggregate, machines, report
 
-    table = metrics.read_metrics_table(args.metrics)  # already in the schema: no row-by-row rebuild
-    metrics.write_parquet(args.summary, table)
-    rows = table.select(aggregate.USED_COLUMNS).to_pandas()
-    del table
-    points = aggregate.cell_points(rows, args.baseline_id)
+    metrics.combine_metrics(args.metrics, args.summary)
+    points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id)
     written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables))
     written += machines.write_tables(points, args.machine_id, Path(args.tables))
     print("cellbench: tables: " + ", ".join(str(p) for p in written))
@@ -88,8 +85,7 @@ def cmd_explain(args) -> int:
     """summary.parquet -> diagnostics.md, verdicts.md, plots and the HTML report."""
     from . import aggregate, expectations, explain, plots, report_html  # matplotlib only where plots are drawn
 
-    rows = metrics.read_metrics([args.summary])
-    points = aggregate.cell_points(rows, args.baseline_id)
+    points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id)
     points = explain.with_roofline(points, json.loads(args.bandwidth)) if not points.empty else points
     cells = explain.cells(points)
     verdicts = expectations.verdicts(points, json.loads(args.expectations))

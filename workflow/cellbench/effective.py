@@ -12,6 +12,7 @@ engine_args (the requested names, looked up in the engine's config) and env (aft
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from .config import canonical_json
@@ -161,17 +162,17 @@ def engine_set_env(env_at_start: dict, env_after: dict) -> dict[str, dict]:
     }
 
 
-def same_as_rows(rows, baseline_id: str | None = None) -> dict[tuple[str, str], str]:
-    """same_as() for Parquet rows of any number of machines: {(machine_id, cell_id): mark}."""
-    marks = {}
-    cells = rows[rows["settings_json"].map(lambda v: isinstance(v, str))].drop_duplicates(["machine_id", "cell_id"])
-    for machine, group in cells.groupby("machine_id"):
-        pairs = [
-            (
-                json.loads(r["settings_json"]),
-                json.loads(r["effective_json"]) if isinstance(r["effective_json"], str) else None,
-            )
-            for _, r in group.iterrows()
-        ]
-        marks.update({(machine, cell_id): mark for cell_id, mark in same_as(pairs, baseline_id).items()})
-    return marks
+def same_as_rows(rows: Iterable[dict], baseline_id: str | None = None) -> dict[tuple[str, str], str]:
+    """same_as() for Parquet rows of any number of machines: {(machine_id, cell_id): mark}.
+    The first row with settings of each (machine, cell) speaks for the cell."""
+    by_machine: dict[str, dict[str, tuple[dict, dict | None]]] = {}
+    for row in rows:
+        settings, used = row["settings_json"], row["effective_json"]
+        cells = by_machine.setdefault(row["machine_id"], {})
+        if isinstance(settings, str) and row["cell_id"] not in cells:
+            cells[row["cell_id"]] = (json.loads(settings), json.loads(used) if isinstance(used, str) else None)
+    return {
+        (machine, cell_id): mark
+        for machine, cells in sorted(by_machine.items())
+        for cell_id, mark in same_as(list(cells.values()), baseline_id).items()
+    }

@@ -55,46 +55,40 @@ def compare(points: pd.DataFrame, local: str) -> pd.DataFrame:
     ratio of output tok/s to the reference machine, or the reason it is not compared."""
     if points.empty:
         return pd.DataFrame(columns=COMPARED)
-    order = machine_order(points["machine_id"], local)
-    rank = {machine: index for index, machine in enumerate(order)}
-    rows = []
-    for _, group in points.groupby(MATCH, sort=True):
-        if group["machine_id"].nunique() < 2:
-            continue
-        group = group.assign(_rank=group["machine_id"].map(rank)).sort_values("_rank")
-        ref = group.iloc[0]
-        for _, row in group.iterrows():
-            ratio, note = _versus(row, ref)
-            rows.append(
-                {
-                    **{key: row[key] for key in MATCH},
-                    "cell_name": row["cell_name"],
-                    "machine_id": row["machine_id"],
-                    "reference_machine": ref["machine_id"],
-                    "device_name": row["device_name"],
-                    "status": row["status"],
-                    "output_tok_s": row["output_tok_s"],
-                    "vs_reference": ratio,
-                    "compared": ratio is not None,
-                    "note": note,
-                    "schema_version": row["schema_version"],
-                    "method_version": row["method_version"],
-                }
-            )
-    return pd.DataFrame(rows, columns=COMPARED)
+    rank = {machine: index for index, machine in enumerate(machine_order(points["machine_id"], local))}
+    shared = points[points.groupby(MATCH)["machine_id"].transform("nunique") >= 2]
+    if shared.empty:
+        return pd.DataFrame(columns=COMPARED)
+    shared = shared.assign(_rank=shared["machine_id"].map(rank)).sort_values([*MATCH, "_rank"])
+    # The reference of a (cell, point) is its best-ranked machine: the first row after the sort.
+    ref = shared.groupby(MATCH, sort=False)[["machine_id", "status", "output_tok_s", *VERSIONS]].transform("first")
+    ratio, note = _versus(shared, ref)
+    out = shared.assign(reference_machine=ref["machine_id"], vs_reference=ratio, compared=ratio.notna(), note=note)
+    return out[COMPARED].reset_index(drop=True)
 
 
-def _versus(row, ref) -> tuple[float | None, str]:
-    for version in VERSIONS:
-        if row[version] != ref[version]:
-            return None, f"not compared: {version} {row[version]} vs {ref[version]} on {ref['machine_id']}"
-    if row["status"] != "ok" or pd.isna(row["output_tok_s"]):
-        return None, f"not compared: {row['status']} on {row['machine_id']}"
-    if ref["status"] != "ok" or pd.isna(ref["output_tok_s"]) or not ref["output_tok_s"]:
-        return None, f"not compared: {ref['status']} on reference {ref['machine_id']}"
-    if row["machine_id"] == ref["machine_id"]:
-        return 1.0, "reference"
-    return row["output_tok_s"] / ref["output_tok_s"], ""
+def _versus(rows: pd.DataFrame, ref: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per row, its ratio to its reference row and a note; the first reason not to compare wins."""
+    reasons = [
+        (rows[version] != ref[version], f"not compared: {version} " + rows[version].astype(str) + " vs "
+         + ref[version].astype(str) + " on " + ref["machine_id"].astype(str))
+        for version in VERSIONS
+    ]  # fmt: skip
+    reasons += [
+        ((rows["status"] != "ok") | rows["output_tok_s"].isna(),
+         "not compared: " + rows["status"].astype(str) + " on " + rows["machine_id"].astype(str)),
+        ((ref["status"] != "ok") | ref["output_tok_s"].isna() | (ref["output_tok_s"] == 0),
+         "not compared: " + ref["status"].astype(str) + " on reference " + ref["machine_id"].astype(str)),
+    ]  # fmt: skip
+    note = pd.Series("", index=rows.index, dtype=object)
+    refused = pd.Series(False, index=rows.index)
+    for applies, text in reasons:
+        note[applies & ~refused] = text[applies & ~refused]
+        refused |= applies
+    is_reference = ~refused & (rows["machine_id"] == ref["machine_id"])
+    note[is_reference] = "reference"
+    ratio = (rows["output_tok_s"] / ref["output_tok_s"]).astype(float).mask(refused).mask(is_reference, 1.0)
+    return ratio, note
 
 
 def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) -> str:
@@ -135,8 +129,10 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
             if index:
                 headers.append(f"{machine} ×")
         headers.append("notes")
+        matching = compared[MATCH].drop_duplicates().sort_values(MATCH)
+        shown, cut = report.listed(matching, "matching cell points", "`machines.csv`")
         rows = []
-        for _, group in compared.groupby(MATCH, sort=True):
+        for _, group in compared.merge(shown, on=MATCH).groupby(MATCH, sort=True):
             by_machine = group.set_index("machine_id")
             first = group.iloc[0]
             row = [first["cell_name"], report._point(first)]
@@ -154,7 +150,7 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
                 if entry["note"].startswith("not compared"):
                     notes.append(entry["note"].removeprefix("not compared: "))
             rows.append([*row, "; ".join(dict.fromkeys(notes))])
-        out.append(report.markdown_table(headers, rows))
+        out += [report.markdown_table(headers, rows), *cut]
     single = points.groupby(MATCH)["machine_id"].nunique()
     only_one = int((single < 2).sum())
     out += [
@@ -170,5 +166,5 @@ def write_tables(points: pd.DataFrame, local: str, tables_dir: Path) -> list[Pat
     compared = compare(points, local)
     md, csv = tables_dir / "machines.md", tables_dir / "machines.csv"
     write_text_atomic(md, machines_markdown(points, compared, local))
-    write_text_atomic(csv, compared.to_csv(index=False))
+    write_text_atomic(csv, report.csv_text(compared))
     return [md, csv]

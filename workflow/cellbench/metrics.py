@@ -13,7 +13,6 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,8 +20,9 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:  # pandas costs a third of a second to import; cells never need it
+if TYPE_CHECKING:  # pandas and polars cost a third of a second to import; cells never need them
     import pandas as pd
+    import polars as pl
 
 SCHEMA_VERSION = 1
 METHOD_VERSION = 1
@@ -162,34 +162,96 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def read_metrics_table(paths: Iterable[str | Path]) -> pa.Table:
-    """Concatenate metrics files as one Arrow table; refuse files of another schema version.
-    Files are read by a few threads (10,000 small files are mostly open/read latency)."""
-    paths = list(paths)
+def _scan(paths: list[str], file_column: str | None = None) -> pl.LazyFrame:
+    """The metrics files as one lazy polars frame in the schema (polars reads 10,000 small files
+    ~3x faster than pyarrow file by file)."""
+    import polars as pl
 
-    def read(path) -> pa.Table:
-        file = pq.ParquetFile(path)  # half the cost of pq.read_table per small file
-        version = (file.schema_arrow.metadata or {}).get(b"cellbench.schema_version", b"?").decode()
-        if version != str(SCHEMA_VERSION):
-            raise SchemaError(f"{path}: schema_version {version}, this cellbench reads {SCHEMA_VERSION}")
-        return file.read(use_threads=False)
+    return pl.scan_parquet(
+        paths,
+        schema=pl.from_arrow(SCHEMA.empty_table()).schema,
+        missing_columns="insert",  # files written before a nullable column was added: nulls
+        extra_columns="ignore",
+        include_file_paths=file_column,
+    )
 
-    def conform(tables: list[pa.Table]) -> pa.Table:
-        # Files written before a nullable column was added lack it: it reads as nulls.
-        table = pa.concat_tables(tables, promote_options="default")
-        for name in SCHEMA.names:
-            if name not in table.column_names:
-                table = table.append_column(name, pa.nulls(len(table), SCHEMA.field(name).type))
-        # One contiguous chunk per batch: thousands of tiny per-file buffers cost far more memory.
-        return table.select(SCHEMA.names).cast(SCHEMA).combine_chunks()
 
-    batches = []
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for start in range(0, len(paths), 500):
-            batches.append(conform(list(pool.map(read, paths[start : start + 500]))))
-    return pa.concat_tables(batches) if batches else SCHEMA.empty_table()
+def combine_metrics(paths: Iterable[str | Path], out: str | Path) -> None:
+    """Every row of the metrics files in one Parquet file, streamed (10,000 cells never sit in
+    memory at once); rows of another schema version are refused, naming their file."""
+    import polars as pl
+
+    paths = [str(path) for path in paths]
+
+    def write(tmp: str) -> None:
+        if not paths:
+            pq.write_table(SCHEMA.empty_table(), tmp)
+            return
+        try:
+            _scan(paths).sink_parquet(tmp, metadata={k.decode(): v.decode() for k, v in SCHEMA.metadata.items()})
+        except (pl.exceptions.PolarsError, OSError):
+            pq.write_table(_read_each(paths), tmp)  # one file at a time, to name the file at fault
+        if not _wrong_version(pl.scan_parquet(tmp)).head(1).collect().is_empty():
+            _refuse_wrong_version(paths)
+
+    write_atomic(out, write)
+
+
+def _wrong_version(frame: pl.LazyFrame) -> pl.LazyFrame:
+    import polars as pl
+
+    return frame.filter(pl.col("schema_version").ne_missing(SCHEMA_VERSION))
+
+
+def scan_metrics(paths: Iterable[str | Path]) -> pl.LazyFrame:
+    """Metrics files (or the one summary) as a lazy polars frame: a step reads only the columns it
+    uses. Rows of another schema version are refused, naming their file."""
+    import polars as pl
+
+    paths = [str(path) for path in paths]
+    if not paths:
+        return pl.from_arrow(SCHEMA.empty_table()).lazy()
+    frame = _scan(paths)
+    try:
+        wrong = not _wrong_version(frame).head(1).collect().is_empty()
+    except (pl.exceptions.PolarsError, OSError):
+        return pl.from_arrow(_read_each(paths)).lazy()  # one file at a time, to name the file at fault
+    if wrong:
+        _refuse_wrong_version(paths)
+    return frame
+
+
+def _refuse_wrong_version(paths: list[str]) -> None:
+    """Scan again, with file names this time (rare: a file path per row costs memory), to name one."""
+    wrong = _wrong_version(_scan(paths, file_column="_file")).head(1).collect()
+    _check_version(wrong["_file"][0], wrong["schema_version"][0])
+
+
+def _check_version(path, version) -> None:
+    if str(version) != str(SCHEMA_VERSION):
+        raise SchemaError(f"{path}: schema_version {version}, this cellbench reads {SCHEMA_VERSION}")
+
+
+def _read_each(paths: list[str]) -> pa.Table:
+    """The slow path: each file on its own, so the error names the file at fault."""
+    tables = []
+    for path in paths:
+        try:
+            file = pq.ParquetFile(path)
+            # The file's key-value metadata: pyarrow and polars writers both keep ours there.
+            _check_version(path, (file.metadata.metadata or {}).get(b"cellbench.schema_version", b"?").decode())
+            table = file.read()
+            for name in SCHEMA.names:
+                if name not in table.column_names:
+                    table = table.append_column(name, pa.nulls(len(table), SCHEMA.field(name).type))
+            tables.append(table.select(SCHEMA.names).cast(SCHEMA))
+        except FileNotFoundError:
+            raise SchemaError(f"{path}: no such metrics file") from None
+        except (OSError, pa.ArrowException) as exc:
+            raise SchemaError(f"{path}: not a cellbench metrics file ({exc})") from None
+    return pa.concat_tables(tables)
 
 
 def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Concatenate metrics files; refuse files of another schema version."""
-    return read_metrics_table(paths).to_pandas()
+    """Concatenate metrics files as pandas; refuse files of another schema version."""
+    return scan_metrics(paths).collect().to_pandas()
