@@ -55,7 +55,7 @@ def compare(points: pd.DataFrame, local: str) -> pd.DataFrame:
     ratio of output tok/s to the reference machine, or the reason it is not compared."""
     if points.empty:
         return pd.DataFrame(columns=COMPARED)
-    rank = {machine: index for index, machine in enumerate(machine_order(points["machine_id"], local))}
+    rank = {machine: index for index, machine in enumerate(machine_order(points["machine_id"].unique(), local))}
     shared = points[points.groupby(MATCH)["machine_id"].transform("nunique") >= 2]
     if shared.empty:
         return pd.DataFrame(columns=COMPARED)
@@ -93,7 +93,7 @@ def _versus(rows: pd.DataFrame, ref: pd.DataFrame) -> tuple[pd.Series, pd.Series
 
 def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) -> str:
     out = ["# cellbench — machines", ""]
-    order = machine_order(points["machine_id"], local) if not points.empty else []
+    order = machine_order(points["machine_id"].unique(), local) if not points.empty else []
     if len(order) < 2:
         out.append(
             f"Only one machine ({', '.join(order) or 'none'}) has results. Import an archive from another "
