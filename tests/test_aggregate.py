@@ -74,6 +74,17 @@ def test_markdown_answers_which_is_fastest(rows, tmp_path):
     assert pd.read_csv(written[1]).shape[0] == len(points)
 
 
+def test_a_long_table_lists_the_first_rows_and_says_where_the_rest_are(rows, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "LISTED_ROWS", 3)
+    points = aggregate.cell_points(rows, "base-h")
+    assert len(points) > 3
+    text = report.write_tables(points, "s", "base", tmp_path)[0].read_text()
+    every = text.split("## Every cell and point")[1].split("\n\n")[1]
+    assert len(every.splitlines()) == 2 + 3  # header, rule, three rows
+    assert f"The first 3 of {len(points)} cell points; all are in `summary.csv`." in text
+    assert pd.read_csv(tmp_path / "summary.csv").shape[0] == len(points)
+
+
 def test_describe_effective():
     text = aggregate.describe_effective(json.dumps({"dtype": "float32", "enforce_eager": True, "max_num_seqs": 8}))
     assert text == "float32, eager, max_num_seqs=8"

@@ -8,8 +8,9 @@ from cellbench import models
 
 
 @pytest.fixture
-def model(tmp_path):
+def model(tmp_path, monkeypatch):
     """A prepared model folder: two weight files and their manifest."""
+    monkeypatch.setenv("CELLBENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "models" / "tiny"
     out.mkdir(parents=True)
     (out / "model.gguf").write_bytes(b"weights " * 1000)
@@ -31,12 +32,12 @@ def hashed(monkeypatch):
 def test_second_verify_trusts_the_stamp(model, hashed):
     models.verify(model)
     assert sorted(hashed) == ["config.json", "model.gguf"]
-    assert (model / models.VERIFIED_STAMP).is_file()
+    assert models.verified_stamp(model).is_file()
     hashed.clear()
     models.verify(model)
     assert hashed == []
-    # The stamp is no file of the model: preparing again would not checksum it.
-    assert models.VERIFIED_STAMP not in models.file_hashes(model)
+    # A cache outside the results folder, which only pipeline steps write.
+    assert not models.verified_stamp(model).is_relative_to(model.parent)
 
 
 def test_same_size_change_with_restored_mtime_is_caught(model, hashed):
@@ -62,10 +63,11 @@ def test_a_new_manifest_makes_a_full_pass(model, hashed):
 
 @pytest.mark.parametrize("stamp", ["not json", "[]", '{"manifest_sha256": 1}'])
 def test_a_broken_stamp_means_a_full_pass(model, hashed, stamp):
-    (model / models.VERIFIED_STAMP).write_text(stamp)
+    models.verified_stamp(model).parent.mkdir(parents=True)
+    models.verified_stamp(model).write_text(stamp)
     models.verify(model)
     assert sorted(hashed) == ["config.json", "model.gguf"]
-    assert json.loads((model / models.VERIFIED_STAMP).read_text())["manifest_sha256"]
+    assert json.loads(models.verified_stamp(model).read_text())["manifest_sha256"]
 
 
 def test_a_missing_file_is_caught_even_with_a_stamp(model):

@@ -44,24 +44,7 @@ def cell_points(rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame, bas
     rank = pl.col("status").replace_strict(_SEVERITY, range(len(_SEVERITY)), default=None)
     # A point is ok only if every row of it is ok (a later failed repeat spoils the point).
     worst = frame.group_by(KEY).agg(rank.max().alias("_rank"))
-    tok, p50 = pl.col("output_tok_s"), pl.col("latency_p50_s")
-    means = ("latency_p50_s", "latency_p90_s", "latency_p99_s", "ttft_p50_s", "tpot_p50_s")
-    stats = (
-        frame.filter(pl.col("status") == "ok")
-        .group_by(KEY)
-        .agg(
-            tok.count().alias("repeats"),
-            tok.mean().alias("output_tok_s"),
-            tok.min().alias("output_tok_s_min"),
-            tok.max().alias("output_tok_s_max"),
-            (tok.std(ddof=0) / tok.mean()).alias("output_tok_s_cv"),  # population CV, 0 for one repeat
-            *(pl.col(c).mean() for c in means),
-            p50.min().alias("latency_p50_s_min"),
-            p50.max().alias("latency_p50_s_max"),
-            (p50.std(ddof=0) / p50.mean()).alias("latency_p50_s_cv"),
-            *(pl.col(c).mean() for c in SERVE_MEANS),
-        )
-    )
+    stats = _repeat_stats(frame.filter(pl.col("status") == "ok"))
     table = (
         first.join(stats, on=KEY, how="left", nulls_equal=True)
         .join(worst, on=KEY, how="left", nulls_equal=True)
@@ -104,6 +87,25 @@ def cell_points(rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame, bas
         )
         .join(same_as, on=["machine_id", "cell_id"], how="left", maintain_order="left")
         .to_pandas()
+    )
+
+
+def _repeat_stats(ok: pl.LazyFrame) -> pl.LazyFrame:
+    """Per point, over its ok repeats: output tok/s mean, min, max, population CV (0 for one
+    repeat); latency means; the spread of the median latency; the serving percentiles' means."""
+    tok, p50 = pl.col("output_tok_s"), pl.col("latency_p50_s")
+    means = ("latency_p50_s", "latency_p90_s", "latency_p99_s", "ttft_p50_s", "tpot_p50_s")
+    return ok.group_by(KEY).agg(
+        tok.count().alias("repeats"),
+        tok.mean().alias("output_tok_s"),
+        tok.min().alias("output_tok_s_min"),
+        tok.max().alias("output_tok_s_max"),
+        (tok.std(ddof=0) / tok.mean()).alias("output_tok_s_cv"),
+        *(pl.col(c).mean() for c in means),
+        p50.min().alias("latency_p50_s_min"),
+        p50.max().alias("latency_p50_s_max"),
+        (p50.std(ddof=0) / p50.mean()).alias("latency_p50_s_cv"),
+        *(pl.col(c).mean() for c in SERVE_MEANS),
     )
 
 

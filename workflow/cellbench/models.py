@@ -22,11 +22,6 @@ from .images import cache_dir
 from .metrics import write_json_atomic
 from .provenance import PROJECT_ROOT
 
-# Written after a full checksum pass: the stat of every file then. Any write through the
-# filesystem moves a file's ctime (which no user tool can set back), so an unchanged stat means
-# unchanged bytes, and the next cell skips re-reading gigabytes of weights.
-VERIFIED_STAMP = ".verified.json"
-
 
 class ModelError(RuntimeError):
     pass
@@ -71,7 +66,7 @@ def file_hashes(directory: Path) -> dict[str, dict]:
     return {
         str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name not in ("manifest.json", VERIFIED_STAMP)
+        if p.is_file() and p.name != "manifest.json"
     }
 
 
@@ -138,6 +133,15 @@ def share_for_reading(model_dir: Path) -> None:
             path.chmod(wanted)
 
 
+def verified_stamp(model_dir: Path) -> Path:
+    """Where verify() records the stat of a model's files after a full checksum pass. Any write
+    through the filesystem moves a file's ctime (which no user tool can set back), so an unchanged
+    stat means unchanged bytes and the next cell skips re-reading gigabytes of weights. A cache,
+    not a result: it lives outside results/, which only the pipeline's steps write."""
+    key = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:20]
+    return cache_dir() / "verified" / f"{key}.json"
+
+
 def _stat_key(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
@@ -151,7 +155,7 @@ def verify(model_dir: Path) -> None:
     manifest = json.loads(manifest_text)
     files_dir = Path(manifest.get("snapshot_dir") or model_dir)  # hf-cache models stay in the hub cache
     paths = {rel: files_dir / rel for rel in manifest["files"]}
-    stamp_path = model_dir / VERIFIED_STAMP
+    stamp_path = verified_stamp(model_dir)
     manifest_sha = hashlib.sha256(manifest_text.encode()).hexdigest()
     try:
         stamp = json.loads(stamp_path.read_text())
@@ -169,5 +173,5 @@ def verify(model_dir: Path) -> None:
                 f"prepared); restore it, or delete {model_dir} and rerun to prepare the model again"
             )
     stamp = {"manifest_sha256": manifest_sha, "stat": {rel: _stat_key(path) for rel, path in paths.items()}}
-    with contextlib.suppress(OSError):  # a read-only results folder only costs the next cell a full pass
+    with contextlib.suppress(OSError):  # an unwritable cache only costs the next cell a full pass
         write_json_atomic(stamp_path, stamp)
