@@ -291,7 +291,9 @@ def check_metrics(rel: str, data: bytes, machine_id: str) -> None:
     """A metrics member must be Parquet in this schema, of the cell its path names, from the
     machine the manifest names (else its rows would land under another machine's name)."""
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        # ParquetFile, not pq.read_table: on a buffer, pyarrow 26's read_table goes through its
+        # dataset threads, and about one process in three then aborts at exit (std::terminate).
+        table = pq.ParquetFile(pa.BufferReader(data)).read()
     except (pa.ArrowException, OSError) as exc:
         raise ArchiveError(rel, f"not readable Parquet ({str(exc).splitlines()[0]})") from None
     version = (table.schema.metadata or {}).get(b"cellbench.schema_version", b"?").decode(errors="replace")
