@@ -30,6 +30,18 @@ def _empty(ax, text: str) -> None:
     ax.set_axis_off()
 
 
+def _grouped_bars(ax, series: dict[str, pd.Series], labels: list[str], ylabel: str, title: str, **tick_options) -> None:
+    """One group of bars per label, one bar per series (missing values drawn as 0), centred."""
+    width = 0.8 / len(series)
+    for index, (name, values) in enumerate(series.items()):
+        xs = [x + (index - (len(series) - 1) / 2) * width for x in range(len(labels))]
+        ax.bar(xs, values.fillna(0), width=width, label=name)
+    ax.set_xticks(range(len(labels)), labels=labels, fontsize=7, rotation=30, **tick_options)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def throughput(points: pd.DataFrame, path: Path) -> None:
     """Output tok/s against batch size, one line per machine x cell (x prompt shape)."""
     ok = _ok(points)
@@ -65,15 +77,11 @@ def latency(points: pd.DataFrame, path: Path) -> None:
         labels = [
             f"{r.cell_name}{' @ ' + r.machine_id if several else ''}\nbatch {r.batch_size}" for r in ok.itertuples()
         ]
-        width = 0.27
-        for offset, column in enumerate(("latency_p50_s", "latency_p90_s", "latency_p99_s")):
-            xs = [i + (offset - 1) * width for i in range(len(ok))]
-            ax.bar(xs, ok[column].fillna(0), width=width, label=column.split("_")[1])
-        ax.set_xticks(range(len(ok)), labels=labels, fontsize=7, rotation=30, ha="right")
-        ax.set_ylabel("end-to-end request latency, s")
-        ax.set_title("Latency percentiles per cell and batch size")
+        columns = ("latency_p50_s", "latency_p90_s", "latency_p99_s")
+        series = {c.split("_")[1]: ok[c] for c in columns}
+        title = "Latency percentiles per cell and batch size"
+        _grouped_bars(ax, series, labels, "end-to-end request latency, s", title, ha="right")
         ax.legend()
-        ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 
 
@@ -85,15 +93,10 @@ def machines(points: pd.DataFrame, path: Path) -> None:
         _empty(ax, "no point measured successfully")
     else:
         table = ok.pivot_table(index=["cell_name", "batch_size"], columns="machine_id", values="output_tok_s")
-        width = 0.8 / len(table.columns)
-        for i, machine in enumerate(table.columns):
-            xs = [x + (i - (len(table.columns) - 1) / 2) * width for x in range(len(table))]
-            ax.bar(xs, table[machine].fillna(0), width=width, label=machine)
-        ax.set_xticks(range(len(table)), labels=[f"{c}\nbatch {b}" for c, b in table.index], fontsize=7, rotation=30)
-        ax.set_ylabel("output tokens / s")
-        ax.set_title(f"Machine by machine ({len(table.columns)} machine{'s' if len(table.columns) > 1 else ''})")
+        labels = [f"{c}\nbatch {b}" for c, b in table.index]
+        title = f"Machine by machine ({len(table.columns)} machine{'s' if len(table.columns) > 1 else ''})"
+        _grouped_bars(ax, {machine: table[machine] for machine in table.columns}, labels, "output tokens / s", title)
         ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 
 
