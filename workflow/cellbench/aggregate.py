@@ -31,7 +31,7 @@ def cell_points(rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame, bas
     Computed lazily with polars, which reads only the columns used; returned as pandas."""
     frame = _lazy(rows)
     # In the schema's types; columns a row does not carry (added to the schema later) read as null.
-    schema, names = pl.from_arrow(metrics.SCHEMA.empty_table()).schema, frame.collect_schema().names()
+    schema, names = metrics.polars_schema(), frame.collect_schema().names()
     frame = frame.with_columns(
         pl.col(c).cast(schema[c]) if c in names else pl.lit(None, schema[c]).alias(c) for c in metrics.COLUMNS
     )

@@ -293,10 +293,11 @@ def check_metrics(rel: str, data: bytes, machine_id: str) -> None:
     try:
         # ParquetFile, not pq.read_table: on a buffer, pyarrow 26's read_table goes through its
         # dataset threads, and about one process in three then aborts at exit (std::terminate).
-        table = pq.ParquetFile(pa.BufferReader(data)).read()
+        file = pq.ParquetFile(pa.BufferReader(data))
+        table = file.read()
     except (pa.ArrowException, OSError) as exc:
         raise ArchiveError(rel, f"not readable Parquet ({str(exc).splitlines()[0]})") from None
-    version = (table.schema.metadata or {}).get(b"cellbench.schema_version", b"?").decode(errors="replace")
+    version = metrics.stored_schema_version(file)
     if version != str(metrics.SCHEMA_VERSION) or table.schema.names != list(metrics.COLUMNS):
         raise ArchiveError(rel, f"Parquet schema_version {version} or columns differ from this cellbench's")
     cell_id = rel.split("/")[1]

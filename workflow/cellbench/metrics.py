@@ -162,6 +162,19 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def polars_schema() -> pl.Schema:
+    """SCHEMA in polars' types."""
+    import polars as pl
+
+    return pl.from_arrow(SCHEMA.empty_table()).schema
+
+
+def stored_schema_version(file: pq.ParquetFile) -> str:
+    """The schema version a Parquet file declares in its key-value metadata (where pyarrow and
+    polars writers both keep ours), or "?"."""
+    return (file.metadata.metadata or {}).get(b"cellbench.schema_version", b"?").decode(errors="replace")
+
+
 def _scan(paths: list[str], file_column: str | None = None) -> pl.LazyFrame:
     """The metrics files as one lazy polars frame in the schema (polars reads 10,000 small files
     ~3x faster than pyarrow file by file)."""
@@ -169,7 +182,7 @@ def _scan(paths: list[str], file_column: str | None = None) -> pl.LazyFrame:
 
     return pl.scan_parquet(
         paths,
-        schema=pl.from_arrow(SCHEMA.empty_table()).schema,
+        schema=polars_schema(),
         missing_columns="insert",  # files written before a nullable column was added: nulls
         extra_columns="ignore",
         include_file_paths=file_column,
@@ -238,8 +251,7 @@ def _read_each(paths: list[str]) -> pa.Table:
     for path in paths:
         try:
             file = pq.ParquetFile(path)
-            # The file's key-value metadata: pyarrow and polars writers both keep ours there.
-            _check_version(path, (file.metadata.metadata or {}).get(b"cellbench.schema_version", b"?").decode())
+            _check_version(path, stored_schema_version(file))
             table = file.read()
             for name in SCHEMA.names:
                 if name not in table.column_names:
