@@ -136,6 +136,52 @@ def peak_memory_mb() -> float:
     return (own + children) / 1024
 
 
+def canary() -> dict:
+    """The host canary (canary.py beside this script) in this image, before the engine loads."""
+    try:
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("canary.py"))], capture_output=True, text=True, timeout=120
+        )
+        return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr.strip()[-300:]}
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+# Container CPU time: cgroup v2 cpu.stat (microseconds), else cgroup v1 cpuacct.usage (nanoseconds).
+CGROUP_CPU = (
+    ("/sys/fs/cgroup/cpu.stat", 1e-6),
+    ("/sys/fs/cgroup/cpuacct/cpuacct.usage", 1e-9),
+    ("/sys/fs/cgroup/cpu,cpuacct/cpuacct.usage", 1e-9),
+)
+
+
+def cpu_sample():
+    """(wall s, host busy s, host steal s, this container's CPU s), or None where unreadable.
+    /proc/stat is not namespaced: inside a container it counts the whole host."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        tick = os.sysconf("SC_CLK_TCK")
+        for path, scale in CGROUP_CPU:
+            with contextlib.suppress(OSError, ValueError):
+                text = Path(path).read_text()
+                used = int(re.search(r"usage_usec (\d+)", text).group(1)) if "usage_usec" in text else int(text)
+                return time.monotonic(), (user + nice + system + irq + softirq) / tick, steal / tick, used * scale
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def host_share(before, after) -> dict:
+    """CPU cores used outside this container, and cores the hypervisor stole, between two samples:
+    a sentinel for a round disturbed while it measured (its own repeats cannot show it)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return {"host_foreign_cpu": None, "host_steal_cpu": None}
+    wall = after[0] - before[0]
+    foreign = (after[1] - before[1]) - (after[3] - before[3])
+    return {"host_foreign_cpu": max(0.0, foreign / wall), "host_steal_cpu": (after[2] - before[2]) / wall}
+
+
 def prompt_token_ids(seed, point, repeat, count, vocab_size, special_ids):
     """Seeded random prompts: the same token ids on every machine for the same point and repeat."""
     rng = random.Random(f"{seed}:{point['batch_size']}:{point['input_len']}:{point['output_len']}:{repeat}")
@@ -493,6 +539,9 @@ def main(cell_path: str) -> int:
     }
     write_json(raw_path, raw)
     sweep = cell["sweep"]
+    # Before the engine exists, so the engine's own threads cannot slow it.
+    raw["canary"] = canary()
+    write_json(raw_path, raw)
     try:
         start = time.perf_counter()
         engine = (SERVERS if cell["mode"] == "serve" else ENGINES)[cell["engine"]](cell)
@@ -507,10 +556,12 @@ def main(cell_path: str) -> int:
                 engine.generate(prompt_token_ids(*args), point["output_len"])
             for repeat in range(sweep["repeats"]):
                 prompts = prompt_token_ids(sweep["seed"], point, repeat, count, engine.vocab_size, engine.special_ids)
+                sample = cpu_sample()
                 begin = time.perf_counter()
                 requests = engine.generate(prompts, point["output_len"])
                 wall = time.perf_counter() - begin
-                raw["points"].append({**point, "repeat": repeat, "wall_s": wall, "requests": requests})
+                host = host_share(sample, cpu_sample())
+                raw["points"].append({**point, "repeat": repeat, "wall_s": wall, "requests": requests, **host})
                 write_json(raw_path, raw)
         if hasattr(engine, "close"):
             engine.close()

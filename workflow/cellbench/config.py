@@ -155,8 +155,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+# Sweep keys that say how often a cell is measured, not what: raising them keeps the id.
+NOT_IDENTITY_SWEEP = ("rounds",)
+
+
 def cell_hash(cell: dict) -> str:
     identity = {key: cell[key] for key in IDENTITY_KEYS}
+    identity["sweep"] = {k: v for k, v in cell["sweep"].items() if k not in NOT_IDENTITY_SWEEP}
     if cell["mode"] == "serve":  # client settings matter only to a serving cell
         identity["serve"] = cell["serve"]
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:10]
@@ -321,6 +326,12 @@ def _check_paths(config: dict) -> None:
             )
 
 
+def statistics(config: dict) -> dict:
+    """The study's `statistics` settings over the schema's defaults."""
+    props = load_schema()["properties"]["statistics"]["properties"]
+    return {key: (config.get("statistics") or {}).get(key, prop["default"]) for key, prop in props.items()}
+
+
 def resolve(config: dict) -> dict:
     """Validate a study and return {"cells": {id: cell}, "baseline": id, ...}; raise ConfigError."""
     validate(config)
@@ -336,4 +347,5 @@ def resolve(config: dict) -> dict:
         "config_hash": config_hash(config),
         "cells": {cell["id"]: cell for cell in cells},
         "baseline": by_name[config["baseline"]]["id"],
+        "statistics": statistics(config),
     }

@@ -26,16 +26,39 @@ def cell_dir(cell_id: str) -> Path:
     return RESULTS / "cells" / cell_id
 
 
-def cell_metrics(cell_id: str) -> Path:
-    return cell_dir(cell_id) / "metrics.parquet"
+# A round is one container and engine load of a cell; its files live in their own folder.
+ROUND_DIR = "round-{round}"
+ROUND_FILES = ("metrics.parquet", "provenance.json", "engine.log")
 
 
-def cell_provenance(cell_id: str) -> Path:
-    return cell_dir(cell_id) / "provenance.json"
+def round_dir(cell_id: str, round: int | str) -> Path:
+    return cell_dir(cell_id) / ROUND_DIR.format(round=round)
 
 
-def cell_log(cell_id: str) -> Path:
-    return cell_dir(cell_id) / "engine.log"
+def cell_metrics(cell_id: str, round: int | str) -> Path:
+    return round_dir(cell_id, round) / "metrics.parquet"
+
+
+def cell_provenance(cell_id: str, round: int | str) -> Path:
+    return round_dir(cell_id, round) / "provenance.json"
+
+
+def cell_log(cell_id: str, round: int | str) -> Path:
+    return round_dir(cell_id, round) / "engine.log"
+
+
+def cell_rounds(cells: dict) -> list[tuple[str, int]]:
+    """(cell id, round) of every round of a study's cells, round numbers from 1."""
+    return [(cell_id, k) for cell_id in sorted(cells) for k in range(1, cells[cell_id]["sweep"]["rounds"] + 1)]
+
+
+def round_files(cells: dict, name: str = "metrics.parquet") -> list[Path]:
+    return [round_dir(cell_id, k) / name for cell_id, k in cell_rounds(cells)]
+
+
+def runs_dir() -> Path:
+    """Snapshots of this machine's rows, one per aggregation that changed them (`cellbench compare`)."""
+    return RESULTS / "runs"
 
 
 def imported_dir() -> Path:
