@@ -174,6 +174,10 @@ def _names(names: list[str]) -> str:
     return f"{shown} and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else shown
 
 
+def _cpus(n: int) -> str:
+    return f"{n} CPU" if n == 1 else f"{n} CPUs"
+
+
 def _gb(kb: int) -> str:
     return f"{kb / 2**20:.1f} GB"
 
@@ -243,9 +247,9 @@ def stability_checks(facts: dict) -> list[Check]:
     if not governors:
         checks.append(Check(OK, "CPU frequency governor: not readable (a VM usually hides it)"))
     elif set(governors) == {"performance"}:
-        checks.append(Check(OK, f"CPU frequency governor: performance on {counted} CPUs"))
+        checks.append(Check(OK, f"CPU frequency governor: performance on {_cpus(counted)}"))
     else:
-        slow = ", ".join(f"{name} on {n} of {counted} CPUs" for name, n in sorted(governors.items()))
+        slow = ", ".join(f"{name} on {n} of {_cpus(counted)}" for name, n in sorted(governors.items()))
         checks.append(
             Check(
                 WARN,
