@@ -113,3 +113,118 @@ def test_doctor_on_this_machine_without_gpu():
     rocm = subprocess.run([*argv, "config/rocm-awq.yaml"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert rocm.returncode == 1
     assert "❌ device rocm" in rocm.stdout and "❌ config/rocm-awq.yaml cannot run here" in rocm.stdout
+
+
+# Measurement stability: a fake /proc and /sys under tmp_path, two /proc/stat samples, fake `docker ps`.
+CPUINFO = "processor\t: 0\nmodel name\t: AMD EPYC 7763\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7763\n"
+MEMINFO = "MemTotal:       16777216 kB\nMemFree:         1000000 kB\nMemAvailable:    8388608 kB\n"
+STAT = "cpu  {user} 0 100 {idle} 0 0 0 {steal} 0 0\ncpu0 1 0 1 1 0 0 0 0 0 0\n"
+
+
+def _stability(tmp_path, *, load="0.40", steal=(0, 0), governors=(), swap_kb=(0, 0), meminfo=MEMINFO, ps=(0, "")):
+    """Stability facts read from a fake root; the second /proc/stat appears while the sampler waits."""
+    for rel, text in {"proc/cpuinfo": CPUINFO, "proc/loadavg": f"{load} 0.30 0.20 1/200 4242\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    swap = f"SwapTotal:      {swap_kb[0]} kB\nSwapFree:       {swap_kb[1]} kB\n"
+    (tmp_path / "proc/meminfo").write_text(meminfo + swap)
+    (tmp_path / "proc/stat").write_text(STAT.format(user=1000, idle=5000, steal=steal[0]))
+    for cpu, name in enumerate(governors):
+        path = tmp_path / f"sys/devices/system/cpu/cpu{cpu}/cpufreq/scaling_governor"
+        path.parent.mkdir(parents=True)
+        path.write_text(name + "\n")
+    # 200 jiffies pass between the samples: user 100, idle 100 - steal, steal `steal[1] - steal[0]`.
+    later = STAT.format(user=1100, idle=5100 - (steal[1] - steal[0]), steal=steal[1])
+    facts = doctor.gather_stability(
+        str(tmp_path), wait=lambda: (tmp_path / "proc/stat").write_text(later), docker_ps=lambda: ps
+    )
+    return doctor.report(doctor.stability_checks(facts)).splitlines()
+
+
+def test_quiet_host_is_fine(tmp_path):
+    lines = _stability(tmp_path, governors=("performance", "performance"))
+    assert lines == [
+        "✅ CPU: AMD EPYC 7763, 2 cores",
+        "✅ running containers: none",
+        "✅ host load: 0.40 on 2 cores (1-minute average)",
+        "✅ CPU steal: 0.0 % of CPU time over 0.5 s",
+        "✅ CPU frequency governor: performance on 2 CPUs",
+        "✅ swap: none in use, 8.0 GB memory available",
+    ]
+
+
+def test_other_containers_are_named_and_ours_told_apart(tmp_path):
+    ours = "cellbench-cpu-llamacpp-r1\tcpu-llamacpp\n"
+    others = "".join(f"c{i}\t\n" for i in range(7))
+    lines = _stability(tmp_path, ps=(0, ours + others))
+    assert lines[1] == (
+        "⚠️ running containers: 7 other than cellbench's, competing for CPU: c0, c1, c2, c3, c4 and 2 more; "
+        "stop them before measuring; also 1 cellbench cell(s): cellbench-cpu-llamacpp-r1"
+    )
+    lines = _stability(tmp_path, ps=(0, ours))
+    assert lines[1] == (
+        "✅ running containers: only cellbench cells: cellbench-cpu-llamacpp-r1 "
+        "(a study is running; if not, 'cellbench clean --containers')"
+    )
+    lines = _stability(tmp_path, ps=(1, "Cannot connect to the Docker daemon"))
+    assert lines[1] == "⚠️ running containers: not checked (Cannot connect to the Docker daemon)"
+
+
+def test_busy_host_warns(tmp_path):
+    assert _stability(tmp_path, load="1.00")[2] == "✅ host load: 1.00 on 2 cores (1-minute average)"
+    assert _stability(tmp_path, load="1.37")[2] == (
+        "⚠️ host load: other work is running: 1.37 on 2 cores; "
+        "figures will be lower and noisier; quiet the host or add rounds"
+    )
+
+
+def test_steal_time_over_two_percent_warns(tmp_path):
+    # 4 of 200 jiffies is 2 %: still fine; 10 of 200 is not.
+    assert _stability(tmp_path, steal=(50, 54))[3] == "✅ CPU steal: 2.0 % of CPU time over 0.5 s"
+    assert _stability(tmp_path, steal=(50, 60))[3] == (
+        "⚠️ CPU steal: 5.0 % of CPU time went to this VM's neighbours; "
+        "figures will move with their load; use a dedicated host or add rounds"
+    )
+
+
+def test_governor_other_than_performance_warns_and_turbo_is_reported(tmp_path):
+    assert _stability(tmp_path)[4] == "✅ CPU frequency governor: not readable (a VM usually hides it)"
+    lines = _stability(tmp_path / "a", governors=("performance", "powersave"))
+    assert lines[4] == (
+        "⚠️ CPU frequency governor: performance on 1 of 2 CPUs, powersave on 1 of 2 CPUs; "
+        "frequency scaling moves figures between runs: cpupower frequency-set -g performance"
+    )
+    (tmp_path / "b/sys/devices/system/cpu/intel_pstate").mkdir(parents=True)
+    (tmp_path / "b/sys/devices/system/cpu/intel_pstate/no_turbo").write_text("1\n")
+    lines = _stability(tmp_path / "b", governors=("performance",))
+    assert lines[4:6] == [
+        "✅ CPU frequency governor: performance on 1 CPU",
+        "✅ CPU turbo boost: off (keep it the same on machines you compare)",
+    ]
+    (tmp_path / "c/sys/devices/system/cpu/cpufreq").mkdir(parents=True)
+    (tmp_path / "c/sys/devices/system/cpu/cpufreq/boost").write_text("1\n")
+    assert _stability(tmp_path / "c")[5] == "✅ CPU turbo boost: on (keep it the same on machines you compare)"
+
+
+def test_swap_in_use_warns_only_when_memory_is_short(tmp_path):
+    # 1 GiB of swap in use with half the memory available: worth a line, not a warning.
+    assert _stability(tmp_path, swap_kb=(2097152, 1048576))[-1] == "✅ swap: 1.0 GB in use, 8.0 GB memory available"
+    short = MEMINFO.replace("8388608", "1048576")
+    assert _stability(tmp_path, swap_kb=(2097152, 1048576), meminfo=short)[-1] == (
+        "⚠️ swap: 1.0 GB in use and only 1.0 GB of 16.0 GB memory available; "
+        "paging stalls the engine; free memory before measuring"
+    )
+
+
+def test_stability_never_blocks_and_unreadable_files_are_said_so(tmp_path):
+    facts = doctor.gather_stability(str(tmp_path), wait=lambda: None, docker_ps=lambda: (0, ""))
+    lines = doctor.stability_checks(facts)
+    assert all(c.mark != doctor.FAIL for c in lines)
+    assert doctor.report(lines).splitlines() == [
+        "✅ CPU: model not listed in /proc/cpuinfo, unknown number of cores",
+        "✅ running containers: none",
+        "✅ host load: /proc/loadavg not readable",
+        "✅ CPU steal: /proc/stat not readable",
+        "✅ CPU frequency governor: not readable (a VM usually hides it)",
+        "✅ swap: /proc/meminfo not readable",
+    ]

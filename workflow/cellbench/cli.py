@@ -170,7 +170,7 @@ def cmd_clean(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    """Machine checks, then what the study needs; exit 1 when the study cannot run here."""
+    """Machine checks, measurement stability, then what the study needs; exit 1 when the study cannot run here."""
     try:
         study = config.load_study(args.configfile)
         cells = list(config.resolve(study)["cells"].values())
@@ -181,6 +181,8 @@ def cmd_doctor(args) -> int:
     machine = doctor.machine_checks(facts)
     needs = doctor.study_checks(facts, study, cells)
     print("this machine:\n" + doctor.report(machine))
+    # Never part of the verdict: an unquiet host measures badly but still measures.
+    print("measurement stability:\n" + doctor.report(doctor.stability_checks(facts["stability"])))
     print(f"study {study['study']} ({args.configfile}, {len(cells)} cells):\n" + doctor.report(needs))
     final = doctor.verdict(args.configfile, machine + needs)
     print(doctor.report([final]))

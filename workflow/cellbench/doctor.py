@@ -1,9 +1,10 @@
 """`cellbench doctor`: can this machine run a study, and if not, what is missing.
 
 Two layers: `gather()` collects facts about the machine (Docker, devices, groups, tools, disk,
-hub cache) with a few quick commands, and `checks()` judges them against a study: a pure
-function, tested with made-up facts. Each check is one line: ✅ fine, ⚠️ worth knowing but not
-blocking, ❌ the study cannot run until it is fixed.
+hub cache, and what makes figures unstable: load, steal, governor, swap, other containers) with a
+few quick commands and file reads, and the `*_checks()` functions judge them: pure functions,
+tested with made-up facts. Each check is one line: ✅ fine, ⚠️ worth knowing but not blocking,
+❌ the study cannot run until it is fixed. Stability checks are ⚠️ at most.
 """
 
 from __future__ import annotations
@@ -13,15 +14,24 @@ import json
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import devices, hfcache, images, models
+from . import containers, devices, hfcache, images, models
 
 OK, WARN, FAIL = "✅", "⚠️", "❌"
 # Rough unpacked sizes of the engine images by device kind, to judge free disk before a build.
 IMAGE_GB = {"cpu": 6, "rocm": 30, "cuda": 20}
 HOST_TOOLS = {"rocm": ("rocm-smi", "rocminfo"), "cuda": ("nvidia-smi",)}
+STEAL_SAMPLE_S = 0.5
+STEAL_WARN = 0.02  # share of CPU time a VM's neighbours took during the sample
+LOAD_WARN = 0.5  # 1-minute load average per core above which the host is not idle
+MEM_LOW = 0.10  # available share of memory below which swap in use means paging while measuring
+NAMES_SHOWN = 5
+# `docker ps` line: name, then our cell label (empty for containers that are not ours).
+PS_FORMAT = f'{{{{.Names}}}}\t{{{{.Label "{containers.LABEL_CELL}"}}}}'
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,7 @@ def gather(study: dict | None, environ: dict[str, str], root: str = "/") -> dict
     facts["render_nodes"] = sorted(str(p) for p in (Path(root) / "dev" / "dri").glob("renderD*"))
     facts["rocm_gpus"] = [gpu.name or gpu.render_node for gpu in devices.rocm_gpus(root)]
     facts["cuda_gpus"] = [gpu.name for gpu in devices.cuda_gpus()]
+    facts["stability"] = gather_stability(root)
     for tool in (*HOST_TOOLS["rocm"], *HOST_TOOLS["cuda"]):
         facts["tools"][tool] = shutil.which(tool)
     if study:
@@ -83,6 +94,190 @@ def gather(study: dict | None, environ: dict[str, str], root: str = "/") -> dict
             except models.ModelError as exc:
                 facts["models"][name] = {"error": str(exc)}
     return facts
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _stat_jiffies(root: str) -> tuple[int, int] | None:
+    """(steal, total) from the first line of /proc/stat."""
+    text = _read(Path(root) / "proc/stat")
+    fields = text.split("\n", 1)[0].split() if text else []
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal; guest time is already counted in user/nice.
+    jiffies = [int(f) for f in fields[1:9]]
+    return jiffies[7], sum(jiffies)
+
+
+def _meminfo_kb(text: str | None) -> dict[str, int]:
+    values = {}
+    for line in (text or "").splitlines():
+        key, _, rest = line.partition(":")
+        if rest.split() and rest.split()[0].isdigit():
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def gather_stability(
+    root: str = "/",
+    wait: Callable[[], None] = lambda: time.sleep(STEAL_SAMPLE_S),
+    docker_ps: Callable[[], tuple[int, str]] = lambda: _run(["docker", "ps", "--format", PS_FORMAT]),
+) -> dict:
+    """Facts that move figures between runs, read from /proc and /sys under `root`.
+
+    `wait` runs between the two /proc/stat samples and `docker_ps` lists running containers;
+    tests replace both.
+    """
+    cpu_dir = Path(root) / "sys/devices/system/cpu"
+    cpuinfo = _read(Path(root) / "proc/cpuinfo") or ""
+    models_seen = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    cores = sum(1 for line in cpuinfo.splitlines() if line.split(":")[0].strip() == "processor")
+    loadavg = (_read(Path(root) / "proc/loadavg") or "").split()
+    before = _stat_jiffies(root)
+    wait()
+    after = _stat_jiffies(root)
+    governors: dict[str, int] = {}
+    for path in sorted(cpu_dir.glob("cpu[0-9]*/cpufreq/scaling_governor")):
+        name = (_read(path) or "").strip()
+        if name:
+            governors[name] = governors.get(name, 0) + 1
+    # intel_pstate says whether turbo is off; other drivers say whether boost is on.
+    no_turbo = (_read(cpu_dir / "intel_pstate/no_turbo") or "").strip()
+    boost = (_read(cpu_dir / "cpufreq/boost") or "").strip()
+    turbo = {"0": True, "1": False}.get(no_turbo, {"1": True, "0": False}.get(boost))
+    memory = _meminfo_kb(_read(Path(root) / "proc/meminfo"))
+    code, out = docker_ps()
+    running = [line.split("\t") + [""] for line in out.splitlines() if line.strip()] if code == 0 else None
+    return {
+        "cpu_model": models_seen[0] if models_seen else None,
+        "cores": cores or None,
+        "load1": float(loadavg[0]) if loadavg else None,
+        "steal_jiffies": after[0] - before[0] if before and after else None,
+        "total_jiffies": after[1] - before[1] if before and after else None,
+        "governors": governors,
+        "turbo": turbo,
+        "mem_total_kb": memory.get("MemTotal"),
+        "mem_available_kb": memory.get("MemAvailable", memory.get("MemFree")),
+        "swap_used_kb": memory["SwapTotal"] - memory["SwapFree"] if "SwapTotal" in memory else None,
+        "containers": [{"name": r[0], "cell": r[1]} for r in running] if running is not None else None,
+        "containers_error": None if code == 0 else (out.splitlines() or ["docker ps failed"])[-1],
+    }
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return f"{shown} and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else shown
+
+
+def _cpus(n: int) -> str:
+    return f"{n} CPU" if n == 1 else f"{n} CPUs"
+
+
+def _gb(kb: int) -> str:
+    return f"{kb / 2**20:.1f} GB"
+
+
+def stability_checks(facts: dict) -> list[Check]:
+    """What will make figures lower or noisier on this machine; ⚠️ at most, never ❌."""
+    checks = []
+    cores = facts["cores"]
+    model = facts["cpu_model"] or "model not listed in /proc/cpuinfo"
+    checks.append(Check(OK, f"CPU: {model}, {cores or 'unknown number of'} cores"))
+
+    if facts["containers"] is None:
+        checks.append(Check(WARN, f"running containers: not checked ({facts['containers_error']})"))
+    else:
+        ours = [c["name"] for c in facts["containers"] if c["cell"]]
+        others = [c["name"] for c in facts["containers"] if not c["cell"]]
+        also = f"; also {len(ours)} cellbench cell(s): {_names(ours)}" if ours else ""
+        if others:
+            checks.append(
+                Check(
+                    WARN,
+                    f"running containers: {len(others)} other than cellbench's, competing for CPU: {_names(others)}; "
+                    f"stop them before measuring{also}",
+                )
+            )
+        elif ours:
+            checks.append(
+                Check(
+                    OK,
+                    f"running containers: only cellbench cells: {_names(ours)} "
+                    "(a study is running; if not, 'cellbench clean --containers')",
+                )
+            )
+        else:
+            checks.append(Check(OK, "running containers: none"))
+
+    load = facts["load1"]
+    if load is None or not cores:
+        checks.append(Check(OK, "host load: /proc/loadavg not readable"))
+    elif load > LOAD_WARN * cores:
+        checks.append(
+            Check(
+                WARN,
+                f"host load: other work is running: {load:.2f} on {cores} cores; "
+                "figures will be lower and noisier; quiet the host or add rounds",
+            )
+        )
+    else:
+        checks.append(Check(OK, f"host load: {load:.2f} on {cores} cores (1-minute average)"))
+
+    steal, total = facts["steal_jiffies"], facts["total_jiffies"]
+    if not total:
+        checks.append(Check(OK, "CPU steal: /proc/stat not readable"))
+    elif steal / total > STEAL_WARN:
+        checks.append(
+            Check(
+                WARN,
+                f"CPU steal: {100 * steal / total:.1f} % of CPU time went to this VM's neighbours; "
+                "figures will move with their load; use a dedicated host or add rounds",
+            )
+        )
+    else:
+        checks.append(Check(OK, f"CPU steal: {100 * steal / total:.1f} % of CPU time over {STEAL_SAMPLE_S} s"))
+
+    governors = facts["governors"]
+    counted = sum(governors.values())
+    if not governors:
+        checks.append(Check(OK, "CPU frequency governor: not readable (a VM usually hides it)"))
+    elif set(governors) == {"performance"}:
+        checks.append(Check(OK, f"CPU frequency governor: performance on {_cpus(counted)}"))
+    else:
+        slow = ", ".join(f"{name} on {n} of {_cpus(counted)}" for name, n in sorted(governors.items()))
+        checks.append(
+            Check(
+                WARN,
+                f"CPU frequency governor: {slow}; frequency scaling moves figures between runs: "
+                "cpupower frequency-set -g performance",
+            )
+        )
+    if facts["turbo"] is not None:
+        state = "on" if facts["turbo"] else "off"
+        # Both are fine; what matters is that machines compared with each other agree.
+        checks.append(Check(OK, f"CPU turbo boost: {state} (keep it the same on machines you compare)"))
+
+    swap, available, total_kb = facts["swap_used_kb"], facts["mem_available_kb"], facts["mem_total_kb"]
+    if swap is None or available is None or not total_kb:
+        checks.append(Check(OK, "swap: /proc/meminfo not readable"))
+    elif swap > 0 and available < MEM_LOW * total_kb:
+        checks.append(
+            Check(
+                WARN,
+                f"swap: {_gb(swap)} in use and only {_gb(available)} of {_gb(total_kb)} memory available; "
+                "paging stalls the engine; free memory before measuring",
+            )
+        )
+    elif swap > 0:
+        checks.append(Check(OK, f"swap: {_gb(swap)} in use, {_gb(available)} memory available"))
+    else:
+        checks.append(Check(OK, f"swap: none in use, {_gb(available)} memory available"))
+    return checks
 
 
 def machine_checks(facts: dict) -> list[Check]:
