@@ -33,6 +33,7 @@ try:
         cell_id: scheduling.job_resources(cell)
         for cell_id, cell in STUDY["cells"].items()
     }
+    ROUND_PRIORITY = scheduling.round_priorities(STUDY["cells"])
 except study_config.ConfigError as error:
     sys.exit(f"cellbench: {error}")
 CELLS = STUDY["cells"]

@@ -12,5 +12,8 @@ from cellbench import config  # noqa: E402
 
 @pytest.fixture
 def study() -> dict:
-    """The default study, as a fresh dict each test may change."""
-    return copy.deepcopy(config.load_study(ROOT / "config" / "config.yaml"))
+    """The default study with one round per cell (one engine load: tests of rounds ask for
+    more), as a fresh dict each test may change."""
+    study = copy.deepcopy(config.load_study(ROOT / "config" / "config.yaml"))
+    study["defaults"]["sweep"]["rounds"] = 1
+    return study

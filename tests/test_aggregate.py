@@ -6,9 +6,9 @@ import pytest
 from cellbench import aggregate, report
 
 
-def _rows(cell, machine, batch, values, status="ok", effective=None):
+def _rows(cell, machine, batch, values, status="ok", effective=None, rounds=1):
     rows = []
-    for repeat, value in enumerate(values):
+    for round_, (repeat, value) in ((r, v) for r in range(1, rounds + 1) for v in enumerate(values)):
         rows.append(
             {
                 "machine_id": machine, "cell_id": f"{cell}-h", "cell_name": cell, "batch_size": batch,
@@ -18,7 +18,7 @@ def _rows(cell, machine, batch, values, status="ok", effective=None):
                 "quantization": None, "effective_dtype": "bfloat16", "effective_quantization": None,
                 "effective_eager": True, "effective_json": json.dumps(effective or {"dtype": "bfloat16"}),
                 "load_s": 30.0, "peak_memory_mb": 1000.0, "device_name": "cpu", "schema_version": 1,
-                "method_version": 1, "host_load_max": 0.5,
+                "method_version": 1, "host_load_max": 0.5, "round": round_,
             }
         )  # fmt: skip
     return rows
@@ -27,10 +27,11 @@ def _rows(cell, machine, batch, values, status="ok", effective=None):
 @pytest.fixture
 def rows():
     data = (
-        _rows("base", "m1", 1, [10.0, 10.0])
-        + _rows("fast", "m1", 1, [19.0, 21.0])
-        + _rows("base", "m1", 8, [80.0, 80.0])
-        + _rows("fast", "m1", 8, [40.0, 40.0])
+        # Three rounds alike on m1: intervals of width 0, so every difference there is significant.
+        _rows("base", "m1", 1, [10.0, 10.0], rounds=3)
+        + _rows("fast", "m1", 1, [19.0, 21.0], rounds=3)
+        + _rows("base", "m1", 8, [80.0, 80.0], rounds=3)
+        + _rows("fast", "m1", 8, [40.0, 40.0], rounds=3)
         + _rows("base", "m2", 1, [5.0])
         + _rows("fast", "m2", 1, [None], status="failed")
     )
@@ -43,8 +44,8 @@ def test_spread_and_ratio_to_baseline_on_the_same_machine(rows):
     assert fast["output_tok_s"] == 20.0
     assert (fast["output_tok_s_min"], fast["output_tok_s_max"]) == (19.0, 21.0)
     assert fast["output_tok_s_cv"] == pytest.approx(0.05)  # population std 1 / mean 20
-    assert fast["vs_baseline"] == 2.0
-    assert points.loc[("m1", "fast", 8)]["vs_baseline"] == 0.5
+    assert fast["vs_baseline"] == pytest.approx(2.0)
+    assert points.loc[("m1", "fast", 8)]["vs_baseline"] == pytest.approx(0.5)
     assert points.loc[("m2", "base", 1)]["vs_baseline"] == 1.0  # m2's own baseline, not m1's
     failed = points.loc[("m2", "fast", 1)]
     assert failed["status"] == "failed" and failed["repeats"] == 0 and pd.isna(failed["vs_baseline"])
@@ -60,7 +61,7 @@ def test_cv_flag_marks_noisy_points(rows):
 def test_fastest_per_point_names_winner_and_margin(rows):
     fastest = aggregate.fastest_per_point(aggregate.cell_points(rows, "base-h")).set_index(["machine_id", "batch_size"])
     assert fastest.loc[("m1", 1), "fastest"] == "fast"
-    assert fastest.loc[("m1", 1), "margin"] == 2.0
+    assert fastest.loc[("m1", 1), "margin"] == pytest.approx(2.0)
     assert fastest.loc[("m1", 8), "fastest"] == "base"
     assert pd.isna(fastest.loc[("m2", 1), "runner_up"])  # the other cell failed
 
@@ -69,7 +70,9 @@ def test_markdown_answers_which_is_fastest(rows, tmp_path):
     points = aggregate.cell_points(rows, "base-h")
     written = report.write_tables(points, "s", "base", tmp_path)
     text = written[0].read_text()
-    assert "| m1 | 1 × 128→64 | **fast** | 20.0 | 2.00× | 2.00× base |" in text
+    assert "| m1 | 1 × 128→64 | **fast** | 20.0 | 2.00× | 2.00× [2.00, 2.00] base |" in text
+    # m2 measured one round: no interval, so no verdict there.
+    assert "**Verdicts withheld on m2**" in text and "| m2 | 1 × 128→64 | withheld (see above) |" in text
     assert "## Cells that did not finish" in text
     assert pd.read_csv(written[1]).shape[0] == len(points)
 

@@ -29,9 +29,10 @@ def make_results(results: Path, study: dict, resolved: dict, machine: str = SOUR
     for cell_id, cell in resolved["cells"].items():
         context = {"study": resolved["study"], "machine_id": machine, "run_id": "r1", "config_hash": "h"}
         rows = measure.rows_for_cell(cell, None, context, status="failed", error="engine did not start")
-        metrics.write_parquet(results / "cells" / cell_id / "metrics.parquet", metrics.to_table(rows))
-        (results / "cells" / cell_id / "provenance.json").write_text(json.dumps({"cell": cell_id}))
-        (results / "cells" / cell_id / "engine.log").write_text(f"log of {cell_id}\n")
+        folder = results / "cells" / cell_id / "round-1"
+        metrics.write_parquet(folder / "metrics.parquet", metrics.to_table(rows))
+        (folder / "provenance.json").write_text(json.dumps({"cell": cell_id}))
+        (folder / "engine.log").write_text(f"log of {cell_id}\n")
     (results / "images").mkdir()
     for image in study["images"]:
         (results / "images" / f"{image}.json").write_text(json.dumps({"name": image, "tag": "cellbench/base:bookworm"}))

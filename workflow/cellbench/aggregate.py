@@ -8,7 +8,7 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 
-from . import effective, metrics
+from . import effective, metrics, stats
 
 POINT = ["batch_size", "input_len", "output_len"]
 KEY = ["machine_id", "cell_id", *POINT]
@@ -25,16 +25,29 @@ _SEVERITY = ("ok", "failed", "unsupported", "timeout")  # worst last
 CV_FLAG = 0.05  # a point whose repeats spread more than this is flagged, not trusted silently
 
 
-def cell_points(rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame, baseline_id: str) -> pd.DataFrame:
-    """Mean, min, max and coefficient of variation of output tok/s over repeats, per point,
-    with the ratio to the baseline cell measured on the same machine at the same point.
+def cell_points(
+    rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame, baseline_id: str, statistics: dict | None = None
+) -> pd.DataFrame:
+    """Per machine, cell and point: output tok/s as the mean of round means with its interval,
+    the spread between and within rounds, the min/max/CV of the repeats, and the ratio to the
+    baseline cell on the same machine and point with its interval and significance. Rounds the
+    host canary or sentinel flagged are left out (kept as rows in summary.parquet).
     Computed lazily with polars, which reads only the columns used; returned as pandas."""
+    settings = {**DEFAULT_STATISTICS, **(statistics or {})}
     frame = _lazy(rows)
     # In the schema's types; columns a row does not carry (added to the schema later) read as null.
     schema, names = metrics.polars_schema(), frame.collect_schema().names()
     frame = frame.with_columns(
         pl.col(c).cast(schema[c]) if c in names else pl.lit(None, schema[c]).alias(c) for c in metrics.COLUMNS
     )
+    # Files written before rounds existed hold one round.
+    frame = frame.with_columns(pl.col("round").fill_null(1))
+    flags = round_flags(frame, settings)
+    frame = frame.join(flags, on=["machine_id", "cell_id", "round"], how="left")
+    if settings["exclude_flagged"]:
+        trusted = frame.filter(pl.col("round_flag").is_null())
+    else:
+        trusted = frame
     # Per-point columns: the first non-null value, repeats in order (a failed repeat's error shows).
     first = (
         frame.sort("repeat", nulls_last=True, maintain_order=True)
@@ -42,9 +55,14 @@ def cell_points(rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame, bas
         .agg(pl.col(CELL_COLUMNS).drop_nulls().first())
     )
     rank = pl.col("status").replace_strict(_SEVERITY, range(len(_SEVERITY)), default=None)
-    # A point is ok only if every row of it is ok (a later failed repeat spoils the point).
-    worst = frame.group_by(KEY).agg(rank.max().alias("_rank"))
-    stats = _repeat_stats(frame.filter(pl.col("status") == "ok"))
+    # A round's point is ok only if every row of it is ok (a later failed repeat spoils it); a
+    # point is ok when one of its rounds is, and the rounds that failed are counted beside it.
+    per_round = frame.group_by(*KEY, "round").agg(rank.max().alias("_r"))
+    worst = per_round.group_by(KEY).agg(
+        pl.when(pl.col("_r").min() == 0).then(0).otherwise(pl.col("_r").max()).alias("_rank"),
+        (pl.col("_r") > 0).sum().cast(pl.Int64).alias("rounds_failed"),
+    )
+    stats = _repeat_stats(trusted.filter(pl.col("status") == "ok"))
     table = (
         first.join(stats, on=KEY, how="left", nulls_equal=True)
         .join(worst, on=KEY, how="left", nulls_equal=True)
@@ -56,11 +74,19 @@ def cell_points(rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame, bas
         )
         .drop("_rank")
     )
-    base = table.filter(pl.col("cell_id") == baseline_id).select("machine_id", *POINT, baseline_tok_s="output_tok_s")
+    means = round_means(trusted)
+    flagged = flags.group_by("machine_id", "cell_id").agg(
+        pl.len().alias("rounds_flagged"), pl.col("round_flag").sort().first().alias("round_flag")
+    )
+    canary = frame.group_by("machine_id", "cell_id").agg(pl.col(CANARY).median())
     table = (
-        table.join(base, on=["machine_id", *POINT], how="left", nulls_equal=True)
-        .with_columns(vs_baseline=pl.col("output_tok_s") / pl.col("baseline_tok_s"))
-        .drop("baseline_tok_s")
+        table.drop("output_tok_s")
+        .join(point_intervals(means, settings["confidence"]), on=KEY, how="left", nulls_equal=True)
+        .join(baseline_ratios(means, baseline_id, settings["confidence"]), on=KEY, how="left", nulls_equal=True)
+        .join(rounds_run(frame), on=KEY, how="left", nulls_equal=True)
+        .join(flagged, on=["machine_id", "cell_id"], how="left")
+        .join(canary, on=["machine_id", "cell_id"], how="left")
+        .with_columns(pl.col("rounds_flagged").fill_null(0).cast(pl.Int64))
         .sort(["machine_id", *POINT, "cell_name"], maintain_order=True)
     )
     cells = (
@@ -87,6 +113,147 @@ def cell_points(rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame, bas
         )
         .join(same_as, on=["machine_id", "cell_id"], how="left", maintain_order="left")
         .to_pandas()
+    )
+
+
+DEFAULT_STATISTICS = {"confidence": 0.95, "canary_tolerance": 0.1, "host_cpu_max": 0.25, "exclude_flagged": True}
+CANARY = ["canary_matmul_1t_gflops", "canary_matmul_all_gflops", "canary_memcpy_gb_s"]
+ROUND = ["machine_id", "cell_id", "round"]
+
+
+def round_flags(frame: pl.LazyFrame, settings: dict) -> pl.LazyFrame:
+    """(machine, cell, round, reason) of every round the host disturbed: other processes used
+    more than `host_cpu_max` cores (or the hypervisor stole as much) during a measured repeat, or
+    its canary was off the machine's median canary for the same image by more than
+    `canary_tolerance`. Rounds without sentinel or canary figures are never flagged."""
+    per_round = frame.group_by(ROUND + ["image"]).agg(
+        pl.col("host_foreign_cpu").max().alias("_foreign"),
+        pl.col("host_steal_cpu").max().alias("_steal"),
+        *(pl.col(c).drop_nulls().first() for c in CANARY),
+    )
+    medians = per_round.group_by("machine_id", "image").agg(pl.col(c).median().alias(f"_median_{c}") for c in CANARY)
+    per_round = per_round.join(medians, on=["machine_id", "image"], how="left", nulls_equal=True)
+    limit, tolerance = settings["host_cpu_max"], settings["canary_tolerance"]
+    reasons = [
+        pl.when(pl.col("_foreign") > limit).then(
+            pl.format("other processes used {} CPU cores", pl.col("_foreign").round(2))
+        ),
+        pl.when(pl.col("_steal") > limit).then(pl.format("the hypervisor stole {} CPU cores", pl.col("_steal").round(2))),
+        *(
+            pl.when((pl.col(c) / pl.col(f"_median_{c}") - 1).abs() > tolerance).then(
+                pl.format("canary {} at {}× the machine's median", pl.lit(c.removeprefix("canary_")),
+                          (pl.col(c) / pl.col(f"_median_{c}")).round(2))
+            )
+            for c in CANARY
+        ),
+    ]  # fmt: skip
+    return (
+        per_round.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("round_flag"))
+        .filter(pl.col("round_flag").is_not_null() & (pl.col("round_flag") != ""))
+        .select(*ROUND, "round_flag")
+    )
+
+
+def round_means(trusted: pl.LazyFrame) -> pl.LazyFrame:
+    """Per point and round: the mean output tok/s of its repeats, their count and variance; only
+    rounds whose every row at that point is ok (a round that failed midway does not count)."""
+    return (
+        trusted.group_by(*KEY, "round")
+        .agg(
+            (pl.col("status") == "ok").all().alias("_ok"),
+            pl.col("output_tok_s").mean().alias("round_tok_s"),
+            pl.col("output_tok_s").count().alias("round_repeats"),
+            pl.col("output_tok_s").var(ddof=1).alias("round_var"),
+        )
+        .filter(pl.col("_ok") & pl.col("round_tok_s").is_not_null())
+        .drop("_ok")
+    )
+
+
+def rounds_run(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Per point: how many rounds ran at all (ok, failed or flagged)."""
+    return frame.group_by(KEY).agg(pl.col("round").n_unique().alias("rounds_total"))
+
+
+def _t(confidence: float, df: pl.Expr) -> pl.Expr:
+    """Student's t critical value per row (scipy on the column: a handful of distinct dfs)."""
+    from scipy.stats import t
+
+    return df.map_batches(
+        lambda s: pl.Series(t.ppf(0.5 + confidence / 2, s.cast(pl.Float64).to_numpy())), return_dtype=pl.Float64
+    )
+
+
+def point_intervals(means: pl.LazyFrame, confidence: float) -> pl.LazyFrame:
+    """Mean of round means, its t interval (rounds >= 2), between- and within-round CV."""
+    n, mean, sd = pl.col("rounds"), pl.col("output_tok_s"), pl.col("_sd")
+    half = _t(confidence, n - 1) * sd / n.cast(pl.Float64).sqrt()
+    pooled = (pl.col("round_var") * (pl.col("round_repeats") - 1)).sum() / (pl.col("round_repeats") - 1).filter(
+        pl.col("round_var").is_not_null()
+    ).sum()
+    return (
+        means.group_by(KEY)
+        .agg(
+            pl.len().alias("rounds"),
+            pl.col("round_tok_s").mean().alias("output_tok_s"),
+            pl.col("round_tok_s").std(ddof=1).alias("_sd"),
+            pooled.alias("_within_var"),
+            # Kept for verdicts that compare two cells round by round (not written to CSV).
+            pl.col("round").sort().alias("round_numbers"),
+            pl.col("round_tok_s").sort_by("round").alias("round_means"),
+        )
+        .with_columns(
+            pl.when(n >= 2).then(mean - half).alias("output_tok_s_low"),
+            pl.when(n >= 2).then(mean + half).alias("output_tok_s_high"),
+            (sd / mean).alias("between_cv"),
+            (pl.col("_within_var").sqrt() / mean).alias("within_cv"),
+        )
+        .drop("_sd", "_within_var")
+    )
+
+
+def baseline_ratios(means: pl.LazyFrame, baseline_id: str, confidence: float) -> pl.LazyFrame:
+    """Ratio of each cell to the baseline at the same machine and point: paired on rounds (log
+    differences, t interval) where they share 2 or more, else the ratio of geometric means of
+    the round means with no interval. See stats.py for why."""
+    base = means.filter(pl.col("cell_id") == baseline_id).select(
+        "machine_id", *POINT, "round", _base=pl.col("round_tok_s")
+    )
+    paired = means.join(base, on=["machine_id", *POINT, "round"], how="inner", nulls_equal=True).with_columns(
+        _d=(pl.col("round_tok_s") / pl.col("_base")).log()
+    )
+    n, mean = pl.col("_pairs"), pl.col("_d_mean")
+    half = _t(confidence, n - 1) * pl.col("_d_sd") / n.cast(pl.Float64).sqrt()
+    paired = (
+        paired.group_by(KEY)
+        .agg(pl.len().alias("_pairs"), pl.col("_d").mean().alias("_d_mean"), pl.col("_d").std(ddof=1).alias("_d_sd"))
+        .filter(n >= 2)
+        .with_columns(
+            mean.exp().alias("vs_baseline"),
+            (mean - half).exp().alias("vs_baseline_low"),
+            (mean + half).exp().alias("vs_baseline_high"),
+        )
+    )
+    geo = means.group_by(KEY).agg(pl.col("round_tok_s").log().mean().alias("_log"))
+    base_geo = geo.filter(pl.col("cell_id") == baseline_id).select("machine_id", *POINT, _base_log=pl.col("_log"))
+    unpaired = geo.join(base_geo, on=["machine_id", *POINT], how="inner", nulls_equal=True).select(
+        *KEY, (pl.col("_log") - pl.col("_base_log")).exp().alias("_geo_ratio")
+    )
+    low, high = pl.col("vs_baseline_low"), pl.col("vs_baseline_high")
+    return (
+        unpaired.join(paired, on=KEY, how="left", nulls_equal=True)
+        .with_columns(
+            pl.col("vs_baseline").fill_null(pl.col("_geo_ratio")),
+            pl.when(low > 1)
+            .then(pl.lit("faster"))
+            .when(high < 1)
+            .then(pl.lit("slower"))
+            .when(low.is_not_null())
+            .then(pl.lit("same"))
+            .otherwise(pl.lit("unknown"))
+            .alias("vs_baseline_significance"),
+        )
+        .select(*KEY, "vs_baseline", "vs_baseline_low", "vs_baseline_high", "vs_baseline_significance")
     )
 
 
@@ -137,25 +304,41 @@ def describe_effective(effective_json: str | None) -> str:
     return ", ".join(str(p) for p in parts)
 
 
-def fastest_per_point(points: pd.DataFrame) -> pd.DataFrame:
-    """Per machine and point: the fastest ok cell, the runner-up, and by how much."""
+LIST_COLUMNS = ["round_numbers", "round_means"]
+
+
+def round_dict(row) -> dict[int, float]:
+    """{round: mean output tok/s} of a point row."""
+    numbers, means = row["round_numbers"], row["round_means"]
+    if numbers is None or means is None or (isinstance(numbers, float) and pd.isna(numbers)):
+        return {}
+    return {int(k): float(v) for k, v in zip(numbers, means, strict=True)}
+
+
+def fastest_per_point(points: pd.DataFrame, confidence: float = DEFAULT_STATISTICS["confidence"]) -> pd.DataFrame:
+    """Per machine and point: the fastest ok cell, named only when it is significantly faster
+    than the runner-up (else the tie: every cell not significantly slower than the best), with
+    the margin over the runner-up and its interval."""
     # Only the columns used: each group's sort would otherwise move all of them (0.5 s at 10,000 cells).
-    columns = ["machine_id", *POINT, "cell_name", "output_tok_s", "vs_baseline"]
+    columns = ["machine_id", *POINT, "cell_name", "output_tok_s", "vs_baseline", *LIST_COLUMNS]
     ok = points.loc[(points["status"] == "ok") & points["output_tok_s"].notna(), columns]
     rows = []
     for key, group in ok.groupby(["machine_id", *POINT]):
-        ranked = group.sort_values("output_tok_s", ascending=False)
-        best = ranked.iloc[0]
-        second = ranked.iloc[1] if len(ranked) > 1 else None
+        means = {row["cell_name"]: round_dict(row) for row in group.to_dict("records")}
+        leaders, margin, runner_up = stats.rank(means, confidence)
+        best = group.set_index("cell_name").loc[leaders[0]]
         rows.append(
             {
                 **dict(zip(["machine_id", *POINT], key, strict=True)),
-                "fastest": best["cell_name"],
+                "fastest": leaders[0] if len(leaders) == 1 else None,
+                "tied": leaders if len(leaders) > 1 else [],
                 "output_tok_s": best["output_tok_s"],
                 "vs_baseline": best["vs_baseline"],
-                "runner_up": None if second is None else second["cell_name"],
-                "margin": None if second is None else best["output_tok_s"] / second["output_tok_s"],
-                "cells": len(ranked),
+                "runner_up": runner_up,
+                "margin": None if margin is None else margin.estimate,
+                "margin_low": None if margin is None else margin.low,
+                "margin_high": None if margin is None else margin.high,
+                "cells": len(group),
             }
         )
     return pd.DataFrame(rows)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import metrics
+from . import metrics, paths
 
 FORMAT = "cellbench-archive"
 FORMAT_VERSION = 1
@@ -38,7 +38,8 @@ CELL_FILES = ("metrics.parquet", "provenance.json", "engine.log")
 # Every path an archive may hold besides MANIFEST.json; anything else is refused.
 MEMBER_RE = re.compile(
     rf"^(study/(config|resolved)\.json"
-    rf"|cells/{ID}/(metrics\.parquet|provenance\.json|engine\.log)"
+    # cells/<id>/round-<k>/...; archives made before rounds hold cells/<id>/... (one round).
+    rf"|cells/{ID}/(round-[1-9][0-9]{{0,2}}/)?(metrics\.parquet|provenance\.json|engine\.log)"
     rf"|images/{ID}\.json|images/{ID}\.docker\.tar"
     rf"|models/{ID}/manifest\.json)$"
 )
@@ -102,12 +103,15 @@ def plan_members(study: dict, resolved: dict, results: Path) -> tuple[dict[str, 
     missing = []
     images, models = set(), set()
     for cell_id, cell in sorted(resolved["cells"].items()):
-        cell_dir = results / "cells" / cell_id
-        if not all((cell_dir / name).is_file() for name in CELL_FILES):
+        # Every round of the cell that finished (a round is its three files or nothing).
+        rounds = [f"cells/{cell_id}/{paths.ROUND_DIR.format(round=k)}" for k in range(1, cell["sweep"]["rounds"] + 1)]
+        rounds = [rel for rel in rounds if all((results / rel / name).is_file() for name in CELL_FILES)]
+        if not rounds:
             missing.append(cell_id)
             continue
-        for name in CELL_FILES:
-            members[f"cells/{cell_id}/{name}"] = cell_dir / name
+        for rel in rounds:
+            for name in CELL_FILES:
+                members[f"{rel}/{name}"] = results / rel / name
         images.add(cell["image"])
         models.add(cell["model"])
     for model in sorted(models):
@@ -298,7 +302,10 @@ def check_metrics(rel: str, data: bytes, machine_id: str) -> None:
     except (pa.ArrowException, OSError) as exc:
         raise ArchiveError(rel, f"not readable Parquet ({str(exc).splitlines()[0]})") from None
     version = metrics.stored_schema_version(file)
-    if version != str(metrics.SCHEMA_VERSION) or table.schema.names != list(metrics.COLUMNS):
+    # Older cellbench versions wrote fewer (nullable) columns; they read as "not measured".
+    names = table.schema.names
+    missing = set(metrics.COLUMNS) - set(names) - metrics.OPTIONAL_COLUMNS
+    if version != str(metrics.SCHEMA_VERSION) or missing or not set(names) <= set(metrics.COLUMNS):
         raise ArchiveError(rel, f"Parquet schema_version {version} or columns differ from this cellbench's")
     cell_id = rel.split("/")[1]
     for column, expected in (("machine_id", machine_id), ("cell_id", cell_id)):

@@ -71,13 +71,18 @@ def cmd_run_cell(args) -> int:
 
 
 def cmd_aggregate(args) -> int:
-    from . import aggregate, machines, report
+    from . import aggregate, compare, machines, report
 
     metrics.combine_metrics(args.metrics, args.summary)
-    points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id)
-    written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables))
+    statistics = json.loads(args.statistics) if args.statistics else None
+    points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id, statistics)
+    confidence = (statistics or aggregate.DEFAULT_STATISTICS)["confidence"]
+    written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables), confidence)
     written += machines.write_tables(points, args.machine_id, Path(args.tables))
     print("cellbench: tables: " + ", ".join(str(p) for p in written))
+    run = compare.snapshot(Path(args.summary), args.machine_id or provenance.machine_id(None))
+    if run:
+        print(f"cellbench: this machine's rows kept as run {run.stem} (cellbench compare {run.stem} LATER_RUN)")
     return 0
 
 
@@ -85,7 +90,8 @@ def cmd_explain(args) -> int:
     """summary.parquet -> diagnostics.md, verdicts.md, plots and the HTML report."""
     from . import aggregate, expectations, explain, plots, report_html  # matplotlib only where plots are drawn
 
-    points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id)
+    statistics = json.loads(args.statistics) if args.statistics else None
+    points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id, statistics)
     points = explain.with_roofline(points, json.loads(args.bandwidth)) if not points.empty else points
     cells = explain.cells(points)
     verdicts = expectations.verdicts(points, json.loads(args.expectations))
@@ -110,10 +116,36 @@ def cmd_rerun(args) -> int:
         names = ", ".join(sorted(c["name"] for c in study["cells"].values()))
         print(f"cellbench: no cell named {args.cell!r} in {args.configfile} (cells: {names})", file=sys.stderr)
         return 2
-    target = str(paths.cell_metrics(matches[0]["id"]))
-    argv = ["snakemake", "--cores", "1", "--configfile", args.configfile, "--forcerun", target]
+    # Every round of the cell, interleaved with nothing else: the other cells' rounds stand.
+    targets = [str(path) for path in paths.round_files({matches[0]["id"]: matches[0]})]
+    argv = ["snakemake", "--cores", "1", "--configfile", args.configfile, "--forcerun", *targets, "--", "all"]
     print("$ " + " ".join(argv), file=sys.stderr)
     return subprocess.run(argv).returncode
+
+
+def cmd_compare(args) -> int:
+    """Two runs of a study on this machine (or two results folders), cell by cell and point by point."""
+    from . import compare
+
+    if not 0 < args.confidence < 1:
+        print(f"cellbench: --confidence {args.confidence}: expected a level between 0 and 1, e.g. 0.95", file=sys.stderr)
+        return 2
+    try:
+        a, b = compare.load(args.run_a), compare.load(args.run_b)
+        table = compare.compare(a, b, args.confidence)
+    except compare.CompareError as exc:
+        print(f"cellbench: {exc}", file=sys.stderr)
+        return 2
+    print(compare.render(table, args.run_a, args.run_b, args.confidence))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from . import compare
+
+    runs = compare.list_runs()
+    print("\n".join(runs) if runs else "no runs yet: `snakemake --cores 1` keeps one each time the tables change")
+    return 0
 
 
 def cmd_archive(args) -> int:
@@ -202,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configfile", default=DEFAULT_STUDY)
     p.set_defaults(func=cmd_rerun)
 
+    p = sub.add_parser("compare", help="two runs (ids from `cellbench runs`, or results folders), with significance")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("runs", help="runs of this machine kept for `cellbench compare`")
+    p.set_defaults(func=cmd_runs)
+
     p = sub.add_parser("clean", help="remove leftover containers of cellbench runs whose runner is gone")
     p.add_argument("--containers", action="store_true", help="cell containers (label cellbench.cell)")
     p.add_argument("--origin", help="only those started from this working directory")
@@ -227,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--cell", "--study", "--config-hash", "--image-manifest", "--model-dir"):
         p.add_argument(flag, required=True)
     p.add_argument("--machine-id", default=None)
+    p.add_argument("--round", type=int, default=1, help="round of the cell (a fresh container and engine load)")
     p.add_argument("--runtime", choices=runtimes.RUNTIMES, help="default: CELLBENCH_RUNTIME, else docker")
     p.set_defaults(func=cmd_run_cell)
 
@@ -234,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--study", "--baseline-id", "--baseline-name", "--summary", "--tables"):
         p.add_argument(flag, required=True)
     p.add_argument("--machine-id", default=None, help="this machine: the reference of machines.md")
+    p.add_argument("--statistics", default=None, help="the study's statistics settings as JSON")
     p.add_argument("metrics", nargs="*")
     p.set_defaults(func=cmd_aggregate)
 
@@ -257,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, required=True)
     p.add_argument("--expectations", default="[]", help="the study's expectations as JSON")
     p.add_argument("--bandwidth", default="{}", help="the study's bandwidth_gb_s as JSON")
+    p.add_argument("--statistics", default=None, help="the study's statistics settings as JSON")
     p.set_defaults(func=cmd_explain)
     return parser
 

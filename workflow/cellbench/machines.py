@@ -28,20 +28,24 @@ COMPARED = [
 def imported_metrics(results: Path = paths.RESULTS) -> list[str]:
     """Imported metrics files to aggregate: per machine and cell, only the newest archive's
     (archive ids are UTC stamps), so a machine that shared twice is not counted twice."""
-    pattern = str(results / "imported" / "*" / "*" / "cells" / "*" / "metrics.parquet")
-    return newest_per_machine_cell(sorted(glob.glob(pattern)))
+    base = results / "imported" / "*" / "*" / "cells" / "*"
+    # One file per round; archives made before rounds hold one file per cell.
+    files = glob.glob(str(base / "round-*" / "metrics.parquet")) + glob.glob(str(base / "metrics.parquet"))
+    return newest_per_machine_cell(sorted(files))
 
 
 def newest_per_machine_cell(files: list[str]) -> list[str]:
-    """.../imported/<machine>/<archive>/cells/<cell>/metrics.parquet: keep the greatest archive
-    per (machine, cell)."""
-    chosen: dict[tuple[str, str], tuple[str, str]] = {}
+    """.../imported/<machine>/<archive>/cells/<cell>/[round-<k>/]metrics.parquet: keep the files
+    of the greatest archive per (machine, cell)."""
+    newest: dict[tuple[str, str], str] = {}
+    found = []
     for path in files:
         parts = Path(path).parts
-        machine, archive, cell = parts[-5], parts[-4], parts[-2]
-        if (machine, cell) not in chosen or archive > chosen[(machine, cell)][0]:
-            chosen[(machine, cell)] = (archive, path)
-    return sorted(path for _, path in chosen.values())
+        at = len(parts) - 1 - parts[::-1].index("cells")
+        machine, archive, cell = parts[at - 2], parts[at - 1], parts[at + 1]
+        found.append((machine, cell, archive, path))
+        newest[(machine, cell)] = max(archive, newest.get((machine, cell), archive))
+    return sorted(path for machine, cell, archive, path in found if archive == newest[(machine, cell)])
 
 
 def machine_order(machines, local: str) -> list[str]:

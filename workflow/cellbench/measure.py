@@ -164,6 +164,8 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
         "settings_json": json.dumps(cell, sort_keys=True),
         "effective_json": json.dumps(effective, sort_keys=True) if effective else None,
         "host_load_max": context.get("host_load_max"),
+        "round": context.get("round"),
+        **canary_columns(raw.get("canary")),
     }
     rows = []
     measured: dict[tuple, int] = {}
@@ -175,6 +177,8 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
                 **base,
                 **{k: point[k] for k in ("batch_size", "input_len", "output_len", "repeat")},
                 **point_metrics(point),
+                "host_foreign_cpu": point.get("host_foreign_cpu"),
+                "host_steal_cpu": point.get("host_steal_cpu"),
                 "status": "ok",
                 "error": None,
             }
@@ -193,6 +197,15 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
             }
         )
     return rows
+
+
+def canary_columns(canary: dict | None) -> dict:
+    """The host canary's figures as columns (null where it did not run or had no numpy)."""
+    canary = canary or {}
+    return {
+        f"canary_{key}": canary.get(key) if isinstance(canary.get(key), int | float) else None
+        for key in ("matmul_1t_gflops", "matmul_all_gflops", "memcpy_gb_s")
+    }
 
 
 def _engine_version(engine: str, raw: dict) -> str | None:

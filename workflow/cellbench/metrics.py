@@ -88,7 +88,17 @@ COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
     "itl_p50_s": (_F64, True, "inter-token latency, median; serve mode"),
     "itl_p90_s": (_F64, True, "inter-token latency, 90th percentile; serve mode"),
     "itl_p99_s": (_F64, True, "inter-token latency, 99th percentile; serve mode"),
+    # Rounds and the host's fitness (null in files written before rounds: "not measured").
+    "round": (_INT, True, "round of the cell (a fresh container and engine load), from 1"),
+    "canary_matmul_1t_gflops": (_F64, True, "host canary before the engine loaded: float32 matmul, 1 thread"),
+    "canary_matmul_all_gflops": (_F64, True, "host canary: float32 matmul, one process per CPU of the cell"),
+    "canary_memcpy_gb_s": (_F64, True, "host canary: memory copy, bytes read + written per second"),
+    "host_foreign_cpu": (_F64, True, "CPU cores used outside the cell's container during the repeat"),
+    "host_steal_cpu": (_F64, True, "CPU cores the hypervisor stole during the repeat"),
 }
+# Columns a file may lack: it was written before they existed, and they read as null. A missing
+# required column makes a file unreadable.
+OPTIONAL_COLUMNS = {name for name, (_, nullable, _) in COLUMNS.items() if nullable}
 
 SCHEMA = pa.schema(
     [pa.field(name, typ, nullable=nullable) for name, (typ, nullable, _) in COLUMNS.items()],

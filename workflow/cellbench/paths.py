@@ -3,6 +3,7 @@
 from pathlib import Path
 
 RESULTS = Path("results")
+LOGS = RESULTS / "logs"
 
 
 def image_manifest(image: str) -> Path:

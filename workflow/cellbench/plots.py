@@ -51,7 +51,17 @@ def throughput(points: pd.DataFrame, path: Path) -> None:
         machine, cell, inp, out = key
         name = f"{cell} @ {machine}" if several else cell
         group = group.sort_values("batch_size")
-        ax.plot(group["batch_size"], group["output_tok_s"], marker="o", label=f"{name} ({inp}→{out})")
+        # Error bars: the interval over rounds (none where a point has fewer than 2 rounds).
+        low = (group["output_tok_s"] - group["output_tok_s_low"]).fillna(0) if "output_tok_s_low" in group else None
+        high = (group["output_tok_s_high"] - group["output_tok_s"]).fillna(0) if "output_tok_s_high" in group else None
+        ax.errorbar(
+            group["batch_size"],
+            group["output_tok_s"],
+            yerr=None if low is None else [low, high],
+            marker="o",
+            capsize=3,
+            label=f"{name} ({inp}→{out})",
+        )
     if ok.empty:
         _empty(ax, "no point measured successfully")
     else:
@@ -59,7 +69,7 @@ def throughput(points: pd.DataFrame, path: Path) -> None:
         ax.set_xticks(sorted(ok["batch_size"].unique()), labels=[str(b) for b in sorted(ok["batch_size"].unique())])
         ax.set_xlabel("batch size (requests submitted together)")
         ax.set_ylabel("output tokens / s")
-        ax.set_title("Decode throughput by batch size")
+        ax.set_title("Decode throughput by batch size (bars: interval over rounds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, path)

@@ -44,6 +44,45 @@ def _spread(row) -> str:
     return text + (" ⚠" if row["cv_flag"] else "")
 
 
+def _interval(row, low: str, high: str, spec: str = ".1f") -> str:
+    if pd.isna(row.get(low)):
+        return "—"
+    return f"[{_fmt(row[low], spec)}, {_fmt(row[high], spec)}]"
+
+
+def _rounds(row) -> str:
+    """'3/3', or '2/3 (1 flagged)': rounds in the figures / rounds run."""
+    used, total = int(row.get("rounds") or 0) if pd.notna(row.get("rounds")) else 0, row.get("rounds_total")
+    text = f"{used}/{int(total)}" if pd.notna(total) else "—"
+    notes = []
+    if row.get("rounds_flagged"):
+        notes.append(f"{int(row['rounds_flagged'])} flagged")
+    if row.get("rounds_failed"):
+        notes.append(f"{int(row['rounds_failed'])} failed")
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _round_spread(row) -> str:
+    """Between-round CV / within-round CV (repeats inside one engine load agree more closely)."""
+    between, within = row.get("between_cv"), row.get("within_cv")
+    if pd.isna(between) and pd.isna(within):
+        return "—"
+    return f"{_fmt(between, '.1%')} / {_fmt(within, '.1%')}"
+
+
+def ratio_text(row) -> str:
+    """'0.52× [0.50, 0.54]', '≈ 1.01× [0.97, 1.05]' (interval holds 1: no significant difference),
+    or '1.01× (no interval)' with fewer than 2 paired rounds."""
+    value = row.get("vs_baseline")
+    if value is None or pd.isna(value):
+        return "—"
+    significance = row.get("vs_baseline_significance")
+    if significance == "unknown" or pd.isna(row.get("vs_baseline_low")):
+        return f"{_ratio(value)} (no interval)"
+    interval = f"{_ratio(value)} [{_fmt(row['vs_baseline_low'], '.2f')}, {_fmt(row['vs_baseline_high'], '.2f')}]"
+    return f"≈ {interval}" if significance == "same" else interval
+
+
 def busy_cells(cells: pd.DataFrame, cores: int | None = None) -> list[str]:
     """Cells measured while the host was oversubscribed (load average above its core count)."""
     if cells.empty or "host_load_max" not in cells:
@@ -82,15 +121,92 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, baseline_name: str) -> str:
+MIN_ROUNDS = 2  # an interval needs two rounds; fewer and no verdict is stated
+
+
+def withheld(points: pd.DataFrame) -> dict[str, str]:
+    """Per machine whose verdicts are withheld, why and what to do: some measured point has fewer
+    than MIN_ROUNDS trusted rounds, so no interval and no verdict can be stated as fact."""
+    if points.empty:
+        return {}
+    reasons = {}
+    ok = points[points["status"] == "ok"]
+    for machine, group in ok.groupby("machine_id", sort=True):
+        short = group[group["rounds"].fillna(0) < MIN_ROUNDS]
+        if short.empty:
+            continue
+        cells = group.drop_duplicates("cell_id")
+        flagged, total = int(cells["rounds_flagged"].sum()), int(cells["rounds_total"].max())
+        why = f"{len(short)} of {len(group)} measured points have fewer than {MIN_ROUNDS} trusted rounds"
+        if flagged:
+            why += f" ({flagged} round(s) flagged: {cells['round_flag'].dropna().iloc[0]})"
+        todo = (
+            "quiet the host (`cellbench doctor` lists what disturbs it) and rerun"
+            if flagged
+            else f"add rounds (`sweep.rounds`, now {total}: each is a fresh engine load)"
+        )
+        reasons[machine] = f"{why}; {todo}"
+    return reasons
+
+
+def host_lines(points: pd.DataFrame) -> list[str]:
+    """Flagged rounds and each machine's canary: is the host fit to be measured right now?"""
+    if points.empty or "canary_matmul_1t_gflops" not in points:
+        return []
+    out = []
+    cells = points.drop_duplicates(["machine_id", "cell_id"])
+    for machine, group in cells.groupby("machine_id", sort=True):
+        flagged = group[group["rounds_flagged"] > 0]
+        canary = group["canary_matmul_1t_gflops"].median()
+        memcpy = group["canary_memcpy_gb_s"].median()
+        line = f"- **{machine}**: canary {_fmt(canary)} GFLOP/s matmul (1 thread), {_fmt(memcpy)} GB/s memcpy"
+        if flagged.empty:
+            line += "; no round flagged."
+        else:
+            names = ", ".join(f"{r['cell_name']} ({int(r['rounds_flagged'])}: {r['round_flag']})" for _, r in flagged.iterrows())
+            line += f"; flagged rounds, left out of the figures: {names}."
+        out.append(line)
+    return ["", "## Host", "", *out]
+
+
+def _fastest_rows(fastest: pd.DataFrame, withheld_on: dict[str, str]) -> list[list[str]]:
+    rows = []
+    for _, row in fastest.iterrows():
+        if row["machine_id"] in withheld_on:
+            rows.append([row["machine_id"], _point(row), "withheld (see above)", "—", "—", "—"])
+            continue
+        if isinstance(row["fastest"], str):
+            name = f"**{row['fastest']}**"
+            margin = "only cell"
+            if isinstance(row["runner_up"], str):
+                margin = f"{_ratio(row['margin'])} [{_fmt(row['margin_low'], '.2f')}, {_fmt(row['margin_high'], '.2f')}] {row['runner_up']}"
+        else:
+            name = "tie: " + ", ".join(row["tied"])
+            margin = "≈ no significant difference"
+        rows.append([row["machine_id"], _point(row), name, _fmt(row["output_tok_s"]), _ratio(row["vs_baseline"]), margin])
+    return rows
+
+
+def summary_markdown(
+    points: pd.DataFrame, fastest: pd.DataFrame, study: str, baseline_name: str, confidence: float = 0.95
+) -> str:
     out = [f"# cellbench — {study}", ""]
     machines = sorted(points["machine_id"].unique()) if not points.empty else []
     cells = points.drop_duplicates(["machine_id", "cell_id"]) if not points.empty else points
     ok_cells = int((cells["status"] == "ok").sum()) if not cells.empty else 0
     out.append(
         f"Machines: {', '.join(machines) or 'none'}. Cells: {len(cells)} ({ok_cells} ok). "
-        f"Baseline: `{baseline_name}`. Figures are output tokens/s, mean over repeats."
+        f"Baseline: `{baseline_name}`. Figures are output tokens/s: the mean over rounds (each round a "
+        f"fresh container and engine load) of the mean over repeats, with its {confidence:.0%} interval "
+        "over rounds."
     )
+    withheld_on = withheld(points)
+    for machine, reason in withheld_on.items():
+        out += [
+            "",
+            f"⚠ **Verdicts withheld on {machine}**: {reason}. No cell is named fastest and no ratio "
+            "is stated as a difference until then.",
+        ]
     busy = busy_cells(cells)
     if busy:
         out += [
@@ -103,29 +219,22 @@ def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, ba
     if fastest.empty:
         out.append("No point was measured successfully.")
     else:
-        rows = []
-        for _, row in fastest.iterrows():
-            margin = "only cell" if pd.isna(row["runner_up"]) else f"{_ratio(row['margin'])} {row['runner_up']}"
-            rows.append(
-                [
-                    row["machine_id"],
-                    _point(row),
-                    f"**{row['fastest']}**",
-                    _fmt(row["output_tok_s"]),
-                    _ratio(row["vs_baseline"]),
-                    margin,
-                ]
-            )
         out.append(
-            markdown_table(
-                ["machine", "batch × in→out", "fastest", "output tok/s", "× baseline", "ahead of runner-up by"],
-                rows,
-            )
+            "A cell is named fastest only when it is significantly faster than the runner-up (the "
+            f"{confidence:.0%} interval of their ratio, paired by round, lies above 1); otherwise the "
+            "cells not significantly slower than the best are listed as a tie."
         )
+        out.append("")
+        headers = ["machine", "batch × in→out", "fastest", "output tok/s", "× baseline", "ahead of runner-up by"]
+        out.append(markdown_table(headers, _fastest_rows(fastest, withheld_on)))
+    out += host_lines(points)
     out += ["", "## Every cell and point", ""]
     shown, cut = listed(points, "cell points")
     rows = []
     for row in shown.to_dict("records"):  # iterrows builds a Series per row: minutes at 10,000 cells
+        ratio = "baseline" if row["cell_name"] == baseline_name else ratio_text(row)
+        if row["machine_id"] in withheld_on and ratio.endswith("]"):
+            ratio += " (withheld)"
         rows.append(
             [
                 row["machine_id"],
@@ -133,8 +242,11 @@ def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, ba
                 row["status"],
                 _point(row),
                 _fmt(row["output_tok_s"]),
+                _interval(row, "output_tok_s_low", "output_tok_s_high"),
+                _rounds(row),
+                _round_spread(row),
                 _spread(row),
-                _ratio(row["vs_baseline"]),
+                ratio,
                 _latency(row),
                 _fmt(row["load_s"]),
                 row["engine_ran"] + (f" ⚠ {row['same_as']}" if isinstance(row.get("same_as"), str) else ""),
@@ -143,16 +255,9 @@ def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, ba
     out.append(
         markdown_table(
             [
-                "machine",
-                "cell",
-                "status",
-                "batch × in→out",
-                "output tok/s",
-                "min–max, CV",
-                "× baseline",
-                "p50 latency s ±CV",
-                "load s",
-                "engine actually ran",
+                "machine", "cell", "status", "batch × in→out", "output tok/s", f"{confidence:.0%} interval",
+                "rounds", "CV between / within rounds", "repeats min–max, CV", "× baseline [interval]",
+                "p50 latency s ±CV", "load s", "engine actually ran",
             ],  # fmt: skip
             rows,
         )
@@ -172,8 +277,13 @@ def summary_markdown(points: pd.DataFrame, fastest: pd.DataFrame, study: str, ba
         out += cut
     out += [
         "",
-        f"⚠ marks a point whose repeats vary by more than {aggregate.CV_FLAG:.0%} (coefficient of variation).",
-        "Per-repeat rows with full provenance: `results/summary.parquet`; per cell: `results/cells/<cell_id>/`.",
+        "≈ marks a ratio whose interval contains 1: no significant difference. A round is flagged when "
+        "other processes used CPU during its measurements or its host canary was off the machine's median; "
+        "flagged rounds stay in `summary.parquet` but not in the figures.",
+        f"⚠ marks a point whose repeats vary by more than {aggregate.CV_FLAG:.0%} (coefficient of variation); "
+        "repeats share one engine load, so their spread understates a rerun's: the interval is over rounds.",
+        "Per-repeat rows with full provenance: `results/summary.parquet`; per round: "
+        "`results/cells/<cell_id>/round-<k>/`.",
         "",
     ]
     return "\n".join(out)
@@ -184,10 +294,13 @@ def csv_text(frame: pd.DataFrame) -> str:
     return pl.from_pandas(frame).write_csv()
 
 
-def write_tables(points: pd.DataFrame, study: str, baseline_name: str, tables_dir: Path) -> list[Path]:
-    fastest = aggregate.fastest_per_point(points) if not points.empty else pd.DataFrame()
+def write_tables(
+    points: pd.DataFrame, study: str, baseline_name: str, tables_dir: Path, confidence: float = 0.95
+) -> list[Path]:
+    fastest = aggregate.fastest_per_point(points, confidence) if not points.empty else pd.DataFrame()
     md = tables_dir / "summary.md"
     csv = tables_dir / "summary.csv"
-    write_text_atomic(md, summary_markdown(points, fastest, study, baseline_name))
-    write_text_atomic(csv, csv_text(points.drop(columns=["effective_json"], errors="ignore")))
+    write_text_atomic(md, summary_markdown(points, fastest, study, baseline_name, confidence))
+    dropped = ["effective_json", *aggregate.LIST_COLUMNS]
+    write_text_atomic(csv, csv_text(points.drop(columns=dropped, errors="ignore")))
     return [md, csv]

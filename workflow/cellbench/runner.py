@@ -135,9 +135,11 @@ def run_cell(
     machine: str,
     image_manifest: dict,
     model_dir: Path,
+    round: int = 1,
     runtime: str = "docker",
 ) -> str:
-    """Run the cell; write metrics.parquet, provenance.json, engine.log; return its status."""
+    """Run one round of the cell; write its metrics.parquet, provenance.json, engine.log;
+    return its status."""
     lifecycle.ensure_runtime(runtime)
     run_id = new_run_id()
     cell_dir = paths.cell_dir(cell["id"])
@@ -195,6 +197,7 @@ def run_cell(
             "git_sha": provenance.git_sha(),
             "image_id": image_manifest["image_id"],
             "host_load_max": host_load_max,
+            "round": round,
         }
         rows = measure.rows_for_cell(cell, raw, context, status=status, error=error)
         explained = explain(cell, raw, log_text, error, model_dir, model_manifest)
@@ -224,11 +227,12 @@ def run_cell(
         # renames on the same file system publish the cell, so a full disk leaves nothing half.
         metrics.write_parquet(work / "metrics.parquet", table)
         metrics.write_json_atomic(work / "provenance.json", record)
+        paths.round_dir(cell["id"], round).mkdir(parents=True, exist_ok=True)
         _publish(
             {
-                work / "metrics.parquet": paths.cell_metrics(cell["id"]),
-                work / "provenance.json": paths.cell_provenance(cell["id"]),
-                work / "engine.log": paths.cell_log(cell["id"]),
+                work / "metrics.parquet": paths.cell_metrics(cell["id"], round),
+                work / "provenance.json": paths.cell_provenance(cell["id"], round),
+                work / "engine.log": paths.cell_log(cell["id"], round),
             }
         )
         return record["status"]
@@ -318,6 +322,7 @@ def main_run_cell(args) -> int:
             machine=args.machine_id,
             image_manifest=manifest,
             model_dir=Path(args.model_dir),
+            round=args.round,
             runtime=args.runtime,
         )
     except Interrupted as exc:

@@ -61,3 +61,18 @@ def job_resources(cell: dict) -> dict:
         }
     except ConfigError as error:
         raise ConfigError(f"config: cell {cell['name']}: {error}") from None
+
+
+def round_priorities(cells: dict) -> dict[tuple[str, int], int]:
+    """Snakemake priority of every (cell id, round): all rounds 1 first, then all rounds 2, ...,
+    so a slow drift of the host touches every cell alike. Inside a round the cell order reverses
+    every other round, so no cell always runs first (right after an image build, say)."""
+    ids = sorted(cells)
+    most = max((cell["sweep"]["rounds"] for cell in cells.values()), default=1)
+    priorities = {}
+    for k in range(1, most + 1):
+        order = ids if k % 2 else ids[::-1]
+        for position, cell_id in enumerate(order):
+            if k <= cells[cell_id]["sweep"]["rounds"]:
+                priorities[(cell_id, k)] = (most - k + 1) * len(ids) - position
+    return priorities

@@ -71,17 +71,17 @@ def mean_interval(values: Sequence[float], confidence: float = DEFAULT_CONFIDENC
 
 
 def ratio_interval(
-    a: dict[int, float], b: dict[int, float], confidence: float = DEFAULT_CONFIDENCE
+    a: dict[int, float], b: dict[int, float], confidence: float = DEFAULT_CONFIDENCE, paired: bool = True
 ) -> Interval | None:
     """a / b from round means keyed by round number: paired on the rounds both have (2 or more),
-    else Welch on log means. The estimate is the geometric mean of the ratio; None when either
-    side has no round."""
+    else (or when `paired` is false: rounds of two different runs) Welch on log means. The
+    estimate is the geometric mean of the ratio; None when either side has no round."""
     a = {k: v for k, v in a.items() if v and v > 0}
     b = {k: v for k, v in b.items() if v and v > 0}
     if not a or not b:
         return None
     common = sorted(set(a) & set(b))
-    if len(common) >= 2:
+    if paired and len(common) >= 2:
         diffs = [math.log(a[k]) - math.log(b[k]) for k in common]
         mean = _mean(diffs)
         half = t_quantile(confidence, len(diffs) - 1) * math.sqrt(_var(diffs) / len(diffs))

@@ -5,11 +5,7 @@
 
 rule archive:
     input:
-        cells=expand(
-            "results/cells/{cell_id}/{name}",
-            cell_id=sorted(CELLS),
-            name=["metrics.parquet", "provenance.json", "engine.log"],
-        ),
+        cells=[path for name in paths.ROUND_FILES for path in paths.round_files(CELLS, name)],
         images=sorted({paths.image_manifest(cell["image"]) for cell in CELLS.values()}),
         models=sorted({paths.model_manifest(cell["model"]) for cell in CELLS.values()}),
     log:

@@ -1,4 +1,5 @@
-# One container per cell. A cell's own failure is rows with a status, not a failed job.
+# One container per round of a cell. A cell's own failure is rows with a status, not a failed
+# job. Rounds interleave: every cell's round 1 runs before any round 2 (priorities).
 
 
 rule run_cell:
@@ -7,14 +8,16 @@ rule run_cell:
         model=lambda wildcards: paths.model_manifest(CELLS[wildcards.cell_id]["model"]),
         bench=ROOT / "scripts" / "bench_cell.py",
     output:
-        metrics="results/cells/{cell_id}/metrics.parquet",
-        provenance="results/cells/{cell_id}/provenance.json",
-        engine_log="results/cells/{cell_id}/engine.log",
+        metrics=paths.cell_metrics("{cell_id}", "{round}"),
+        provenance=paths.cell_provenance("{cell_id}", "{round}"),
+        engine_log=paths.cell_log("{cell_id}", "{round}"),
     log:
-        "results/logs/cells/{cell_id}.log",
+        paths.LOGS / "cells" / "{cell_id}" / "round-{round}.log",
     wildcard_constraints:
         # The shape of an id, not an alternation of every id (that regex makes 10k-cell DAGs slow).
         cell_id=r"[a-z0-9_.-]+-[0-9a-f]{10}",
+        round=r"[1-9][0-9]*",
+    priority: lambda wildcards: ROUND_PRIORITY[(wildcards.cell_id, int(wildcards.round))]
     resources:
         # One Slurm job per cell asks for the cell's own CPUs, memory, GPUs and time limit.
         cpus_per_task=lambda wildcards: JOBS[wildcards.cell_id]["cpus_per_task"],
@@ -32,4 +35,4 @@ rule run_cell:
     shell:
         "cellbench run-cell --cell {params.cell:q} --study {params.study} "
         "--config-hash {params.config_hash} --machine-id {params.machine_id} "
-        "--image-manifest {input.image} --model-dir {params.model_dir} 2> {log}"
+        "--image-manifest {input.image} --model-dir {params.model_dir} --round {wildcards.round} 2> {log}"

@@ -32,8 +32,9 @@ rule explain:
         baseline_name=CELLS[STUDY["baseline"]]["name"],
         expectations=json.dumps(config.get("expectations", [])),
         bandwidth=json.dumps(config.get("bandwidth_gb_s", {})),
+        statistics=json.dumps(STUDY["statistics"], sort_keys=True),
     shell:
-        "cellbench explain --summary {input.summary} --study {params.study} "
+        "cellbench explain --summary {input.summary} --study {params.study} --statistics {params.statistics:q} "
         "--baseline-id {params.baseline_id} --baseline-name {params.baseline_name} "
         "--expectations {params.expectations:q} --bandwidth {params.bandwidth:q} "
         "--tables results/tables --plots results/plots --html {output.html} > {log} 2>&1"

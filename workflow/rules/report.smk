@@ -3,7 +3,7 @@
 
 rule aggregate:
     input:
-        metrics=expand(paths.cell_metrics("{cell_id}"), cell_id=sorted(CELLS)),
+        metrics=paths.round_files(CELLS),
         # Globbed when the DAG is built: after `cellbench import`, the next run refreshes the tables.
         imported=lambda wildcards: machines.imported_metrics(),
     output:
@@ -19,7 +19,8 @@ rule aggregate:
         baseline_id=STUDY["baseline"],
         baseline_name=CELLS[STUDY["baseline"]]["name"],
         machine_id=MACHINE_ID,
+        statistics=json.dumps(STUDY["statistics"], sort_keys=True),
     shell:
         "cellbench aggregate --study {params.study} --baseline-id {params.baseline_id} "
-        "--baseline-name {params.baseline_name} --summary {output.summary} "
+        "--baseline-name {params.baseline_name} --summary {output.summary} --statistics {params.statistics:q} "
         "--machine-id {params.machine_id} --tables results/tables {input.metrics} {input.imported} > {log} 2>&1"
