@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -88,36 +87,45 @@ def run_reference(cell: dict, manifest: dict, model_dir: Path, command: list[str
     return text
 
 
-def measure_engine(engine: str, cell: dict, manifest: dict, model_dir: Path, rounds: int, context: dict) -> dict:
-    ours, theirs, commands = [], [], {}
-    for _ in range(rounds):
-        status = runner.run_cell(cell, image_manifest=manifest, model_dir=model_dir, **context)
-        rows = pd.read_parquet(paths.cell_metrics(cell["id"]))
+def measure_round(engine: str, cell: dict, manifest: dict, model_dir: Path, round_: int, context: dict) -> tuple:
+    """One round: a cellbench cell (fresh container and engine load) and the reference right after
+    it (before it, on even rounds, so neither side always runs on a warmer host)."""
+
+    def ours() -> tuple[float, dict]:
+        status = runner.run_cell(cell, image_manifest=manifest, model_dir=model_dir, round=round_, **context)
+        rows = pd.read_parquet(paths.cell_metrics(cell["id"], round_))
         if status != "ok":
             raise RuntimeError(f"cellbench cell {cell['name']} {status}: {rows['error'].dropna().iloc[0]}")
+        figure = "output_tok_s" if engine == "vllm" else "total_tok_s"
+        return rows[figure].mean(), rows.iloc[0]
+
+    def theirs(row) -> tuple[float, list[str]]:
         if engine == "vllm":
-            ours.append(rows["output_tok_s"].mean())
-            command = fidelity.vllm_reference_command(cell, rows.iloc[0], warmups=rows.iloc[0]["batch_size"])
-            theirs.append(
-                fidelity.parse_vllm_reference(run_reference(cell, manifest, model_dir, command))["output_tok_s"]
-            )
-        else:
-            ours.append(rows["total_tok_s"].mean())
-            effective = json.loads(rows["effective_json"].iloc[0])
-            gguf = json.loads((model_dir / "manifest.json").read_text())["gguf"]
-            command = fidelity.llama_bench_command(gguf, rows.iloc[0], effective, repetitions=cell["sweep"]["repeats"])
-            theirs.append(fidelity.parse_llama_bench(run_reference(cell, manifest, model_dir, command))["total_tok_s"])
-        commands = {"cellbench": cell, "reference": command}
-        print(f"  {engine}: cellbench {ours[-1]:.1f}, reference {theirs[-1]:.1f} tok/s", file=sys.stderr)
-    result = fidelity.verdict(engine, statistics.mean(ours), statistics.mean(theirs))
-    return {**result, "rounds": list(zip(ours, theirs, strict=True)), "commands": commands}
+            command = fidelity.vllm_reference_command(cell, row, warmups=row["batch_size"])
+            parsed = fidelity.parse_vllm_reference(run_reference(cell, manifest, model_dir, command))
+            return parsed["output_tok_s"], command
+        effective = json.loads(row["effective_json"])
+        gguf = json.loads((model_dir / "manifest.json").read_text())["gguf"]
+        command = fidelity.llama_bench_command(gguf, row, effective, repetitions=cell["sweep"]["repeats"])
+        return fidelity.parse_llama_bench(run_reference(cell, manifest, model_dir, command))["total_tok_s"], command
+
+    if round_ % 2:
+        mine, row = ours()
+        reference, command = theirs(row)
+    else:
+        # The reference's command needs a measured row's settings: the previous round's.
+        row = pd.read_parquet(paths.cell_metrics(cell["id"], round_ - 1)).iloc[0]
+        reference, command = theirs(row)
+        mine, row = ours()
+    print(f"  round {round_} {engine}: cellbench {mine:.1f}, reference {reference:.1f} tok/s", file=sys.stderr)
+    return mine, reference, command
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="results/fidelity-run", help="where images' manifests and results go")
     parser.add_argument("--engines", nargs="+", choices=["vllm", "llamacpp"], default=["vllm", "llamacpp"])
-    parser.add_argument("--rounds", type=int, default=1, help="cellbench + reference pairs per engine")
+    parser.add_argument("--rounds", type=int, default=3, help="cellbench + reference pairs per engine, interleaved")
     args = parser.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)  # the runner's paths are relative: results/ of the work dir
@@ -126,19 +134,31 @@ def main() -> int:
     cells = {c["name"]: c for c in resolved["cells"].values()}
     manifests, model_dir = prepare(study, args.engines)
     context = {"study": "fidelity", "config_hash": resolved["config_hash"], "machine": provenance.machine_id()}
+    # Rounds interleave across engines: a slow drift of the host touches every engine alike.
+    pairs: dict[str, list] = {engine: [] for engine in args.engines}
+    commands = {}
+    for round_ in range(1, args.rounds + 1):
+        for engine in args.engines:
+            cell = cells[engine]
+            mine, reference, command = measure_round(engine, cell, manifests[cell["image"]], model_dir, round_, context)
+            pairs[engine].append((mine, reference))
+            commands[engine] = {"cellbench": cell, "reference": command}
     results = []
-    for engine in args.engines:
-        cell = cells[engine]
-        results.append(measure_engine(engine, cell, manifests[cell["image"]], model_dir, args.rounds, context))
+    for engine, found in pairs.items():
+        result = fidelity.verdict(engine, [m for m, _ in found], [r for _, r in found])
+        results.append({**result, "rounds": found, "commands": commands[engine]})
     metrics.write_json_atomic(
         Path("results/fidelity/fidelity.json"), {"machine_id": context["machine"], "results": results}
     )
-    print(f"{'engine':9} {'figure':26} {'cellbench':>10} {'reference':>10} {'ratio':>7}  goal")
+    print(f"{'engine':9} {'figure':26} {'cellbench':>10} {'reference':>10} {'ratio':>7} {'95 % interval':22} goal")
     for r in results:
         figure = "output tok/s (batch 32)" if r["engine"] == "vllm" else "total tok/s (-pg 128,128)"
         mark = "ok" if r["within_goal"] else "OFF"
-        print(f"{r['engine']:9} {figure:26} {r['cellbench']:10.1f} {r['reference']:10.1f} {r['ratio']:7.3f}  "
-              f"±{r['goal']:.0%} {mark}")  # fmt: skip
+        interval = (
+            "no interval (1 round)" if r["ratio_low"] is None else f"[{r['ratio_low']:.3f}, {r['ratio_high']:.3f}]"
+        )
+        print(f"{r['engine']:9} {figure:26} {r['cellbench']:10.1f} {r['reference']:10.1f} {r['ratio']:7.3f} "
+              f"{interval:22} ±{r['goal']:.0%} {mark}")  # fmt: skip
         print(f"  reference: {' '.join(map(str, r['commands']['reference']))}")
     return 0 if all(r["within_goal"] for r in results) else 1
 

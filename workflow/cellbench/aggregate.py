@@ -44,10 +44,7 @@ def cell_points(
     frame = frame.with_columns(pl.col("round").fill_null(1))
     flags = round_flags(frame, settings)
     frame = frame.join(flags, on=["machine_id", "cell_id", "round"], how="left")
-    if settings["exclude_flagged"]:
-        trusted = frame.filter(pl.col("round_flag").is_null())
-    else:
-        trusted = frame
+    trusted = frame.filter(pl.col("round_flag").is_null()) if settings["exclude_flagged"] else frame
     # Per-point columns: the first non-null value, repeats in order (a failed repeat's error shows).
     first = (
         frame.sort("repeat", nulls_last=True, maintain_order=True)
@@ -138,7 +135,9 @@ def round_flags(frame: pl.LazyFrame, settings: dict) -> pl.LazyFrame:
         pl.when(pl.col("_foreign") > limit).then(
             pl.format("other processes used {} CPU cores", pl.col("_foreign").round(2))
         ),
-        pl.when(pl.col("_steal") > limit).then(pl.format("the hypervisor stole {} CPU cores", pl.col("_steal").round(2))),
+        pl.when(pl.col("_steal") > limit).then(
+            pl.format("the hypervisor stole {} CPU cores", pl.col("_steal").round(2))
+        ),
         *(
             pl.when((pl.col(c) / pl.col(f"_median_{c}") - 1).abs() > tolerance).then(
                 pl.format("canary {} at {}× the machine's median", pl.lit(c.removeprefix("canary_")),

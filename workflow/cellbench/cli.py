@@ -128,7 +128,9 @@ def cmd_compare(args) -> int:
     from . import compare
 
     if not 0 < args.confidence < 1:
-        print(f"cellbench: --confidence {args.confidence}: expected a level between 0 and 1, e.g. 0.95", file=sys.stderr)
+        print(
+            f"cellbench: --confidence {args.confidence}: expected a level between 0 and 1, e.g. 0.95", file=sys.stderr
+        )
         return 2
     try:
         a, b = compare.load(args.run_a), compare.load(args.run_b)

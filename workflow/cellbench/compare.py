@@ -119,7 +119,9 @@ def render(table: pd.DataFrame, name_a: str, name_b: str, confidence: float) -> 
     """pyperf compare_to's shape: one line per cell and point, the change and whether it is significant."""
     if table.empty:
         return f"{name_a} and {name_b} share no measured cell and point"
-    lines = [f"B / A output tok/s, {confidence:.0%} interval over rounds (Welch, log scale). A = {name_a}, B = {name_b}"]
+    lines = [
+        f"B / A output tok/s, {confidence:.0%} interval over rounds (Welch, log scale). A = {name_a}, B = {name_b}"
+    ]
     for _, r in table.sort_values(["machine_id", "cell_name", *POINT]).iterrows():
         point = f"{r['batch_size']}×{r['input_len']}→{r['output_len']}"
         a = f"{_f(r['a_tok_s'])} [{_f(r['a_low'])}, {_f(r['a_high'])}]"

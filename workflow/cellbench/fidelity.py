@@ -85,7 +85,16 @@ def parse_llama_bench(stdout: str) -> dict:
     return {"total_tok_s": float(test["avg_ts"]), "total_tok_s_stddev": float(test["stddev_ts"])}
 
 
-def verdict(engine: str, cellbench: float, reference: float) -> dict:
-    ratio = cellbench / reference
-    return {"engine": engine, "cellbench": cellbench, "reference": reference, "ratio": ratio,
-            "goal": GOALS[engine], "within_goal": abs(ratio - 1) <= GOALS[engine]}  # fmt: skip
+def verdict(engine: str, ours: list[float], theirs: list[float]) -> dict:
+    """cellbench / reference over interleaved rounds (round k of both ran back to back): the
+    paired ratio with its 95 % interval; within the goal when the whole interval is (with one
+    round, when the ratio is)."""
+    from . import stats
+
+    rounds = dict(enumerate(ours)), dict(enumerate(theirs))
+    interval = stats.ratio_interval(*rounds)
+    goal = GOALS[engine]
+    low, high = (interval.low, interval.high) if interval.known else (interval.estimate, interval.estimate)
+    return {"engine": engine, "cellbench": sum(ours) / len(ours), "reference": sum(theirs) / len(theirs),
+            "ratio": interval.estimate, "ratio_low": interval.low, "ratio_high": interval.high,
+            "goal": goal, "within_goal": 1 - goal <= low and high <= 1 + goal}  # fmt: skip

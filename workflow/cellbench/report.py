@@ -163,7 +163,9 @@ def host_lines(points: pd.DataFrame) -> list[str]:
         if flagged.empty:
             line += "; no round flagged."
         else:
-            names = ", ".join(f"{r['cell_name']} ({int(r['rounds_flagged'])}: {r['round_flag']})" for _, r in flagged.iterrows())
+            names = ", ".join(
+                f"{r['cell_name']} ({int(r['rounds_flagged'])}: {r['round_flag']})" for _, r in flagged.iterrows()
+            )
             line += f"; flagged rounds, left out of the figures: {names}."
         out.append(line)
     return ["", "## Host", "", *out]
@@ -179,11 +181,14 @@ def _fastest_rows(fastest: pd.DataFrame, withheld_on: dict[str, str]) -> list[li
             name = f"**{row['fastest']}**"
             margin = "only cell"
             if isinstance(row["runner_up"], str):
-                margin = f"{_ratio(row['margin'])} [{_fmt(row['margin_low'], '.2f')}, {_fmt(row['margin_high'], '.2f')}] {row['runner_up']}"
+                interval = f"[{_fmt(row['margin_low'], '.2f')}, {_fmt(row['margin_high'], '.2f')}]"
+                margin = f"{_ratio(row['margin'])} {interval} {row['runner_up']}"
         else:
             name = "tie: " + ", ".join(row["tied"])
             margin = "≈ no significant difference"
-        rows.append([row["machine_id"], _point(row), name, _fmt(row["output_tok_s"]), _ratio(row["vs_baseline"]), margin])
+        rows.append(
+            [row["machine_id"], _point(row), name, _fmt(row["output_tok_s"]), _ratio(row["vs_baseline"]), margin]
+        )
     return rows
 
 
@@ -255,9 +260,19 @@ def summary_markdown(
     out.append(
         markdown_table(
             [
-                "machine", "cell", "status", "batch × in→out", "output tok/s", f"{confidence:.0%} interval",
-                "rounds", "CV between / within rounds", "repeats min–max, CV", "× baseline [interval]",
-                "p50 latency s ±CV", "load s", "engine actually ran",
+                "machine",
+                "cell",
+                "status",
+                "batch × in→out",
+                "output tok/s",
+                f"{confidence:.0%} interval",
+                "rounds",
+                "CV between / within rounds",
+                "repeats min–max, CV",
+                "× baseline [interval]",
+                "p50 latency s ±CV",
+                "load s",
+                "engine actually ran",
             ],  # fmt: skip
             rows,
         )

@@ -102,7 +102,7 @@ def ratio_interval(
 
 
 def significance(interval: Interval | None) -> str:
-    """"faster" / "slower" when the ratio's interval excludes 1, "same" when it contains 1,
+    """ "faster" / "slower" when the ratio's interval excludes 1, "same" when it contains 1,
     "unknown" without an interval."""
     if interval is None or not interval.known:
         return "unknown"
