@@ -57,9 +57,9 @@ def main() -> None:
     overheads, containers = [], []
     cell_ids = sorted(config.resolve(study)["cells"])
     for cell_dir in (workdir / "results" / "cells" / cell_id for cell_id in cell_ids):
-        provenance = json.loads((cell_dir / "provenance.json").read_text())
+        provenance = json.loads((cell_dir / "round-1" / "provenance.json").read_text())
         assert provenance["status"] == "failed", f"{cell_dir.name}: the trivial cell should fail fast"
-        rule = job_wall_s(workdir, f"results/cells/{cell_dir.name}/metrics.parquet")
+        rule = job_wall_s(workdir, f"results/cells/{cell_dir.name}/round-1/metrics.parquet")
         overheads.append(rule - provenance["container_wall_s"])
         containers.append(provenance["container_wall_s"])
     image = json.loads((workdir / "results" / "images" / "cpu.json").read_text())["image_id"]

@@ -70,15 +70,15 @@ def test_archive_holds_results_and_manifests_not_weights(machines):
     assert names[0] == "MANIFEST.json" and sorted(names[1:]) == sorted(manifest["members"])
     (cell_dir,) = (machines["a"] / "results" / "cells").iterdir()
     for name in ("metrics.parquet", "provenance.json", "engine.log"):
-        assert f"cells/{cell_dir.name}/{name}" in names
+        assert f"cells/{cell_dir.name}/round-1/{name}" in names
     assert {"images/cpu.json", "models/smollm2-135m/manifest.json", "study/config.json", "study/resolved.json"} <= set(
         names
     )
     assert not [n for n in names if n.endswith((".safetensors", ".gguf"))]
     assert manifest["machine_id"] == "machine-a" and manifest["format_version"] == 1
     assert manifest["schema_version"] == 1 and manifest["git_sha"] and manifest["cellbench_version"]
-    size = manifest["members"][f"cells/{cell_dir.name}/metrics.parquet"]["bytes"]
-    assert size == (cell_dir / "metrics.parquet").stat().st_size
+    size = manifest["members"][f"cells/{cell_dir.name}/round-1/metrics.parquet"]["bytes"]
+    assert size == (cell_dir / "round-1" / "metrics.parquet").stat().st_size
 
 
 def test_import_is_noticed_by_snakemake_and_idempotent(machines):

@@ -49,7 +49,7 @@ def finished(tmp_path_factory):
 
 def _rows(workdir: Path, name: str) -> pd.DataFrame:
     (cell,) = [p for p in (workdir / "results" / "cells").iterdir() if p.name.rsplit("-", 1)[0] == name]
-    return pd.read_parquet(cell / "metrics.parquet")
+    return pd.read_parquet(cell / "round-1" / "metrics.parquet")
 
 
 def test_llamacpp_cell_runs_the_q4_1_gguf(finished):

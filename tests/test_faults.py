@@ -113,7 +113,7 @@ def planned_cells(workdir: Path) -> int:
 
 
 def cell_log(workdir: Path, cell_id: str) -> str:
-    return (workdir / "results" / "logs" / "cells" / f"{cell_id}.log").read_text()
+    return (workdir / "results" / "logs" / "cells" / cell_id / "round-1.log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def lab(tmp_path_factory):
 def cell_faults(lab):
     """Run A: crash, oom, slow and killed; the test kills `killed` after its first measured repeat."""
     workdir, ids = lab
-    targets = [f"results/cells/{ids[name]}/metrics.parquet" for name in ("crash", "oom", "slow", "killed")]
+    targets = [f"results/cells/{ids[name]}/round-1/metrics.parquet" for name in ("crash", "oom", "slow", "killed")]
     killed = {}
 
     def killer():
@@ -159,7 +159,7 @@ def _quietly(predicate):
 
 
 def rows(workdir: Path, cell_id: str) -> pd.DataFrame:
-    return pd.read_parquet(workdir / "results" / "cells" / cell_id / "metrics.parquet")
+    return pd.read_parquet(workdir / "results" / "cells" / cell_id / "round-1" / "metrics.parquet")
 
 
 def test_cell_failures_are_rows_with_one_line_errors(cell_faults):
@@ -173,7 +173,7 @@ def test_cell_failures_are_rows_with_one_line_errors(cell_faults):
     for frame in (crash, oom, slow):
         assert "\n" not in frame["error"].iloc[0]
     for name in ("crash", "oom", "slow", "killed"):
-        record = json.loads((workdir / "results" / "cells" / ids[name] / "provenance.json").read_text())
+        record = json.loads((workdir / "results" / "cells" / ids[name] / "round-1" / "provenance.json").read_text())
         assert record["status"] != "ok" and record["error"]
 
 
@@ -203,7 +203,7 @@ def outside_faults(cell_faults):
 
     def unchanged(name, done_or_code, message=None):
         code = done_or_code if isinstance(done_or_code, int) else done_or_code.returncode
-        text = cell_log(workdir, late) if (workdir / "results/logs/cells" / f"{late}.log").exists() else ""
+        text = cell_log(workdir, late) if (workdir / "results/logs/cells" / late / "round-1.log").exists() else ""
         seen[name] = {
             "code": code,
             "same": snapshot(workdir) == before,
@@ -340,22 +340,22 @@ def test_sigterm_finishes_the_running_cell_then_a_plain_rerun_finishes_the_study
     assert set(late["status"]) == {"ok"}, late["error"].tolist()
     assert seen["after_sigterm_planned"] == 0
     provenances = {
-        n: json.loads((workdir / "results/cells" / i / "provenance.json").read_text()) for n, i in ids.items()
+        n: json.loads((workdir / "results/cells" / i / "round-1" / "provenance.json").read_text()) for n, i in ids.items()
     }
     run(workdir, check=True)  # only the tables are missing
-    again = {n: json.loads((workdir / "results/cells" / i / "provenance.json").read_text()) for n, i in ids.items()}
+    again = {n: json.loads((workdir / "results/cells" / i / "round-1" / "provenance.json").read_text()) for n, i in ids.items()}
     assert {n: p["run_id"] for n, p in again.items()} == {n: p["run_id"] for n, p in provenances.items()}
     summary = pd.read_parquet(workdir / "results" / "summary.parquet")
     assert set(summary["cell_name"]) == set(ids)
 
 
 def run_id_of(workdir: Path, cell_id: str) -> str:
-    return json.loads((workdir / "results" / "cells" / cell_id / "provenance.json").read_text())["run_id"]
+    return json.loads((workdir / "results" / "cells" / cell_id / "round-1" / "provenance.json").read_text())["run_id"]
 
 
 def test_engine_runs_unprivileged_without_network(outside_faults):
     workdir, ids, _ = outside_faults
-    record = json.loads((workdir / "results/cells" / ids["late"] / "provenance.json").read_text())
+    record = json.loads((workdir / "results/cells" / ids["late"] / "round-1" / "provenance.json").read_text())
     argv = record["docker_run"]
     assert argv[argv.index("--user") + 1] == "65534:65534"
     assert argv[argv.index("--network") + 1] == "none" and "--privileged" not in argv
@@ -365,7 +365,7 @@ def test_engine_runs_unprivileged_without_network(outside_faults):
 
 def test_tokens_reach_the_container_by_name_and_no_file(outside_faults):
     workdir, ids, _ = outside_faults
-    record = json.loads((workdir / "results/cells" / ids["late"] / "provenance.json").read_text())
+    record = json.loads((workdir / "results/cells" / ids["late"] / "round-1" / "provenance.json").read_text())
     argv = record["docker_run"]
     assert "HF_TOKEN" in [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "-e"]
     leaks = []

