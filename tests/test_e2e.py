@@ -115,7 +115,9 @@ def test_second_run_has_nothing_to_do(finished):
 def test_rerun_one_cell_touches_only_that_cell(finished):
     dirs = cell_dirs(finished)
     before = {name: json.loads((d / "provenance.json").read_text())["run_id"] for name, d in dirs.items()}
-    snakemake(finished, "--forcerun", str(Path("results/cells") / dirs["awq"].parent.name / "round-1" / "metrics.parquet"))
+    snakemake(
+        finished, "--forcerun", str(Path("results/cells") / dirs["awq"].parent.name / "round-1" / "metrics.parquet")
+    )
     after = {name: json.loads((d / "provenance.json").read_text())["run_id"] for name, d in dirs.items()}
     assert after["awq"] != before["awq"]
     assert after["ok"] == before["ok"] and after["slow"] == before["slow"]

@@ -340,10 +340,14 @@ def test_sigterm_finishes_the_running_cell_then_a_plain_rerun_finishes_the_study
     assert set(late["status"]) == {"ok"}, late["error"].tolist()
     assert seen["after_sigterm_planned"] == 0
     provenances = {
-        n: json.loads((workdir / "results/cells" / i / "round-1" / "provenance.json").read_text()) for n, i in ids.items()
+        n: json.loads((workdir / "results/cells" / i / "round-1" / "provenance.json").read_text())
+        for n, i in ids.items()
     }
     run(workdir, check=True)  # only the tables are missing
-    again = {n: json.loads((workdir / "results/cells" / i / "round-1" / "provenance.json").read_text()) for n, i in ids.items()}
+    again = {
+        n: json.loads((workdir / "results/cells" / i / "round-1" / "provenance.json").read_text())
+        for n, i in ids.items()
+    }
     assert {n: p["run_id"] for n, p in again.items()} == {n: p["run_id"] for n, p in provenances.items()}
     summary = pd.read_parquet(workdir / "results" / "summary.parquet")
     assert set(summary["cell_name"]) == set(ids)

@@ -57,4 +57,8 @@ def test_offline_requests_have_no_itl():
 
 def test_serve_columns_are_appended_to_the_schema():
     names = list(metrics.COLUMNS)
-    assert names[-6:] == ["ttft_mean_s", "tpot_mean_s", "itl_mean_s", "itl_p50_s", "itl_p90_s", "itl_p99_s"]
+    serve = ["ttft_mean_s", "tpot_mean_s", "itl_mean_s", "itl_p50_s", "itl_p90_s", "itl_p99_s"]
+    start = names.index("weight_bytes") + 1
+    assert names[start : start + 6] == serve
+    # Columns are only ever appended, after these: rounds and the host's fitness came next.
+    assert names[start + 6] == "round" and all(metrics.COLUMNS[n][1] for n in names[start:])

@@ -119,7 +119,17 @@ def cmd_rerun(args) -> int:
     # Every round of the cell, interleaved with nothing else: the other cells' rounds stand.
     targets = [str(path) for path in paths.round_files({matches[0]["id"]: matches[0]})]
     snakefile = str(provenance.PROJECT_ROOT / "Snakefile")
-    argv = ["snakemake", "--cores", "1", "--snakefile", snakefile, "--configfile", args.configfile, "--forcerun", *targets]
+    argv = [
+        "snakemake",
+        "--cores",
+        "1",
+        "--snakefile",
+        snakefile,
+        "--configfile",
+        args.configfile,
+        "--forcerun",
+        *targets,
+    ]
     print("$ " + " ".join(argv), file=sys.stderr)
     return subprocess.run(argv).returncode
 
