@@ -5,7 +5,11 @@
 
 rule archive:
     input:
-        cells=[path for name in paths.ROUND_FILES for path in paths.round_files(CELLS, name)],
+        cells=[
+            path
+            for name in paths.ROUND_FILES
+            for path in paths.round_files(CELLS, name)
+        ],
         images=sorted({paths.image_manifest(cell["image"]) for cell in CELLS.values()}),
         models=sorted({paths.model_manifest(cell["model"]) for cell in CELLS.values()}),
     log:
