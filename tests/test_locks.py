@@ -1,5 +1,9 @@
 """Lock files: a lock that no longer meets its requirements.txt is refused in one line."""
 
+import io
+import subprocess
+from pathlib import Path
+
 import pytest
 from cellbench import config, images, locks
 
@@ -125,3 +129,22 @@ def test_build_image_refuses_a_stale_lock_before_anything_runs(tmp_path, monkeyp
         "regenerate the lock"
     )
     assert not log.exists()  # refused before the base image, the download or the build
+
+
+def test_the_wheelhouse_is_exactly_the_lock_cached_by_its_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLBENCH_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_run(argv, log, **kwargs):
+        calls.append(argv)
+        Path(argv[argv.index("--dest") + 1], "x.whl").write_text("")
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(images, "_run", fake_run)
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(LOCK)
+    first = images.ensure_wheelhouse(lock, io.StringIO())
+    assert images.ensure_wheelhouse(lock, io.StringIO()) == first and len(calls) == 1  # cached
+    assert {"--require-hashes", "--no-deps"} <= set(calls[0]) and calls[0][-2:] == ["--requirement", str(lock)]
+    lock.write_text(LOCK.replace("accelerate==1.15.0", "accelerate==1.14.0"))
+    assert images.ensure_wheelhouse(lock, io.StringIO()) != first and len(calls) == 2
