@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from . import locks
+
 if TYPE_CHECKING:
     import jsonschema
 
@@ -310,7 +312,7 @@ def _check_resources(cells: list[dict]) -> None:
 
 
 def _check_paths(config: dict) -> None:
-    """Build contexts and wheelhouse files exist before any job is planned."""
+    """Build contexts and wheelhouse locks exist, and each lock answers its requirements, before any job is planned."""
     for name, image in config["images"].items():
         context = PROJECT_ROOT / image["context"]
         if not (context / "Dockerfile").is_file():
@@ -322,8 +324,13 @@ def _check_paths(config: dict) -> None:
         if wheelhouse and not (context / wheelhouse).is_file():
             raise ConfigError(
                 f"config: images.{name}.wheelhouse: {wheelhouse!r} is not a file in {image['context']}; "
-                "expected a requirements file there"
+                "expected a lock file there (scripts/lock_images.sh makes one)"
             )
+        if wheelhouse:
+            try:
+                locks.check_lock_file(context / wheelhouse, f"{image['context']}/{wheelhouse}")
+            except locks.LockError as err:
+                raise ConfigError(f"config: images.{name}.wheelhouse: {err}") from None
 
 
 def statistics(config: dict) -> dict:

@@ -17,6 +17,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from . import locks
 from .metrics import write_json_atomic
 from .provenance import PROJECT_ROOT
 
@@ -82,18 +83,22 @@ def ensure_base(base: str, log) -> str:
     return found
 
 
-def ensure_wheelhouse(requirements: Path, log) -> Path:
-    """Wheels for `requirements`, downloaded on the host once per requirements content."""
-    key = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+def ensure_wheelhouse(lock: Path, log) -> Path:
+    """Exactly the files a lock pins, downloaded on the host once per lock content.
+
+    --require-hashes refuses any file whose sha256 the lock does not name; --no-deps keeps pip
+    from reaching past the lock (it is the whole closure already).
+    """
+    key = hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
     target = cache_dir() / "wheelhouse" / key
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
     try:
-        done = _run(["pip", "download", "--quiet", "--dest", str(tmp), "--requirement", str(requirements)], log)
-        if done.returncode:
-            raise ImageError(f"pip download of {requirements.name} failed; see the image log")
+        argv = ["pip", "download", "--quiet", "--require-hashes", "--no-deps", "--dest", str(tmp), "--requirement"]
+        if _run([*argv, str(lock)], log).returncode:
+            raise ImageError(f"pip download of {lock.name} failed; see the image log")
         if not target.is_dir():  # another process may have filled the same cache key meanwhile
             os.replace(tmp, target)
     finally:
@@ -105,6 +110,12 @@ def build_image(name: str, spec: dict, manifest_path: Path, log_path: Path) -> d
     context = PROJECT_ROOT / spec["context"]
     if not (context / "Dockerfile").is_file():
         raise ImageError(f"images.{name}.context: no Dockerfile in {context}")
+    lock = context / spec["wheelhouse"] if spec.get("wheelhouse") else None
+    if lock is not None:
+        try:  # a stale lock is refused before minutes of downloads and builds
+            locks.check_lock_file(lock, f"{spec['context']}/{spec['wheelhouse']}")
+        except locks.LockError as err:
+            raise ImageError(f"images.{name}.wheelhouse: {err}") from None
     build_args = dict(spec.get("build_args") or {})
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -119,8 +130,8 @@ def build_image(name: str, spec: dict, manifest_path: Path, log_path: Path) -> d
             with tempfile.TemporaryDirectory(prefix="cellbench-ctx-", dir=cache_dir()) as tmp:
                 build_context = Path(tmp)
                 shutil.copytree(context, build_context, dirs_exist_ok=True)
-                if spec.get("wheelhouse"):
-                    wheels = ensure_wheelhouse(context / spec["wheelhouse"], log)
+                if lock is not None:
+                    wheels = ensure_wheelhouse(lock, log)
                     shutil.copytree(wheels, build_context / "wheelhouse", copy_function=os.link)
                 argv = ["docker", "build", "--tag", tag]
                 for key, value in sorted(build_args.items()):
@@ -137,6 +148,7 @@ def build_image(name: str, spec: dict, manifest_path: Path, log_path: Path) -> d
             "base": base,
             "base_image_id": base_id or None,
             "build_args": build_args,
+            "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock else None,
             "packages": installed_packages(tag),
             "reused_existing_image": reused,
             "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
