@@ -383,7 +383,8 @@ def _check_references(config: dict, cells: list[dict]) -> None:
         seen[cell["name"]] = cell["id"]
     if config["baseline"] not in seen:
         raise ConfigError(
-            f"config: baseline: {config['baseline']!r} is not a cell name (cells: {', '.join(sorted(seen))})"
+            f"config: baseline: {_quote(config['baseline'])} is not a cell name "
+            f"(cells: {_cut(', '.join(sorted(seen)))})"
         )
     for name, model in config["models"].items():
         if model["source"] == "pypi-gguf":
@@ -406,7 +407,7 @@ def _check_expectations(config: dict) -> None:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ConfigError(f"config: bandwidth_gb_s: {pattern!r} is not a valid regex ({exc})") from None
+            raise ConfigError(f"config: bandwidth_gb_s: {_quote(pattern)} is not a valid regex ({exc})") from None
 
 
 def _secret_values(value, where: str):
@@ -468,13 +469,13 @@ def _check_paths(config: dict) -> None:
         context = PROJECT_ROOT / image["context"]
         if not (context / "Dockerfile").is_file():
             raise ConfigError(
-                f"config: images.{name}.context: {image['context']!r} has no Dockerfile; "
+                f"config: images.{name}.context: {_quote(image['context'])} has no Dockerfile; "
                 "expected a folder under the project root holding one"
             )
         wheelhouse = image.get("wheelhouse")
         if wheelhouse and not (context / wheelhouse).is_file():
             raise ConfigError(
-                f"config: images.{name}.wheelhouse: {wheelhouse!r} is not a file in {image['context']}; "
+                f"config: images.{name}.wheelhouse: {_quote(wheelhouse)} is not a file in {_cut(image['context'])}; "
                 "expected a requirements file there"
             )
 
