@@ -28,6 +28,9 @@ DEFAULT_STUDY = ROOT / "config" / "config.yaml"
 if not workflow.overwrite_configfiles:
     config.update(study_config.load_study(DEFAULT_STUDY))
 try:
+    # The files again, with cellbench's loader: Snakemake's drops duplicate keys and evaluates
+    # (then removes) `__use_yte__`; what it made is checked by resolve().
+    study_config.check_study_files(workflow.overwrite_configfiles)
     STUDY = study_config.resolve(config)
     JOBS = {
         cell_id: scheduling.job_resources(cell)

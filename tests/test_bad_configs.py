@@ -20,6 +20,8 @@ MISSING = ROOT / "tests" / "bad_configs" / "no-such-study.yaml"
 SNAKEMAKE_OWN = {
     "43-bad-yaml.yaml": "Config file is not valid JSON or YAML",
     "44-not-a-mapping.yaml": "Config file must be given as JSON or YAML with keys at top level",
+    # Snakemake opens it as UTF-8 and shows its own UnicodeDecodeError traceback.
+    "61-not-utf8.yaml": "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9 in position 62",
     MISSING.name: "No such file or directory",
 }
 
@@ -27,7 +29,7 @@ SNAKEMAKE_OWN = {
 def expected(path: Path) -> str:
     if path == MISSING:
         return "cannot read study file (No such file or directory)"
-    first = path.read_text().splitlines()[0]
+    first = path.read_bytes().split(b"\n", 1)[0].decode()  # the rest of a case may not be UTF-8
     assert first.startswith("# expect: "), f"{path.name}: first line must be '# expect: <message fragment>'"
     return first.removeprefix("# expect: ")
 

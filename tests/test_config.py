@@ -1,7 +1,12 @@
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 from cellbench import config
+from cellbench.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_study_expands_to_named_cells(study):
@@ -151,3 +156,173 @@ def test_bad_engine_or_mode_names_the_cell(study, group, message):
     study["cells"].append({"name": "bad", **group})
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         config.resolve(study)
+
+
+# --- Hostile studies: templates, ids with a trailing newline, duplicate keys, bombs. ---
+
+YTE_STUDY = """__use_yte__: true
+study: s
+description: ?f"{PAYLOAD}"
+"""
+
+
+def test_validate_never_evaluates_a_yte_template(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    payload = f"{{__import__('os').system('touch {marker}')}}"
+    path = tmp_path / "study.yaml"
+    path.write_text(YTE_STUDY.replace("{PAYLOAD}", payload))
+    assert cli_main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "cellbench: config: __use_yte__: YTE templates run code; a study must be plain YAML\n"
+    assert not marker.exists()
+
+
+def test_validate_constructs_no_python_object(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "study.yaml"
+    path.write_text(f"study: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert cli_main(["validate", str(path)]) == 2
+    assert "could not determine a constructor" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("key", ["__use_yte__", "__variables__", "__anything"])
+def test_resolve_refuses_template_keys_in_a_loaded_config(study, key):
+    study[key] = True
+    message = f"^config: {key}: YTE templates run code; a study must be plain YAML$"
+    with pytest.raises(config.ConfigError, match=message):
+        config.resolve(study)
+
+
+@pytest.mark.e2e
+def test_snakemake_refuses_a_yte_study_after_snakemake_ran_it(tmp_path):
+    """Snakemake evaluates the template in its own config loader, before the Snakefile: a study
+    given to Snakemake is trusted like code. The payload only writes inside tmp_path."""
+    marker = tmp_path / "ran"
+    study = (ROOT / "tests" / "bad_configs" / "45-yte-template.yaml").read_text()
+    path = tmp_path / "study.yaml"
+    path.write_text(study.replace('?f"{2 + 2} cells"', f"?open({str(marker)!r}, 'w').write('x')"))
+    argv = ["snakemake", "-n", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"),
+            "--directory", str(tmp_path), "--configfile", str(path)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("cellbench:")]
+    assert done.returncode != 0
+    assert lines == ["cellbench: config: __use_yte__: YTE templates run code; a study must be plain YAML"]
+    assert marker.exists()  # what the docs say: Snakemake ran it; `cellbench validate` does not
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.update(study="s\n"),
+        lambda s: s.update(machine_id="box-1\n"),
+        lambda s: s["models"].update({"m\n": {"source": "hf-cache", "repo_id": "a/b"}}),
+        lambda s: s["models"].update({"m": {"source": "hf-cache", "repo_id": "a/b\n"}}),
+        lambda s: s["defaults"]["resources"].update(cpus="0-1\n"),
+        lambda s: s["defaults"]["resources"].update(memory="12g\n"),
+        lambda s: s["defaults"]["env"].update({"A\n": "1"}),
+        lambda s: s["cells"][0].update(axes={"dtype\n": ["auto"]}),
+        lambda s: s["cells"][0].update(image="cpu\n"),
+    ],
+)
+def test_no_id_takes_a_trailing_newline(study, change):
+    change(study)
+    with pytest.raises(config.ConfigError, match=r"\\n'"):
+        config.validate(study)
+
+
+def test_every_schema_pattern_is_anchored_at_the_very_end():
+    def patterns(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "pattern":
+                    yield value
+                else:
+                    yield from patterns(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from patterns(value)
+
+    found = list(patterns(config.load_schema()))
+    assert len(found) >= 6
+    for pattern in found:
+        assert pattern.endswith("$"), pattern
+        assert config._ecma_regex(pattern).pattern.endswith(r"\Z"), pattern
+    assert config._ecma_regex(r"^[$]a\$$").pattern == r"^[$]a\$\Z"
+
+
+def test_archive_and_hub_ids_fullmatch():
+    from cellbench import archive, hfcache
+
+    with pytest.raises(archive.ArchiveError):
+        archive.check_id("cell id", "cell\n")
+    assert archive.check_id("cell id", "cell") == "cell"
+    assert not archive.MEMBER_RE.fullmatch("study/config.json\n")
+    assert not hfcache.COMMIT.fullmatch("0" * 40 + "\n")
+
+
+def test_duplicate_keys_are_refused_with_their_lines(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("study: a\ncells: []\nbaseline: a\ncells: [{name: a}]\n")
+    with pytest.raises(config.ConfigError, match=r": line 4: key 'cells' appears twice \(first on line 2\)$"):
+        config.load_study(path)
+
+
+def test_merge_keys_may_be_overridden(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("base: &base {a: 1, b: 2}\nchild: {<<: *base, b: 3}\n")
+    assert config.load_study(path)["child"] == {"a": 1, "b": 3}
+
+
+def test_alias_bomb_is_refused_before_it_expands(tmp_path):
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 30)]
+    path = tmp_path / "study.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(config.ConfigError, match=r"line 6: expands to more than 200000 values \(YAML aliases\)$"):
+        config.load_study(path)
+
+
+def test_shared_structure_from_another_loader_is_refused_without_walking_it(study):
+    # What Snakemake's loader makes of an alias bomb: one list referenced ten times a level.
+    bomb: list = ["lol"] * 10
+    for _ in range(30):
+        bomb = [bomb] * 10
+    study["description"] = bomb
+    with pytest.raises(config.ConfigError, match=r"^config: more than 200000 values"):
+        config.resolve(study)
+
+
+def test_deep_nesting_is_one_line_not_a_recursion_error(study, tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text("study: s\ndescription: " + "[" * 10_000 + "]" * 10_000 + "\n")
+    assert cli_main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cellbench: {path}: line 2: nested deeper than 64 levels\n"
+    deep: list = []
+    for _ in range(10_000):
+        deep = [deep]
+    study["description"] = deep
+    with pytest.raises(config.ConfigError, match=r"^config: nested deeper than 64 levels$"):
+        config.resolve(study)
+
+
+def test_bytes_not_utf8_are_named_by_offset(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_bytes(b"study: caf\xe9\n")
+    with pytest.raises(config.ConfigError, match=r"study.yaml: byte 10: 0xe9 is not UTF-8; a study must be UTF-8 text"):
+        config.load_study(path)
+    path.write_bytes(b"study: a\x00b\n")
+    with pytest.raises(config.ConfigError, match=r"study.yaml: character 8: special characters are not allowed"):
+        config.load_study(path)
+
+
+def test_quoted_values_are_cut(study):
+    study["cells"] = {f"group{i}": {"name": "x" * 100} for i in range(1000)}
+    with pytest.raises(config.ConfigError) as raised:
+        config.resolve(study)
+    message = str(raised.value)
+    assert message.startswith("config: cells: {'group0': ") and "…" in message
+    assert len(message) < 200 and "\n" not in message
+    error = config.ConfigError("a\nb" + "c" * 1000)
+    assert str(error).startswith("a\\nb") and len(str(error)) == config.MAX_MESSAGE

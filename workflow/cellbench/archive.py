@@ -33,7 +33,7 @@ FORMAT = "cellbench-archive"
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 ID = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
-ID_RE = re.compile(rf"^{ID}$")
+ID_RE = re.compile(rf"^{ID}$")  # used with fullmatch: `$` alone also takes "name\n"
 CELL_FILES = ("metrics.parquet", "provenance.json", "engine.log")
 # Every path an archive may hold besides MANIFEST.json; anything else is refused.
 MEMBER_RE = re.compile(
@@ -74,7 +74,7 @@ def cellbench_version() -> str:
 
 
 def check_id(kind: str, value) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
         raise ArchiveError(MANIFEST, f"{kind} {value!r} is not a plain name ([A-Za-z0-9_.-], not starting with '.')")
     return value
 
@@ -232,7 +232,7 @@ def check_member(info: tarfile.TarInfo, limits: Limits) -> None:
         raise ArchiveError(name, "fifo; archives hold regular files only")
     if not info.isreg():
         raise ArchiveError(name, "not a regular file (directory or special entry); archives hold regular files only")
-    if name != MANIFEST and not MEMBER_RE.match(name):
+    if name != MANIFEST and not MEMBER_RE.fullmatch(name):
         raise ArchiveError(name, "not a path a cellbench archive holds")
     cap = (
         limits.manifest_bytes
@@ -276,7 +276,7 @@ def check_manifest(data: bytes) -> dict:
     check_id("machine_id", manifest.get("machine_id"))
     check_id("archive_id", manifest.get("archive_id"))
     for rel, entry in manifest["members"].items():
-        if rel == MANIFEST or not MEMBER_RE.match(rel):
+        if rel == MANIFEST or not MEMBER_RE.fullmatch(rel):
             raise ArchiveError(rel, "listed in MANIFEST.json but not a path a cellbench archive holds")
         if (
             not isinstance(entry, dict)

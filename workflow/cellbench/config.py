@@ -50,6 +50,80 @@ PROJECT_ROOT = SCHEMA_PATH.parents[2]
 class ConfigError(ValueError):
     """A study that cannot run; the message is one line naming the key at fault."""
 
+    def __init__(self, message: str):
+        # One line, whatever a message quotes: a safety net under _quote.
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__(message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…")
+
+
+MAX_MESSAGE = 400  # characters of a ConfigError
+MAX_QUOTE = 80  # characters of a value quoted in a message
+# Bounds of what a study file may make the loader build (a hostile file is a bomb otherwise).
+MAX_DEPTH = 64  # nesting levels
+MAX_NODES = 200_000  # values after expanding YAML aliases (a "billion laughs" file is refused)
+YTE_KEY = "__use_yte__"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_QUOTE else text[: MAX_QUOTE - 1] + "…"
+
+
+def _quote(value: Any) -> str:
+    """repr() of a value for a message, cut to MAX_QUOTE characters."""
+    return _cut(repr(value))
+
+
+class StudyLoader(yaml.SafeLoader):
+    """SafeLoader (never runs code, never evaluates YTE) that also refuses duplicate keys, nesting
+    deeper than MAX_DEPTH and documents whose aliases expand to more than MAX_NODES values."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values under it, aliases expanded
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)  # the anchored node, whose size is known
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        size = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        if size > MAX_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"expands to more than {MAX_NODES} values (YAML aliases)", node.start_mark
+            )
+        self._sizes[id(node)] = size
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` keys may be overridden by the mapping's own
+                key = self.construct_object(key_node, deep=False)
+                try:
+                    line = first.get(key)
+                except TypeError:
+                    continue  # unhashable: SafeLoader refuses it below
+                if line is not None:
+                    problem = f"key {_quote(key)} appears twice (first on line {line + 1})"
+                    raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
 
 @functools.cache
 def load_schema() -> dict:
@@ -57,14 +131,23 @@ def load_schema() -> dict:
 
 
 def load_study(path: str | Path) -> dict:
-    """Read a study file; a missing file or bad YAML becomes a one-line ConfigError."""
+    """Read a study file with StudyLoader (plain YAML, never evaluated); a missing file, bytes
+    that are not UTF-8, bad YAML or a bomb become a one-line ConfigError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read study file ({exc.strerror})") from None
     try:
-        config = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: byte {exc.start}: 0x{data[exc.start]:02x} is not UTF-8; a study must be UTF-8 text"
+        ) from None
+    try:
+        config = yaml.load(text, Loader=StudyLoader)  # noqa: S506 (StudyLoader is a SafeLoader)
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(f"{path}: character {exc.position}: {exc.reason} ({_quote(exc.character)})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -72,7 +155,39 @@ def load_study(path: str | Path) -> dict:
         raise ConfigError(f"{path}:{where}: {problem}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a study must be a YAML mapping, not {type(config).__name__}")
+    check_plain(config)
     return config
+
+
+def check_plain(config: dict) -> None:
+    """A study is plain data: no template directive (Snakemake evaluates a file with
+    `__use_yte__: true` as a YTE template, which runs code), no nesting deeper than MAX_DEPTH and
+    no more than MAX_NODES values. Walks without recursion, so a deep or aliased structure built
+    by another loader (Snakemake's) is refused here without a RecursionError or a long walk."""
+    for key in config:
+        if isinstance(key, str) and key.startswith("__"):
+            raise ConfigError(f"config: {_cut(key)}: YTE templates run code; a study must be plain YAML")
+    stack = [(config, 1)]
+    seen = 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"config: nested deeper than {MAX_DEPTH} levels")
+        if seen > MAX_NODES:
+            raise ConfigError(f"config: more than {MAX_NODES} values (YAML aliases expanded)")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
+def check_study_files(paths) -> None:
+    """Read every study file Snakemake was given again, as `cellbench validate` does: Snakemake's
+    own loader drops duplicate keys, removes `__use_yte__` after evaluating the template and
+    takes alias bombs, so the Snakefile checks the files, not only the config they made."""
+    for path in paths:
+        load_study(path)
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -82,29 +197,67 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return "".join(parts).lstrip(".") or "<top>"
 
 
+@functools.cache
+def _ecma_regex(pattern: str) -> re.Pattern:
+    """A schema `pattern` as JSON Schema means it (ECMA-262): `$` matches only at the very end.
+    Python's `$` also matches before a final newline, so "^[a-z0-9]+$" would take "name\\n";
+    every bare `$` (not escaped, not in a [class]) becomes `\\Z`."""
+    out, in_class, escaped = [], False, False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[":
+            in_class = True
+        elif char == "]":
+            in_class = False
+        elif char == "$" and not in_class:
+            char = r"\Z"
+        out.append(char)
+    return re.compile("".join(out))
+
+
+def _pattern(validator, pattern, instance, schema):
+    """The `pattern` keyword with ECMA-262 anchoring: the one place every id of the schema
+    (names, machine_id, env names, axes, propertyNames) is matched, for both entry points."""
+    import jsonschema
+
+    if validator.is_type(instance, "string") and not _ecma_regex(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{_quote(instance)} does not match {pattern!r}")
+
+
+@functools.cache
+def _validator_class():
+    import jsonschema
+
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern})
+
+
 def validate(config: dict) -> None:
     """Validate against the schema; raise ConfigError naming the first offending key."""
-    import jsonschema  # only where a config is validated, not in every cell's run
-
-    validator = jsonschema.Draft202012Validator(load_schema())
+    check_plain(config)
+    validator = _validator_class()(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
     if not errors:
         return
     error = errors[0]
     # An additionalProperties error names the parent; say which key is unknown.
     if error.validator == "additionalProperties":
-        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})), key=str)
         where = _key_path(error)
         prefix = "" if where == "<top>" else f"{where}."
-        raise ConfigError(f"config: {prefix}{unknown[0]}: unknown key") from None
+        raise ConfigError(f"config: {prefix}{_cut(str(unknown[0]))}: unknown key") from None
     # A pattern message quotes a regex; the schema's description says in words what is expected.
     if error.validator == "pattern" and error.schema.get("description"):
         what = "key" if "propertyNames" in error.schema_path else "value"
         expected = error.schema["description"]
         raise ConfigError(
-            f"config: {_key_path(error)}: {what} {error.instance!r} is not valid; expected {expected}"
+            f"config: {_key_path(error)}: {what} {_quote(error.instance)} is not valid; expected {expected}"
         ) from None
-    raise ConfigError(f"config: {_key_path(error)}: {error.message}") from None
+    # jsonschema's messages quote the whole instance (a long string, a big mapping): cut it.
+    message = error.message.replace(repr(error.instance), _quote(error.instance))
+    raise ConfigError(f"config: {_key_path(error)}: {message}") from None
 
 
 def schema_defaults() -> dict:
@@ -232,7 +385,8 @@ def _check_references(config: dict, cells: list[dict]) -> None:
         seen[cell["name"]] = cell["id"]
     if config["baseline"] not in seen:
         raise ConfigError(
-            f"config: baseline: {config['baseline']!r} is not a cell name (cells: {', '.join(sorted(seen))})"
+            f"config: baseline: {_quote(config['baseline'])} is not a cell name "
+            f"(cells: {_cut(', '.join(sorted(seen)))})"
         )
     for name, model in config["models"].items():
         if model["source"] == "pypi-gguf":
@@ -255,7 +409,7 @@ def _check_expectations(config: dict) -> None:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ConfigError(f"config: bandwidth_gb_s: {pattern!r} is not a valid regex ({exc})") from None
+            raise ConfigError(f"config: bandwidth_gb_s: {_quote(pattern)} is not a valid regex ({exc})") from None
 
 
 def _secret_values(value, where: str):
@@ -317,13 +471,13 @@ def _check_paths(config: dict) -> None:
         context = PROJECT_ROOT / image["context"]
         if not (context / "Dockerfile").is_file():
             raise ConfigError(
-                f"config: images.{name}.context: {image['context']!r} has no Dockerfile; "
+                f"config: images.{name}.context: {_quote(image['context'])} has no Dockerfile; "
                 "expected a folder under the project root holding one"
             )
         wheelhouse = image.get("wheelhouse")
         if wheelhouse and not (context / wheelhouse).is_file():
             raise ConfigError(
-                f"config: images.{name}.wheelhouse: {wheelhouse!r} is not a file in {image['context']}; "
+                f"config: images.{name}.wheelhouse: {_quote(wheelhouse)} is not a file in {_cut(image['context'])}; "
                 "expected a lock file there (scripts/lock_images.sh makes one)"
             )
         if wheelhouse:

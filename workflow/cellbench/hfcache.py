@@ -40,7 +40,7 @@ def resolve(hub: Path, repo_id: str, revision: str | None) -> tuple[Path, str]:
     if not repo.is_dir():
         raise ModelError(f"model {repo_id} is not in the hub cache {hub} (no {repo.name}/)")
     revision = revision or "main"
-    if COMMIT.match(revision):
+    if COMMIT.fullmatch(revision):
         commit = revision
     else:
         ref = repo / "refs" / revision
