@@ -50,7 +50,10 @@ def test_ratios_in_words():
         ("amd", "awq", 1, "ok", 19.3, 0.69),
         ("amd", "awq", 32, "ok", 420.0, 1.4),
     )
-    assert expectations.ratio_sentences(measured, "bf16") == ["awq is 0.69× bf16 at batch 1; 1.40× at batch 32"]
+    # One round each (no interval): the sentence says so instead of stating the ratio bare.
+    assert expectations.ratio_sentences(measured, "bf16") == [
+        "awq is 0.69× bf16 at batch 1; 1.40× at batch 32 (no interval: fewer than 2 rounds paired with the baseline)"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -81,4 +84,9 @@ def test_ratio_of_a_cell_that_measured_the_same_says_so():
     measured = points(("cpu", "ok", 1, "ok", 9.0, 1.0), ("cpu", "fork", 1, "ok", 4.0, 0.44))
     measured["same_as"] = [None, "same as ok: VLLM_WORKER_MULTIPROC_METHOD forced to spawn by the engine"]
     (sentence,) = expectations.ratio_sentences(measured, "ok")
-    assert sentence.startswith("fork is 0.44× ok at batch 1 (same as ok:") and "run-to-run spread" in sentence
+    assert (
+        sentence.startswith(
+            "fork is 0.44× ok at batch 1 (no interval: fewer than 2 rounds paired with the baseline) (same as ok:"
+        )
+        and "run-to-run spread" in sentence
+    )

@@ -65,6 +65,18 @@ def _times(ratio: float) -> str:
     return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.0f}×"
 
 
+def _with_interval(row) -> str:
+    """'0.52× [0.50, 0.54]', '≈ 1.01× [0.97, 1.05] (no significant difference)', or the bare ratio
+    with '(no interval)' when fewer than two paired rounds give one."""
+    low, high = row.get("vs_baseline_low"), row.get("vs_baseline_high")
+    if low is None or pd.isna(low):
+        return _times(row["vs_baseline"])
+    text = f"{_times(row['vs_baseline'])} [{low:.2f}, {high:.2f}]"
+    if row.get("vs_baseline_significance") == "same":
+        return f"≈ {text} (no significant difference)"
+    return text
+
+
 def ratio_sentences(points: pd.DataFrame, baseline_name: str) -> list[str]:
     """'vllm-float32 is 0.52× vllm-bfloat16 at batch 1; 0.61× at batch 8' per machine and cell."""
     if points.empty:
@@ -82,12 +94,14 @@ def ratio_sentences(points: pd.DataFrame, baseline_name: str) -> list[str]:
             where = f"batch {row['batch_size']}"
             if several_shapes:
                 where += f" ({row['input_len']}→{row['output_len']} tokens)"
-            parts.append((_times(row["vs_baseline"]), where))
+            parts.append((_with_interval(row), where))
         if not parts:
             continue
         on = f" on {machine}" if len(machines) > 1 else ""
         (ratio, where), rest = parts[0], parts[1:]
         text = f"{cell} is {ratio} {baseline_name} at {where}{on}" + "".join(f"; {r} at {w}" for r, w in rest)
+        if group["vs_baseline_low"].isna().any() if "vs_baseline_low" in group else True:
+            text += " (no interval: fewer than 2 rounds paired with the baseline)"
         mark = group["same_as"].iloc[0] if "same_as" in group else None
         # Equal effective settings: whatever the ratio says, it is run-to-run spread, not the setting.
         sentences.append(text + (f" ({mark}: the difference is run-to-run spread)" if isinstance(mark, str) else ""))

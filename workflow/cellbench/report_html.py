@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from .explain import measured_text, override_words
-from .report import _fmt, _point, _ratio
+from .report import _fmt, _point, ratio_text
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.4}
@@ -91,7 +91,8 @@ def page(
                 _e(r["status"]),
                 _e(_point(r)),
                 _e(_fmt(r["output_tok_s"])),
-                _e(_ratio(r["vs_baseline"])),
+                _e(_fmt(r.get("output_tok_s_low")) + "–" + _fmt(r.get("output_tok_s_high"))),
+                _e(ratio_text(r)),
                 _e(_fmt(r["latency_p50_s"], ".3f")),
                 _e(_fmt(r["tpot_p50_s"] * 1e3 if pd.notna(r["tpot_p50_s"]) else None, ".2f")),
                 _e(f"{bound:.1%}" if bound is not None and pd.notna(bound) else "—"),
@@ -101,10 +102,11 @@ def page(
         )
         classes.append("bad" if r["status"] != "ok" else "")
     headers = [
-        "machine", "cell", "status", "batch × in→out", "output tok/s", "× baseline", "p50 latency s",
+        "machine", "cell", "status", "batch × in→out", "output tok/s", "95 % interval", "× baseline [interval]",
+        "p50 latency s",
         "TPOT p50 ms", "of bandwidth bound", "load s", "engine actually ran",
     ]  # fmt: skip
-    parts.append(_table(headers, rows, classes, numeric={4, 5, 6, 7, 8, 9}))
+    parts.append(_table(headers, rows, classes, numeric={4, 5, 6, 7, 8, 9, 10}))
 
     parts.append("<h2 id=diagnostics>Diagnostics</h2>")
     rows = []
