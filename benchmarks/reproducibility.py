@@ -79,12 +79,13 @@ def verdicts(points: pd.DataFrame, baseline_name: str, confidence: float) -> dic
     fastest = aggregate.fastest_per_point(points, confidence)
     from cellbench import report
 
-    withheld = report.withheld(points)
+    short = report.short_points(points)
     for _, row in fastest.iterrows():
-        if row["machine_id"] not in withheld and isinstance(row["fastest"], str):
+        point = (row["machine_id"], row["batch_size"], row["input_len"], row["output_len"])
+        if point not in short and isinstance(row["fastest"], str):
             found[("fastest", row["batch_size"], row["input_len"], row["output_len"])] = row["fastest"]
     for _, row in points.iterrows():
-        if row["machine_id"] in withheld or row["cell_name"] == baseline_name:
+        if row["cell_name"] == baseline_name:
             continue
         if row.get("vs_baseline_significance") in ("faster", "slower"):
             key = ("vs baseline", row["cell_name"], row["batch_size"], row["input_len"], row["output_len"])

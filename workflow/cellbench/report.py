@@ -171,10 +171,17 @@ def host_lines(points: pd.DataFrame) -> list[str]:
     return ["", "## Host", "", *out]
 
 
-def _fastest_rows(fastest: pd.DataFrame, withheld_on: dict[str, str]) -> list[list[str]]:
+def short_points(points: pd.DataFrame) -> set[tuple]:
+    """(machine, batch, input, output) of every point where a measured cell has fewer than
+    MIN_ROUNDS trusted rounds: no verdict is stated there."""
+    ok = points[(points["status"] == "ok") & (points["rounds"].fillna(0) < MIN_ROUNDS)]
+    return set(ok[["machine_id", "batch_size", "input_len", "output_len"]].itertuples(index=False, name=None))
+
+
+def _fastest_rows(fastest: pd.DataFrame, short: set[tuple]) -> list[list[str]]:
     rows = []
     for _, row in fastest.iterrows():
-        if row["machine_id"] in withheld_on:
+        if (row["machine_id"], row["batch_size"], row["input_len"], row["output_len"]) in short:
             rows.append([row["machine_id"], _point(row), "withheld (see above)", "—", "—", "—"])
             continue
         if isinstance(row["fastest"], str):
@@ -209,8 +216,8 @@ def summary_markdown(
     for machine, reason in withheld_on.items():
         out += [
             "",
-            f"⚠ **Verdicts withheld on {machine}**: {reason}. No cell is named fastest and no ratio "
-            "is stated as a difference until then.",
+            f"⚠ **Verdicts withheld on {machine}**: {reason}. At those points no cell is named fastest "
+            "and no ratio is stated as a difference until then.",
         ]
     busy = busy_cells(cells)
     if busy:
@@ -231,15 +238,13 @@ def summary_markdown(
         )
         out.append("")
         headers = ["machine", "batch × in→out", "fastest", "output tok/s", "× baseline", "ahead of runner-up by"]
-        out.append(markdown_table(headers, _fastest_rows(fastest, withheld_on)))
+        out.append(markdown_table(headers, _fastest_rows(fastest, short_points(points) if not points.empty else set())))
     out += host_lines(points)
     out += ["", "## Every cell and point", ""]
     shown, cut = listed(points, "cell points")
     rows = []
     for row in shown.to_dict("records"):  # iterrows builds a Series per row: minutes at 10,000 cells
         ratio = "baseline" if row["cell_name"] == baseline_name else ratio_text(row)
-        if row["machine_id"] in withheld_on and ratio.endswith("]"):
-            ratio += " (withheld)"
         rows.append(
             [
                 row["machine_id"],
