@@ -181,7 +181,8 @@ def short_points(points: pd.DataFrame) -> set[tuple]:
 def _fastest_rows(fastest: pd.DataFrame, short: set[tuple]) -> list[list[str]]:
     rows = []
     for _, row in fastest.iterrows():
-        if (row["machine_id"], row["batch_size"], row["input_len"], row["output_len"]) in short:
+        # One measured cell at a point is no comparison: nothing there can flip.
+        if row["cells"] > 1 and (row["machine_id"], row["batch_size"], row["input_len"], row["output_len"]) in short:
             rows.append([row["machine_id"], _point(row), "withheld (see above)", "—", "—", "—"])
             continue
         if isinstance(row["fastest"], str):
