@@ -71,8 +71,8 @@ def test_markdown_answers_which_is_fastest(rows, tmp_path):
     written = report.write_tables(points, "s", "base", tmp_path)
     text = written[0].read_text()
     assert "| m1 | 1 × 128→64 | **fast** | 20.0 | 2.00× | 2.00× [2.00, 2.00] base |" in text
-    # m2 measured one round: no interval, so no verdict there.
-    assert "**Verdicts withheld on m2**" in text and "| m2 | 1 × 128→64 | withheld (see above) |" in text
+    # m2 measured one round of one ok cell: no comparison there, so nothing to withhold.
+    assert "withheld" not in text and "| m2 | 1 × 128→64 | **base** | 5.0 | 1.00× | only cell |" in text
     assert "## Cells that did not finish" in text
     assert pd.read_csv(written[1]).shape[0] == len(points)
 

@@ -97,7 +97,8 @@ def test_verdicts_ratios_and_roofline(explained):
     assert any(line.startswith("| ❌") and "| ok |" in line and "impossible on purpose" in line for line in lines)
     assert any(line.startswith("| ✅") and "| fork |" in line for line in lines)
     assert re.search(
-        r"- fork is [0-9.]+× ok at batch 1; [0-9.]+× at batch 2 \(no interval: .*\) \(same as ok: .* run-to-run spread\)",
+        r"- fork is [0-9.]+× ok at batch 1; [0-9.]+× at batch 2 \(no interval: .*\) "
+        r"\(same as ok: .* run-to-run spread\)",
         verdicts,
     )
     roofline = verdicts.split("memory-bandwidth bound", 1)[1]

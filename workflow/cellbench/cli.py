@@ -76,7 +76,7 @@ def cmd_aggregate(args) -> int:
     metrics.combine_metrics(args.metrics, args.summary)
     statistics = json.loads(args.statistics) if args.statistics else None
     points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id, statistics)
-    confidence = (statistics or aggregate.DEFAULT_STATISTICS)["confidence"]
+    confidence = config.statistics({"statistics": statistics or {}})["confidence"]
     written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables), confidence)
     written += machines.write_tables(points, args.machine_id, Path(args.tables))
     print("cellbench: tables: " + ", ".join(str(p) for p in written))

@@ -131,7 +131,8 @@ def withheld(points: pd.DataFrame) -> dict[str, str]:
         return {}
     reasons = {}
     ok = points[points["status"] == "ok"]
-    for machine, group in ok.groupby("machine_id", sort=True):
+    compared = ok.groupby(["machine_id", *aggregate.POINT])["cell_id"].transform("nunique") > 1
+    for machine, group in ok[compared].groupby("machine_id", sort=True):
         short = group[group["rounds"].fillna(0) < MIN_ROUNDS]
         if short.empty:
             continue
@@ -174,15 +175,17 @@ def host_lines(points: pd.DataFrame) -> list[str]:
 def short_points(points: pd.DataFrame) -> set[tuple]:
     """(machine, batch, input, output) of every point where a measured cell has fewer than
     MIN_ROUNDS trusted rounds: no verdict is stated there."""
-    ok = points[(points["status"] == "ok") & (points["rounds"].fillna(0) < MIN_ROUNDS)]
+    ok = points[points["status"] == "ok"]
+    # One measured cell at a point is no comparison: nothing there can flip.
+    ok = ok[ok.groupby(["machine_id", *aggregate.POINT])["cell_id"].transform("nunique") > 1]
+    ok = ok[ok["rounds"].fillna(0) < MIN_ROUNDS]
     return set(ok[["machine_id", "batch_size", "input_len", "output_len"]].itertuples(index=False, name=None))
 
 
 def _fastest_rows(fastest: pd.DataFrame, short: set[tuple]) -> list[list[str]]:
     rows = []
     for _, row in fastest.iterrows():
-        # One measured cell at a point is no comparison: nothing there can flip.
-        if row["cells"] > 1 and (row["machine_id"], row["batch_size"], row["input_len"], row["output_len"]) in short:
+        if (row["machine_id"], row["batch_size"], row["input_len"], row["output_len"]) in short:
             rows.append([row["machine_id"], _point(row), "withheld (see above)", "—", "—", "—"])
             continue
         if isinstance(row["fastest"], str):
