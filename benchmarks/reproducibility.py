@@ -100,6 +100,9 @@ def main() -> int:
     parser.add_argument("--disturb", action="store_true", help="burn one core from halfway through run 2")
     parser.add_argument("--burn-s", type=float, default=None, help="seconds to burn (default: a quarter of run 1)")
     parser.add_argument("--reuse-first", action="store_true", help="keep an existing run1 (measure only run 2)")
+    parser.add_argument(
+        "--analyze-only", action="store_true", help="measure nothing: judge the existing run1 and run2 again"
+    )
     args = parser.parse_args()
     workdir, configfile = Path(args.workdir).resolve(), Path(args.configfile).resolve()
     study = config.load_study(configfile)
@@ -109,21 +112,27 @@ def main() -> int:
     record: dict = {"study": str(configfile), "host_before": host_state()}
 
     run1, run2 = workdir / "run1", workdir / "run2"
-    if args.reuse_first and (run1 / "results" / "summary.parquet").is_file():
+    if args.analyze_only:
+        record.update(json.loads((workdir / "reproducibility.json").read_text()))
+        record = {
+            k: record[k] for k in ("study", "host_before", "host_after", "run1_s", "run2_s", "burn_s") if k in record
+        }
+    elif args.reuse_first and (run1 / "results" / "summary.parquet").is_file():
         record["run1_s"] = json.loads((workdir / "run1.json").read_text())["run1_s"]
     else:
         record["run1_s"] = run_study(run1, configfile)
         metrics.write_json_atomic(workdir / "run1.json", {"run1_s": record["run1_s"]})
-    record["host_between"] = host_state()
-    burner = None
-    if args.disturb:
-        seconds = args.burn_s or record["run1_s"] / 4
-        burner = burn_later(record["run1_s"] / 2, seconds, record)
-        record["burn_s"] = seconds
-    record["run2_s"] = run_study(run2, configfile)
-    if burner:
-        burner.join()
-    record["host_after"] = host_state()
+    if not args.analyze_only:
+        record["host_between"] = host_state()
+        burner = None
+        if args.disturb:
+            seconds = args.burn_s or record["run1_s"] / 4
+            burner = burn_later(record["run1_s"] / 2, seconds, record)
+            record["burn_s"] = seconds
+        record["run2_s"] = run_study(run2, configfile)
+        if burner:
+            burner.join()
+        record["host_after"] = host_state()
 
     a, b = points_of(run1, resolved["baseline"], settings), points_of(run2, resolved["baseline"], settings)
     key = ["cell_name", "batch_size", "input_len", "output_len"]
@@ -149,7 +158,7 @@ def main() -> int:
 
     print(f"\nReproducibility of {configfile.name}: run 1 {record['run1_s']:.0f} s, run 2 {record['run2_s']:.0f} s; "
           f"host before {record['host_before']}, after {record['host_after']}")  # fmt: skip
-    if args.disturb:
+    if record.get("burn_s"):
         print(f"run 2 disturbed: one core burned for {record['burn_s']:.0f} s from halfway")
     print(f"{'cell':32} {'point':12} {'run 1':>8} {'run 2':>8} {'diff':>6} inside  rounds(flagged)")
     for _, r in table.sort_values(key).iterrows():
