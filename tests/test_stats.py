@@ -60,9 +60,10 @@ def test_tie_rule_names_a_winner_only_when_significant():
 
 def test_between_and_within_round_spread():
     # round means 11 and 15: sd 2.828 / 13 = 21.8 %; repeats vary by sd 1.414 in each: 10.9 %
-    between, within = stats.spread({1: [10, 12], 2: [14, 16]})
-    assert between == pytest.approx(2 * math.sqrt(2) / 13)
-    assert within == pytest.approx(math.sqrt(2) / 13)
+    rows = [_row("base", 1, 0, 10), _row("base", 1, 1, 12), _row("base", 2, 0, 14), _row("base", 2, 1, 16)]
+    point = aggregate.cell_points(metrics.to_table(rows), "base-0123456789").iloc[0]
+    assert point["between_cv"] == pytest.approx(2 * math.sqrt(2) / 13)
+    assert point["within_cv"] == pytest.approx(math.sqrt(2) / 13)
 
 
 def _row(cell, round_, repeat, tok, **extra):

@@ -115,24 +115,6 @@ def significance(interval: Interval | None) -> str:
     return "same"
 
 
-def spread(rounds: dict[int, list[float]]) -> tuple[float | None, float | None]:
-    """(between-round CV, within-round CV): the spread of round means around their mean, and the
-    pooled spread of repeats around their own round's mean, both relative to the grand mean."""
-    means = [_mean(v) for v in rounds.values() if v]
-    if not means:
-        return None, None
-    grand = _mean(means)
-    if grand == 0:
-        return None, None
-    between = math.sqrt(_var(means)) / grand if len(means) >= 2 else None
-    groups = [v for v in rounds.values() if len(v) >= 2]
-    within = None
-    if groups:
-        pooled = sum(_var(v) * (len(v) - 1) for v in groups) / sum(len(v) - 1 for v in groups)
-        within = math.sqrt(pooled) / grand
-    return between, within
-
-
 def rank(
     means: dict[str, dict[int, float]], confidence: float = DEFAULT_CONFIDENCE
 ) -> tuple[list[str], Interval | None, str | None]:
