@@ -72,7 +72,6 @@ def compare(points: pd.DataFrame, local: str, confidence: float = stats.DEFAULT_
     ratio, note = _versus(shared, ref)
     out = shared.assign(reference_machine=ref["machine_id"], vs_reference=ratio, compared=ratio.notna(), note=note)
     out = _with_intervals(out, confidence)
-    out["note"] = [_join(n, d) for n, d in zip(out["note"], _version_notes(out), strict=True)]
     return out[COMPARED].reset_index(drop=True)
 
 
@@ -81,37 +80,32 @@ def _join(*notes: str) -> str:
 
 
 def _with_intervals(rows: pd.DataFrame, confidence: float) -> pd.DataFrame:
-    """The interval of each compared ratio, over rounds: two machines' rounds did not run side by
-    side, so it is unpaired (Welch on log round means), and "≈" when it contains 1."""
+    """Each compared ratio's interval over rounds (two machines' rounds did not run side by side,
+    so it is unpaired: Welch on log round means; "≈" when it contains 1), and the engine packages
+    whose version differs from the reference machine's row, added to its note."""
     from . import aggregate
 
-    rows = rows.copy()
-    rounds = {(r["machine_id"], *(r[k] for k in MATCH)): aggregate.round_dict(r) for _, r in rows.iterrows()}
-    lows, highs, marks = [], [], []
-    for _, r in rows.iterrows():
+    records = rows.to_dict("records")
+    by_key = {(r["machine_id"], *(r[k] for k in MATCH)): r for r in records}
+    lows, highs, marks, notes = [], [], [], []
+    for r in records:
+        ref = by_key.get((r["reference_machine"], *(r[k] for k in MATCH)), {})
         interval = None
         if r["compared"] and r["machine_id"] != r["reference_machine"]:
-            mine = rounds[(r["machine_id"], *(r[k] for k in MATCH))]
-            ref = rounds[(r["reference_machine"], *(r[k] for k in MATCH))]
-            interval = stats.ratio_interval(mine, ref, confidence, paired=False)
+            interval = stats.ratio_interval(
+                aggregate.round_dict(r), aggregate.round_dict(ref), confidence, paired=False
+            )
         lows.append(None if interval is None else interval.low)
         highs.append(None if interval is None else interval.high)
         marks.append(stats.significance(interval) if r["compared"] else "unknown")
-    return rows.assign(vs_reference_low=lows, vs_reference_high=highs, significance=marks)
-
-
-def _version_notes(rows: pd.DataFrame) -> list[str]:
-    """Per row, the engine packages whose version differs from the reference machine's row."""
-    versions = {
-        (r["machine_id"], *(r[k] for k in MATCH)): _versions(r.get("versions_json")) for _, r in rows.iterrows()
-    }
-    notes = []
-    for _, r in rows.iterrows():
-        mine = versions[(r["machine_id"], *(r[k] for k in MATCH))]
-        ref = versions.get((r["reference_machine"], *(r[k] for k in MATCH)), {})
-        differ = [f"{p} {mine[p]} vs {ref[p]}" for p in ENGINE_PACKAGES if p in mine and p in ref and mine[p] != ref[p]]
-        notes.append(f"⚠ versions differ: {', '.join(differ)}" if differ else "")
-    return notes
+        mine, theirs = _versions(r.get("versions_json")), _versions(ref.get("versions_json"))
+        differ = [
+            f"{p} {mine[p]} vs {theirs[p]}"
+            for p in ENGINE_PACKAGES
+            if p in mine and p in theirs and mine[p] != theirs[p]
+        ]
+        notes.append(_join(r["note"], f"⚠ versions differ: {', '.join(differ)}" if differ else ""))
+    return rows.assign(vs_reference_low=lows, vs_reference_high=highs, significance=marks, note=notes)
 
 
 def _versions(value) -> dict:
@@ -225,14 +219,10 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
 
 
 def _ratio_text(entry) -> str:
-    """'0.71× [0.52, 0.97]', or '≈ 0.95× [0.80, 1.12]' where the interval contains 1."""
-    text = report._ratio(entry["vs_reference"])
+    """The reference's own 1.00×, else the ratio with its interval (report.ratio_text)."""
     if entry["note"].startswith("reference"):
-        return text
-    if pd.isna(entry["vs_reference_low"]):
-        return f"{text} (no interval)"
-    text += f" [{report._fmt(entry['vs_reference_low'], '.2f')}, {report._fmt(entry['vs_reference_high'], '.2f')}]"
-    return f"≈ {text}" if entry["significance"] == "same" else text
+        return report._ratio(entry["vs_reference"])
+    return report.ratio_text(entry, "vs_reference", "significance")
 
 
 def write_tables(points: pd.DataFrame, local: str, tables_dir: Path) -> list[Path]:

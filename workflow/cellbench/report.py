@@ -70,17 +70,17 @@ def _round_spread(row) -> str:
     return f"{_fmt(between, '.1%')} / {_fmt(within, '.1%')}"
 
 
-def ratio_text(row) -> str:
+def ratio_text(row, column: str = "vs_baseline", significance: str = "vs_baseline_significance") -> str:
     """'0.52× [0.50, 0.54]', '≈ 1.01× [0.97, 1.05]' (interval holds 1: no significant difference),
-    or '1.01× (no interval)' with fewer than 2 paired rounds."""
-    value = row.get("vs_baseline")
+    or '1.01× (no interval)' with fewer than 2 rounds; `column`, `column`_low/_high hold the ratio."""
+    value = row.get(column)
     if value is None or pd.isna(value):
         return "—"
-    significance = row.get("vs_baseline_significance")
-    if significance == "unknown" or pd.isna(row.get("vs_baseline_low")):
+    mark = row.get(significance)
+    if mark == "unknown" or pd.isna(row.get(f"{column}_low")):
         return f"{_ratio(value)} (no interval)"
-    interval = f"{_ratio(value)} [{_fmt(row['vs_baseline_low'], '.2f')}, {_fmt(row['vs_baseline_high'], '.2f')}]"
-    return f"≈ {interval}" if significance == "same" else interval
+    interval = f"{_ratio(value)} [{_fmt(row[f'{column}_low'], '.2f')}, {_fmt(row[f'{column}_high'], '.2f')}]"
+    return f"≈ {interval}" if mark == "same" else interval
 
 
 def busy_cells(cells: pd.DataFrame, cores: int | None = None) -> list[str]:
