@@ -130,9 +130,7 @@ def withheld(points: pd.DataFrame) -> dict[str, str]:
     if points.empty:
         return {}
     reasons = {}
-    ok = points[points["status"] == "ok"]
-    compared = ok.groupby(["machine_id", *aggregate.POINT])["cell_id"].transform("nunique") > 1
-    for machine, group in ok[compared].groupby("machine_id", sort=True):
+    for machine, group in _compared_ok(points).groupby("machine_id", sort=True):
         short = group[group["rounds"].fillna(0) < MIN_ROUNDS]
         if short.empty:
             continue
@@ -172,12 +170,17 @@ def host_lines(points: pd.DataFrame) -> list[str]:
     return ["", "## Host", "", *out]
 
 
+def _compared_ok(points: pd.DataFrame) -> pd.DataFrame:
+    """The ok rows at points where two or more cells were measured. One measured cell at a point
+    is no comparison: nothing there can flip, so nothing there is withheld."""
+    ok = points[points["status"] == "ok"]
+    return ok[ok.groupby(["machine_id", *aggregate.POINT])["cell_id"].transform("nunique") > 1]
+
+
 def short_points(points: pd.DataFrame) -> set[tuple]:
     """(machine, batch, input, output) of every point where a measured cell has fewer than
     MIN_ROUNDS trusted rounds: no verdict is stated there."""
-    ok = points[points["status"] == "ok"]
-    # One measured cell at a point is no comparison: nothing there can flip.
-    ok = ok[ok.groupby(["machine_id", *aggregate.POINT])["cell_id"].transform("nunique") > 1]
+    ok = _compared_ok(points)
     ok = ok[ok["rounds"].fillna(0) < MIN_ROUNDS]
     return set(ok[["machine_id", "batch_size", "input_len", "output_len"]].itertuples(index=False, name=None))
 
