@@ -1,6 +1,6 @@
 """Roofline context for decode: how close a point came to the memory-bandwidth bound.
 
-Approximation (documented in the README): one decode step reads every weight once for the whole
+Approximation (documented in docs/reports.md): one decode step reads every weight once for the whole
 batch, so the bytes read per generated token are weight_bytes / batch size, and the bound on
 decode steps per second is bandwidth / weight_bytes. A point that decodes one step every TPOT
 seconds reached   fraction = weight_bytes / (TPOT x bandwidth).
