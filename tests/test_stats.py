@@ -104,6 +104,24 @@ def test_flagged_rounds_are_left_out_of_figures_and_kept_as_rows():
     assert kept.set_index("cell_name").loc["fast", "rounds"] == 4
 
 
+def test_a_point_with_only_flagged_rounds_keeps_its_figure_but_no_verdict(tmp_path):
+    # Every round of both cells ran beside another process (a busy laptop, a CI runner): the
+    # figures are still shown, from the flagged rounds, but count as 0 trusted rounds.
+    busy = [{**r, "host_foreign_cpu": 0.9} for r in _study_rows().to_pylist()]
+    points = aggregate.cell_points(metrics.to_table(busy), "base-0123456789").set_index("cell_name")
+    fast = points.loc["fast"]
+    assert fast["output_tok_s"] == pytest.approx(101.6667, abs=1e-4)  # rounds 1-3 as above
+    assert (fast["rounds"], fast["rounds_flagged"], bool(fast["flagged_only"])) == (0, 3, True)
+    text = report.write_tables(points.reset_index(), "s", "base", tmp_path)[0].read_text()
+    assert "**Verdicts withheld on m**" in text and "quiet the host" in text and "**fast**" not in text
+    assert "| 0/3 (3 flagged ⚠ figure from these alone) |" in text
+    # A clean round anywhere at the point: the flagged ones are left out as before.
+    mixed = busy + [{**r, "round": 4} for r in _study_rows().to_pylist() if r["round"] == 1]
+    points = aggregate.cell_points(metrics.to_table(mixed), "base-0123456789").set_index("cell_name")
+    assert (points.loc["fast", "rounds"], bool(points.loc["fast", "flagged_only"])) == (1, False)
+    assert points.loc["fast", "output_tok_s"] == pytest.approx(101.0)
+
+
 def test_a_failed_round_leaves_the_other_rounds_standing():
     table = _study_rows().to_pylist()
     table += [{**_row("fast", 4, None, None), "status": "timeout", "error": "cell exceeded its timeout"}]

@@ -44,7 +44,17 @@ def cell_points(
     frame = frame.with_columns(pl.col("round").fill_null(1))
     flags = round_flags(frame, settings)
     frame = frame.join(flags, on=["machine_id", "cell_id", "round"], how="left")
-    trusted = frame.filter(pl.col("round_flag").is_null()) if settings["exclude_flagged"] else frame
+    # A point none of whose ok rounds is clean keeps its flagged rounds as its figure (a busy
+    # laptop still gets numbers), counted as 0 trusted rounds so that no verdict rests on it.
+    clean = (
+        frame.group_by(*KEY, "round")
+        .agg(((pl.col("status") == "ok").all() & pl.col("round_flag").is_null().all()).alias("_clean"))
+        .group_by(KEY)
+        .agg(pl.col("_clean").any().alias("_has_clean"))
+    )
+    frame = frame.join(clean, on=KEY, how="left", nulls_equal=True)
+    keep = pl.col("round_flag").is_null() | ~pl.col("_has_clean")
+    trusted = frame.filter(keep) if settings["exclude_flagged"] else frame
     # Per-point columns: the first non-null value, repeats in order (a failed repeat's error shows).
     first = (
         frame.sort("repeat", nulls_last=True, maintain_order=True)
@@ -84,6 +94,10 @@ def cell_points(
         .join(flagged, on=["machine_id", "cell_id"], how="left")
         .join(canary, on=["machine_id", "cell_id"], how="left")
         .with_columns(pl.col("rounds_flagged").fill_null(0).cast(pl.Int64))
+        .join(clean, on=KEY, how="left", nulls_equal=True)
+        .with_columns(flagged_only=pl.col("rounds").is_not_null() & ~pl.col("_has_clean") & settings["exclude_flagged"])
+        .with_columns(pl.when(pl.col("flagged_only")).then(0).otherwise(pl.col("rounds")).alias("rounds"))
+        .drop("_has_clean")
         .sort(["machine_id", *POINT, "cell_name"], maintain_order=True)
     )
     cells = (

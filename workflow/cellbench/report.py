@@ -56,7 +56,8 @@ def _rounds(row) -> str:
     text = f"{used}/{int(total)}" if pd.notna(total) else "—"
     notes = []
     if row.get("rounds_flagged"):
-        notes.append(f"{int(row['rounds_flagged'])} flagged")
+        only = " ⚠ figure from these alone" if row.get("flagged_only") in (True,) else ""
+        notes.append(f"{int(row['rounds_flagged'])} flagged{only}")
     if row.get("rounds_failed"):
         notes.append(f"{int(row['rounds_failed'])} failed")
     return text + (f" ({', '.join(notes)})" if notes else "")
@@ -306,7 +307,8 @@ def summary_markdown(
         "",
         "≈ marks a ratio whose interval contains 1: no significant difference. A round is flagged when "
         "other processes used CPU during its measurements or its host canary was off the machine's median; "
-        "flagged rounds stay in `summary.parquet` but not in the figures.",
+        "flagged rounds stay in `summary.parquet` but not in the figures (unless a point has no other: "
+        "then its figure is marked and no verdict rests on it).",
         f"⚠ marks a point whose repeats vary by more than {aggregate.CV_FLAG:.0%} (coefficient of variation); "
         "repeats share one engine load, so their spread understates a rerun's: the interval is over rounds.",
         "Per-repeat rows with full provenance: `results/summary.parquet`; per round: "
