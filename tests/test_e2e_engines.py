@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from cellbench import contract
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,8 @@ CELLS = [
     # Asks for a quantization the GGUF does not hold: a failed cell with a clear error.
     {"name": "llamacpp-q8", "image": "llamacpp", "engine": "llamacpp", "quantization": "Q8_0"},
     {"name": "served", "mode": "serve", "dtype": "bfloat16", "engine_args": {"enforce_eager": True}},
+    # Added through the engine contract alone (its class, its declaration): a plain reference.
+    {"name": "hf", "engine": "transformers", "dtype": "bfloat16"},
 ]
 
 
@@ -79,9 +82,26 @@ def test_serve_cell_records_serving_latencies(finished):
     assert set(rows["effective_dtype"]) == {"bfloat16"} and rows["effective_eager"].all()
 
 
+def test_transformers_reference_engine(finished):
+    rows = _rows(finished, "hf")
+    assert len(rows) == 4 and set(rows["status"]) == {"ok"}, rows["error"].iloc[0]
+    assert (rows["output_tokens"] == rows["batch_size"] * 8).all()
+    assert (rows["output_tok_s"] > 0).all() and (rows["ttft_p50_s"] < rows["latency_p50_s"]).all()
+    assert set(rows["engine_version"]) == {"5.19.0"} and set(rows["effective_dtype"]) == {"bfloat16"}
+    effective = json.loads(rows["effective_json"].iloc[0])
+    assert effective["engine_args"] == {"max_model_len": 256} and effective["num_threads"] >= 1
+
+
+@pytest.mark.parametrize("name", ["llamacpp", "served", "hf"])
+def test_each_engine_reports_what_its_declaration_promises(finished, name):
+    rows = _rows(finished, name)
+    assert contract.missing_reports(json.loads(rows["effective_json"].iloc[0]), rows["engine"].iloc[0]) == []
+    assert "engine-contract" not in rows["findings_json"].iloc[0]
+
+
 def test_tables_compare_the_engines(finished):
     md = (finished / "results" / "tables" / "summary.md").read_text()
-    assert "| llamacpp |" in md and "| served |" in md and "## Serving latency" in md
+    assert "| llamacpp |" in md and "| served |" in md and "| hf |" in md and "## Serving latency" in md
     left = subprocess.run(
         ["docker", "ps", "-a", "-q", "--filter", f"label=cellbench.origin={finished}"],
         capture_output=True, text=True, check=True,

@@ -8,7 +8,7 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 
-from . import config, effective, metrics, stats
+from . import config, contract, effective, metrics, stats
 
 POINT = ["batch_size", "input_len", "output_len"]
 KEY = ["machine_id", "cell_id", *POINT]
@@ -304,8 +304,9 @@ def describe_effective(effective_json: str | None) -> str:
     if not isinstance(effective_json, str):
         return "engine did not start"
     eff = json.loads(effective_json)
-    # llama.cpp has no single dtype: it runs the GGUF's types (its quantization) as stored.
-    parts = [eff.get("dtype", "?")] if eff.get("engine") != "llamacpp" else []
+    # An engine that runs its weights as stored (llama.cpp: the GGUF's types) has no single dtype.
+    engine = contract.ENGINES.get(eff.get("engine", "vllm"))
+    parts = [eff.get("dtype", "?")] if engine is None or "dtype" in engine.decides else []
     if eff.get("quantization"):
         parts.append(eff["quantization"])
     if eff.get("enforce_eager"):

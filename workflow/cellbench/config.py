@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import locks
+from . import contract, locks
 
 if TYPE_CHECKING:
     import jsonschema
@@ -37,12 +37,6 @@ IDENTITY_KEYS = (
     "env",
     "mode",
     "sweep",
-)
-# Names of credentials; not token counts (max_num_batched_tokens) or tokenizers, which provenance needs.
-SECRET_NAME = re.compile(r"TOKEN(?!S|IZ)|KEY|SECRET|PASSWORD|PASSWD", re.IGNORECASE)
-# Shapes of well-known credentials (Hugging Face, GitHub, OpenAI-style, AWS access keys).
-SECRET_VALUE = re.compile(
-    r"\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16})\b"
 )
 PROJECT_ROOT = SCHEMA_PATH.parents[2]
 
@@ -127,7 +121,10 @@ class StudyLoader(yaml.SafeLoader):
 
 @functools.cache
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    # The engines are those the contract declares (one list for the schema, the host and the container).
+    schema["$defs"]["cell_settings"]["properties"]["engine"]["enum"] = list(contract.ENGINES)
+    return schema
 
 
 def load_study(path: str | Path) -> dict:
@@ -366,20 +363,12 @@ def _check_references(config: dict, cells: list[dict]) -> None:
                 known = ", ".join(sorted(config[table]))
                 raise ConfigError(f"{where}: {key} {cell[key]!r} is not in {table} ({known})")
         for name in cell["env"]:
-            if SECRET_NAME.search(name):
+            if contract.is_secret_name(name):
                 raise ConfigError(
                     f"{where}: env.{name} looks like a secret; export it in the shell instead, "
                     "cellbench passes it to the container without writing it down"
                 )
-        if cell["engine"] == "llamacpp":
-            if cell["dtype"] != "auto":
-                raise ConfigError(
-                    f"{where}: dtype {cell['dtype']!r}: a llamacpp cell runs its GGUF as stored, use dtype auto"
-                )
-            if not config["models"][cell["model"]].get("file", "").endswith(".gguf"):
-                raise ConfigError(f"{where}: model {cell['model']!r} has no GGUF file for the llamacpp engine")
-        if cell["mode"] == "serve" and cell["engine"] != "vllm":
-            raise ConfigError(f"{where}: mode serve is implemented for vllm cells only, not {cell['engine']}")
+        _check_engine(cell, config["models"][cell["model"]], where)
         if cell["name"] in seen:
             raise ConfigError(f"{where}: two cells resolve to the same name")
         seen[cell["name"]] = cell["id"]
@@ -413,14 +402,16 @@ def _check_expectations(config: dict) -> None:
 
 
 def _secret_values(value, where: str):
-    """(key path) of every string that has the shape of a credential."""
+    """(key path) of every string, key or value, that has the shape of a credential."""
     if isinstance(value, dict):
         for key, item in value.items():
+            if contract.SECRET_VALUE.search(str(key)):
+                yield f"{where}.<key>" if where else "<key>"
             yield from _secret_values(item, f"{where}.{key}" if where else str(key))
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _secret_values(item, f"{where}[{index}]")
-    elif isinstance(value, str) and SECRET_VALUE.search(value):
+    elif isinstance(value, str) and contract.SECRET_VALUE.search(value):
         yield where
 
 
@@ -439,11 +430,29 @@ def _check_secrets(config: dict) -> None:
         tables.append((f"{where}.axes", group.get("axes", {})))
     for where, table in tables:
         for name in table:
-            if SECRET_NAME.search(name.split(".", 1)[-1]):
+            if contract.is_secret_name(name.split(".", 1)[-1]):
                 raise ConfigError(
                     f"config: {where}.{name} looks like a secret; export it in the shell instead, "
                     "cellbench passes it to the container without writing it down"
                 )
+
+
+def _check_engine(cell: dict, model: dict, where: str) -> None:
+    """What the cell's engine declares it can run (cellbench.contract)."""
+    engine = contract.ENGINES[cell["engine"]]  # the schema's enum lists the declared ones
+    if engine.weights_as_stored and cell["dtype"] != "auto":
+        raise ConfigError(
+            f"{where}: dtype {cell['dtype']!r}: a {engine.name} cell runs its model file as stored, use dtype auto"
+        )
+    suffix = engine.model_file_suffix
+    if suffix and not model.get("file", "").endswith(suffix):
+        raise ConfigError(f"{where}: model {cell['model']!r} has no {suffix} file for the {engine.name} engine")
+    if engine.quantizations is not None and cell["quantization"] and cell["quantization"] not in engine.quantizations:
+        can = ", ".join(engine.quantizations) or "none: it runs the prepared bf16/fp32 weights"
+        raise ConfigError(f"{where}: quantization {cell['quantization']!r}: the {engine.name} engine takes {can}")
+    if cell["mode"] == "serve" and not engine.serve:
+        served = ", ".join(name for name, e in sorted(contract.ENGINES.items()) if e.serve)
+        raise ConfigError(f"{where}: mode serve is implemented for {served} cells only, not {engine.name}")
 
 
 def _check_resources(cells: list[dict]) -> None:

@@ -7,16 +7,14 @@ tests pin per device kind.
 from __future__ import annotations
 
 import os
-import re
 
-from . import devices
+from . import contract, devices
 
 CONTAINER_PREFIX = "cellbench-"
 LABEL_CELL = "cellbench.cell"
 LABEL_RUN = "cellbench.run"
 LABEL_ORIGIN = "cellbench.origin"  # the working directory whose results/ the container writes
 MOUNT_MODEL, MOUNT_OUT, MOUNT_SCRIPTS = "/model", "/out", "/cellbench"
-SECRET_ENV = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 RUNTIME_FAILED = 125  # `docker run` exit code when docker itself failed, before the command ran
 # The engine runs as nobody:nogroup. vLLM on CPU runs so (tested); it needs a writable HOME for
 # its caches and a user name for torch's cache paths, neither of which nobody has.
@@ -91,7 +89,7 @@ def passthrough_secrets(environ: dict[str, str]) -> list[str]:
     """Secrets go by name only (`-e NAME`): docker reads the value, no file or argv holds it."""
     flags = []
     for name in sorted(environ):
-        if SECRET_ENV.search(name) and name.startswith(("HF_", "HUGGING")):
+        if contract.is_secret_name(name) and name.startswith(("HF_", "HUGGING")):
             flags += ["-e", name]
     return flags
 
@@ -104,6 +102,7 @@ def docker_run_command(
     model_dir: str,
     out_dir: str,
     scripts_dir: str,
+    contract_file: str = contract.__file__,
     gpus: list[devices.Gpu] | None = None,
     group_ids: list[int] | None = None,
     runtime: str = "docker",
@@ -124,6 +123,7 @@ def docker_run_command(
         "--network", "none",
         "-v", f"{os.path.abspath(model_dir)}:{MOUNT_MODEL}:ro",
         "-v", f"{os.path.abspath(scripts_dir)}:{MOUNT_SCRIPTS}:ro",
+        "-v", f"{os.path.abspath(contract_file)}:{contract.MOUNT_CONTRACT}/contract.py:ro",
         "-v", f"{os.path.abspath(out_dir)}:{MOUNT_OUT}:rw",
     ]  # fmt: skip
     for key, value in sorted((labels or {}).items()):

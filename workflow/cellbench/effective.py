@@ -15,12 +15,14 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from . import contract
 from .config import canonical_json
 
 # Names the engine reports in other spellings.
 _DTYPES = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
-# Settings compared between cells besides the requested ones: what the engine decided on its own.
-ENGINE_DECIDED = ("dtype", "quantization", "enforce_eager", "compilation_mode")
+# Settings compared between cells besides the requested ones: what each engine decides on its
+# own, from its declaration; their union is never a "requested" setting of its own.
+ENGINE_DECIDED = tuple(dict.fromkeys(s for e in contract.ENGINES.values() for s in e.decides))
 # Request keys that are not engine settings and cannot be overridden.
 FIXED_KEYS = ("engine", "image", "model", "mode", "sweep")
 _UNKNOWN = object()
@@ -98,8 +100,11 @@ def describe_override(override: dict) -> str:
 def identity(cell: dict, effective: dict, settings: list[str]) -> str | None:
     """What the cell really measured: fixed keys, the engine's own decisions and the effective
     value of every setting any compared cell requested. None if a value is unknown."""
+    engine = contract.ENGINES.get(cell.get("engine", "vllm"))
+    if engine is None:  # an archive from a version that knew an engine this one does not
+        return None
     values = {key: cell.get(key) for key in FIXED_KEYS}
-    for setting in (*ENGINE_DECIDED, *settings):
+    for setting in (*engine.decides, *settings):
         used = effective_value(effective, setting)
         if used is _UNKNOWN:
             return None
@@ -145,6 +150,26 @@ def same_as(cells: list[tuple[dict, dict | None]], baseline_id: str | None = Non
         for cell, eff in members[1:]:
             marks[cell["id"]] = f"same as {reference['name']}: {_reason(cell, eff, reference)}"
     return marks
+
+
+def unreported(cell: dict, effective: dict | None) -> list[dict]:
+    """A finding when the engine's record lacks what its declaration promises: the cell's
+    overrides and "same as" comparisons cannot be checked (they would otherwise switch off silently)."""
+    missing = contract.missing_reports(effective, cell["engine"]) if effective else []
+    if not missing:
+        return []
+    return [
+        {
+            "id": "engine-contract",
+            "severity": "warning",
+            "finding": f"the {cell['engine']} engine did not report {', '.join(missing)} after start",
+            "remediation": "its overrides and 'same as' marks are unknown for this cell; report them in "
+            "the engine's effective() in scripts/bench_cell.py",
+            "source": "workflow/cellbench/contract.py",
+            "line": "",
+            "count": len(missing),
+        }
+    ]
 
 
 def overrides_json(cell: dict, effective: dict | None) -> str | None:

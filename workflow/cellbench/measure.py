@@ -11,7 +11,7 @@ import json
 import math
 import re
 
-from . import devices, metrics
+from . import contract, devices, metrics
 
 # (pattern in the engine log or error, status): a cell asked for what the engine cannot do.
 UNSUPPORTED = [
@@ -212,8 +212,10 @@ def canary_columns(canary: dict | None) -> dict:
 
 
 def _engine_version(engine: str, raw: dict) -> str | None:
+    """The version of the first of the engine's declared packages that the image has."""
     found = raw.get("provenance", {}).get("versions", {})
-    return found.get(engine) or found.get(f"{engine}-cpu") or found.get("llama_cpp_python")
+    declared = contract.ENGINES[engine].packages if engine in contract.ENGINES else (engine,)
+    return next((found[p] for p in declared if found.get(p)), None)
 
 
 def _effective_eager(effective: dict) -> bool | None:

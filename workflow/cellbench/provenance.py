@@ -10,7 +10,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .config import SECRET_NAME
+from .contract import is_secret_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def scheduler_facts(environ: dict[str, str] | None = None) -> dict:
 def scrub(value):
     """Drop every mapping entry whose key looks like a secret, recursively."""
     if isinstance(value, dict):
-        return {k: scrub(v) for k, v in value.items() if not SECRET_NAME.search(str(k))}
+        return {k: scrub(v) for k, v in value.items() if not is_secret_name(str(k))}
     if isinstance(value, list):
         return [scrub(v) for v in value]
     return value

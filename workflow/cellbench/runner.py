@@ -244,7 +244,7 @@ def explain(cell: dict, raw: dict | None, log_text: str, error: str | None, mode
     """What the engine changed, what its log says, and the weight bytes it reads per decode step."""
     raw = raw or {}
     used = raw.get("effective")
-    found = diagnose.findings(log_text, error)
+    found = diagnose.findings(log_text, error) + effective.unreported(cell, used)
     # An hf-cache model's files stay in its hub snapshot; the manifest says where.
     model_config = _read_raw(Path(manifest.get("snapshot_dir") or model_dir) / "config.json") or {}
     weight_bytes = roofline.engine_weight_bytes(

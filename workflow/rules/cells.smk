@@ -7,6 +7,7 @@ rule run_cell:
         image=lambda wildcards: paths.image_manifest(CELLS[wildcards.cell_id]["image"]),
         model=lambda wildcards: paths.model_manifest(CELLS[wildcards.cell_id]["model"]),
         bench=ROOT / "scripts" / "bench_cell.py",
+        contract=ROOT / "workflow" / "cellbench" / "contract.py",
     output:
         metrics=paths.cell_metrics("{cell_id}", "{round}"),
         provenance=paths.cell_provenance("{cell_id}", "{round}"),

