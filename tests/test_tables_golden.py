@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import test_aggregate
-import test_explain
+import test_report_page
 import test_spread
 import test_stats
-from cellbench import aggregate, diagnose, expectations, explain, machines, report
+from cellbench import aggregate, diagnose, diagnostics, expectations, machines, report, verdicts
 
 GOLDEN = Path(__file__).parent / "golden" / "tables"
 EXPECTATIONS = [
@@ -35,9 +35,11 @@ def _rows() -> pd.DataFrame:
         + test_aggregate._rows("pipe|cell", "m1", 1, [9.0, 11.0], rounds=3)
         + test_aggregate._rows("base", "m2", 1, [5.0])
         + test_aggregate._rows("fast", "m2", 1, [None], status="failed")
-        + test_explain._rows("awq", {}, "amd-1", [(1, 20.0), (32, 400.0)], forced)
-        + test_explain._rows("awq-triton_off", {"VLLM_USE_TRITON_AWQ": "0"}, "amd-1", [(1, 19.8), (32, 401.0)], forced)
-        + test_explain._rows("awq", {}, "m2", [(1, 25.0), (32, 500.0)])
+        + test_report_page._rows("awq", {}, "amd-1", [(1, 20.0), (32, 400.0)], forced)
+        + test_report_page._rows(
+            "awq-triton_off", {"VLLM_USE_TRITON_AWQ": "0"}, "amd-1", [(1, 19.8), (32, 401.0)], forced
+        )
+        + test_report_page._rows("awq", {}, "m2", [(1, 25.0), (32, 500.0)])
     )
     serve = {"ttft_p99_s": 0.2, "tpot_p99_s": 0.03, "itl_p50_s": 0.02, "itl_p99_s": 0.04}
     rows += [
@@ -58,16 +60,16 @@ def _rows() -> pd.DataFrame:
 def _tables() -> dict[str, str]:
     points = aggregate.cell_points(_rows(), "base-h")
     fastest = aggregate.fastest_per_point(points, 0.95)
-    points = explain.with_roofline(points, {"^cpu$": 100})
-    verdicts = expectations.verdicts(points, EXPECTATIONS)
+    points = verdicts.with_roofline(points, {"^cpu$": 100})
+    found = expectations.verdicts(points, EXPECTATIONS)
     sentences = expectations.ratio_sentences(points, "base")
     empty = aggregate.cell_points(pd.DataFrame(test_aggregate._rows("base", "m1", 1, [None], status="failed")), "x")
     return {
         "summary.md": report.summary_markdown(points, fastest, "golden", "base", 0.9),
         "summary-empty.md": report.summary_markdown(empty, pd.DataFrame(), "golden", "base"),
-        "verdicts.md": explain.verdicts_markdown(verdicts, sentences, points, "golden"),
-        "verdicts-empty.md": explain.verdicts_markdown([], [], empty.assign(bound_fraction=None), "golden"),
-        "diagnostics.md": explain.diagnostics_markdown(explain.cells(points), "golden"),
+        "verdicts.md": verdicts.verdicts_markdown(found, sentences, points, "golden"),
+        "verdicts-empty.md": verdicts.verdicts_markdown([], [], empty.assign(bound_fraction=None), "golden"),
+        "diagnostics.md": diagnostics.diagnostics_markdown(diagnostics.cells(points), "golden"),
         "machines.md": machines.machines_markdown(points, machines.compare(points, "m1"), "m1"),
         "machines-one.md": machines.machines_markdown(empty, machines.compare(empty, "m1"), "m1"),
     }
