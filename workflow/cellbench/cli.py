@@ -63,9 +63,9 @@ def cmd_prepare_model(args) -> int:
 
 
 def cmd_run_cell(args) -> int:
-    # Shared first: the chmod moves ctime, which would invalidate the stamp verify leaves behind.
+    # Shared first: the chmod moves ctime, which would invalidate the stamp check_checksums leaves behind.
     models.share_for_reading(Path(args.model_dir))  # models prepared before cells ran unprivileged
-    models.verify(Path(args.model_dir))
+    models.check_checksums(Path(args.model_dir))
     args.runtime = args.runtime or runtimes.runtime_from_env()
     return runner.main_run_cell(args)
 
@@ -232,10 +232,10 @@ def cmd_doctor(args) -> int:
     machine = doctor.machine_checks(facts)
     needs = doctor.study_checks(facts, study, cells)
     print("this machine:\n" + doctor.report(machine))
-    # Never part of the verdict: an unquiet host measures badly but still measures.
+    # Never part of the conclusion: an unquiet host measures badly but still measures.
     print("measurement stability:\n" + doctor.report(doctor.stability_checks(facts["stability"])))
     print(f"study {study['study']} ({args.configfile}, {len(cells)} cells):\n" + doctor.report(needs))
-    final = doctor.verdict(args.configfile, machine + needs)
+    final = doctor.conclusion(args.configfile, machine + needs)
     print(doctor.report([final]))
     return 0 if final.mark == doctor.OK else 1
 

@@ -127,15 +127,15 @@ def render(table: pd.DataFrame, name_a: str, name_b: str, confidence: float) -> 
         a = f"{_f(r['a_tok_s'])} [{_f(r['a_low'])}, {_f(r['a_high'])}]"
         b = f"{_f(r['b_tok_s'])} [{_f(r['b_low'])}, {_f(r['b_high'])}]"
         if r["significance"] == "unknown":
-            verdict = f"{_f(r['ratio'], '.2f')}×: no interval (fewer than 2 rounds on a side)"
+            change = f"{_f(r['ratio'], '.2f')}×: no interval (fewer than 2 rounds on a side)"
         else:
             interval = f"{_f(r['ratio'], '.2f')}× [{_f(r['ratio_low'], '.2f')}, {_f(r['ratio_high'], '.2f')}]"
-            verdict = {
+            change = {
                 "faster": f"{interval} faster: significant",
                 "slower": f"{interval} slower: significant",
                 "same": f"{interval}: not significant",
             }[r["significance"]]
-        lines.append(f"{r['machine_id']} {r['cell_name']} {point}: {a} -> {b} tok/s: {verdict}")
+        lines.append(f"{r['machine_id']} {r['cell_name']} {point}: {a} -> {b} tok/s: {change}")
     changed = int(table["significance"].isin(["faster", "slower"]).sum())
     lines.append(f"{changed} of {len(table)} cell points changed significantly")
     return "\n".join(lines)

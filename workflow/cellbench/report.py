@@ -84,12 +84,12 @@ def serving_markdown(points: pd.DataFrame) -> list[str]:
     return ["", "## Serving latency (ms, vLLM's definitions)", "", table.markdown(), *cut]
 
 
-MIN_ROUNDS = 2  # an interval needs two rounds; fewer and no verdict is stated
+MIN_ROUNDS = 2  # an interval needs two rounds; fewer and no fastest cell or difference is stated
 
 
 def withheld(points: pd.DataFrame) -> dict[str, str]:
     """Per machine whose verdicts are withheld, why and what to do: some measured point has fewer
-    than MIN_ROUNDS trusted rounds, so no interval and no verdict can be stated as fact."""
+    than MIN_ROUNDS trusted rounds, so no interval, fastest cell or difference can be stated as fact."""
     if points.empty:
         return {}
     reasons = {}
@@ -142,7 +142,7 @@ def _compared_ok(points: pd.DataFrame) -> pd.DataFrame:
 
 def short_points(points: pd.DataFrame) -> set[tuple]:
     """(machine, batch, input, output) of every point where a measured cell has fewer than
-    MIN_ROUNDS trusted rounds: no verdict is stated there."""
+    MIN_ROUNDS trusted rounds: no fastest cell or difference is stated there."""
     ok = _compared_ok(points)
     ok = ok[ok["rounds"].fillna(0) < MIN_ROUNDS]
     return set(ok[["machine_id", "batch_size", "input_len", "output_len"]].itertuples(index=False, name=None))
@@ -178,16 +178,21 @@ def engine_ran(row) -> str | Stack:
     return Stack((row["engine_ran"], Mark("same", f"⚠ {same_as}")), joint=" ")
 
 
+# The first columns of every table of cells and points (summary.md's and the HTML page's).
+POINT_HEADERS = ["machine", "cell", "status", "batch × in→out", "output tok/s"]
+
+
+def point_cells(row) -> list[str]:
+    """The cells under POINT_HEADERS."""
+    return [row["machine_id"], row["cell_name"], row["status"], fmt_point(row), fmt(row["output_tok_s"])]
+
+
 def points_table(points: pd.DataFrame, baseline_name: str, confidence: float) -> tuple[Table, list[str]]:
     """Every cell and point: figures, interval, rounds, spread, ratio to the baseline."""
     shown, cut = listed(points, "cell points")
     table = Table(
         [
-            "machine",
-            "cell",
-            "status",
-            "batch × in→out",
-            "output tok/s",
+            *POINT_HEADERS,
             f"{confidence:.0%} interval",
             "rounds",
             "CV between / within rounds",
@@ -203,11 +208,7 @@ def points_table(points: pd.DataFrame, baseline_name: str, confidence: float) ->
         ratio = "baseline" if row["cell_name"] == baseline_name else ratio_text(row)
         table.add(
             [
-                row["machine_id"],
-                row["cell_name"],
-                row["status"],
-                fmt_point(row),
-                fmt(row["output_tok_s"]),
+                *point_cells(row),
                 _interval(row, "output_tok_s_low", "output_tok_s_high"),
                 _rounds(row),
                 _round_spread(row),

@@ -15,8 +15,8 @@ import jinja2
 import pandas as pd
 
 from . import diagnostics
-from .report import engine_ran
-from .tables import Table, fmt, fmt_point, ratio_text
+from .report import POINT_HEADERS, engine_ran, point_cells
+from .tables import Table, fmt, ratio_text
 from .verdicts import verdict_table
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -33,11 +33,7 @@ def points_table(points: pd.DataFrame) -> Table:
     """The page's table of every cell and point: figures, ratio, latency, TPOT and the bound."""
     table = Table(
         [
-            "machine",
-            "cell",
-            "status",
-            "batch × in→out",
-            "output tok/s",
+            *POINT_HEADERS,
             "95 % interval",
             "× baseline [interval]",
             "p50 latency s",
@@ -52,11 +48,7 @@ def points_table(points: pd.DataFrame) -> Table:
         bound = r.get("bound_fraction")
         table.add(
             [
-                r["machine_id"],
-                r["cell_name"],
-                r["status"],
-                fmt_point(r),
-                fmt(r["output_tok_s"]),
+                *point_cells(r),
                 fmt(r.get("output_tok_s_low")) + "–" + fmt(r.get("output_tok_s_high")),
                 ratio_text(r),
                 fmt(r["latency_p50_s"], ".3f"),
