@@ -11,7 +11,7 @@ import test_aggregate
 import test_report_page
 import test_spread
 import test_stats
-from cellbench import aggregate, diagnose, diagnostics, expectations, machines, report, verdicts
+from cellbench import aggregate, diagnose, diagnostics, expectations, machines, report, tables, verdicts
 
 GOLDEN = Path(__file__).parent / "golden" / "tables"
 EXPECTATIONS = [
@@ -75,11 +75,22 @@ def _tables() -> dict[str, str]:
     }
 
 
+def _cut_tables(monkeypatch) -> dict[str, str]:
+    """Tables longer than LISTED_ROWS: the first rows and where the rest are."""
+    monkeypatch.setattr(tables, "LISTED_ROWS", 3)
+    points = aggregate.cell_points(_rows(), "base-h")
+    fastest = aggregate.fastest_per_point(points, 0.95)
+    return {
+        "summary-cut.md": report.summary_markdown(points, fastest, "golden", "base"),
+        "machines-cut.md": machines.machines_markdown(points, machines.compare(points, "m1"), "m1"),
+    }
+
+
 def test_markdown_tables_are_unchanged(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    tables = _tables()
+    rendered = {**_tables(), **_cut_tables(monkeypatch)}
     if os.environ.get("CELLBENCH_UPDATE_GOLDEN"):
-        for file, text in tables.items():
+        for file, text in rendered.items():
             (GOLDEN / file).write_text(text)
-    for file, text in tables.items():
+    for file, text in rendered.items():
         assert text == (GOLDEN / file).read_text(), file
