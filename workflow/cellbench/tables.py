@@ -112,6 +112,9 @@ class Table:
     bad: list[bool] = field(default_factory=list)
     numeric: frozenset[int] = frozenset()
 
+    def __post_init__(self) -> None:
+        self.bad = self.bad or [False] * len(self.rows)
+
     def add(self, row: list, bad: bool = False) -> None:
         self.rows.append(row)
         self.bad.append(bad)
