@@ -57,14 +57,14 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/cells.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/archive.smk"
-include: "workflow/rules/explain.smk"
+include: "workflow/rules/report_html.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.aggregate.output,
-        rules.explain.output,
+        rules.report.output,
 
 
 # Containers of runs here whose runner died (kill -9, reboot, lost node) are removed first.

@@ -145,7 +145,7 @@ def main() -> int:
             commands[engine] = {"cellbench": cell, "reference": command}
     results = []
     for engine, found in pairs.items():
-        result = fidelity.verdict(engine, [m for m, _ in found], [r for _, r in found])
+        result = fidelity.against_reference(engine, [m for m, _ in found], [r for _, r in found])
         results.append({**result, "rounds": found, "commands": commands[engine]})
     metrics.write_json_atomic(
         Path("results/fidelity/fidelity.json"), {"machine_id": context["machine"], "results": results}

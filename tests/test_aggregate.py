@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pyarrow as pa
 import pytest
-from cellbench import aggregate, report
+from cellbench import aggregate, report, tables
 
 
 def _rows(cell, machine, batch, values, status="ok", effective=None, rounds=1):
@@ -78,7 +78,7 @@ def test_markdown_answers_which_is_fastest(rows, tmp_path):
 
 
 def test_a_long_table_lists_the_first_rows_and_says_where_the_rest_are(rows, tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "LISTED_ROWS", 3)
+    monkeypatch.setattr(tables, "LISTED_ROWS", 3)
     points = aggregate.cell_points(rows, "base-h")
     assert len(points) > 3
     text = report.write_tables(points, "s", "base", tmp_path)[0].read_text()

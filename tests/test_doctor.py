@@ -48,7 +48,7 @@ def _judge(facts, path):
     study = config.load_study(ROOT / path)
     cells = list(config.resolve(study)["cells"].values())
     lines = doctor.machine_checks(facts) + doctor.study_checks(facts, study, cells)
-    return lines, doctor.verdict(path, lines)
+    return lines, doctor.conclusion(path, lines)
 
 
 def test_no_gpu_machine_runs_the_cpu_study_only():

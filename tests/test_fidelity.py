@@ -45,12 +45,12 @@ def test_reference_commands_carry_the_cell_settings(study):
 
 
 def test_verdict_against_the_goal():
-    assert fidelity.verdict("vllm", [97.5], [100.0])["within_goal"]  # one round: the ratio itself
-    assert not fidelity.verdict("vllm", [96.0], [100.0])["within_goal"]
-    assert fidelity.verdict("llamacpp", [104.0], [100.0])["ratio"] == pytest.approx(1.04)
+    assert fidelity.against_reference("vllm", [97.5], [100.0])["within_goal"]  # one round: the ratio itself
+    assert not fidelity.against_reference("vllm", [96.0], [100.0])["within_goal"]
+    assert fidelity.against_reference("llamacpp", [104.0], [100.0])["ratio"] == pytest.approx(1.04)
     # Rounds: the whole interval must lie inside the goal. Paired ratios 0.99, 1.01, 1.00 ->
     # ln mean 0, sd 0.0100, half width 4.302653 * 0.0100 / sqrt(3) = 0.0248: [0.976, 1.025] in 3 %.
-    steady = fidelity.verdict("vllm", [99.0, 101.0, 100.0], [100.0, 100.0, 100.0])
+    steady = fidelity.against_reference("vllm", [99.0, 101.0, 100.0], [100.0, 100.0, 100.0])
     assert steady["within_goal"] and steady["ratio_low"] == pytest.approx(0.9755, abs=1e-3)
     # The same mean with rounds that disagree (0.95, 1.05, 1.00): interval [0.88, 1.13], off the goal.
-    assert not fidelity.verdict("vllm", [95.0, 105.0, 100.0], [100.0, 100.0, 100.0])["within_goal"]
+    assert not fidelity.against_reference("vllm", [95.0, 105.0, 100.0], [100.0, 100.0, 100.0])["within_goal"]

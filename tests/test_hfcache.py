@@ -61,14 +61,14 @@ def test_prepare_records_commit_and_hashes_and_cells_mount_the_repo(tmp_path, mo
     written = (out / "manifest.json").read_text()
     assert json.loads(written) == manifest
     assert "hf_secret_value" not in written + (tmp_path / "log").read_text()
-    models.verify(out)
+    models.check_checksums(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert runner.model_mount(out, manifest) == (repo.resolve(), f"/model/snapshots/{COMMIT}")
     # A changed file in the cache is caught before a cell runs on it.
     blob = (repo / "snapshots" / COMMIT / "model.safetensors").resolve()
     blob.write_bytes(b"NEW weights")
     with pytest.raises(models.ModelError, match="model.safetensors does not match"):
-        models.verify(out)
+        models.check_checksums(out)
 
 
 def test_a_file_the_engine_user_cannot_read_is_refused(tmp_path):

@@ -13,7 +13,7 @@ from . import config, contract, effective, metrics, stats
 POINT = ["batch_size", "input_len", "output_len"]
 KEY = ["machine_id", "cell_id", *POINT]
 # Per-point columns taken from the first row of a point.
-CELL_COLUMNS = [
+POINT_COLUMNS = [
     "study", "cell_name", "engine", "image", "model", "dtype", "quantization", "status", "error",
     "effective_dtype", "effective_quantization", "effective_eager", "effective_json", "load_s",
     "peak_memory_mb", "device_name", "schema_version", "method_version", "host_load_max",
@@ -59,7 +59,7 @@ def cell_points(
     first = (
         frame.sort("repeat", nulls_last=True, maintain_order=True)
         .group_by(KEY, maintain_order=True)
-        .agg(pl.col(CELL_COLUMNS).drop_nulls().first())
+        .agg(pl.col(POINT_COLUMNS).drop_nulls().first())
     )
     rank = pl.col("status").replace_strict(_SEVERITY, range(len(_SEVERITY)), default=None)
     # A round's point is ok only if every row of it is ok (a later failed repeat spoils it); a

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-# pandas-based modules (aggregate, machines, report, explain) load only in the commands that use
+# pandas-based modules (aggregate, machines, report, diagnostics, verdicts) load only in the commands that use
 # them: `run-cell` runs once per cell, and their import time would be paid by every cell.
 from . import (
     archive,
@@ -63,19 +63,27 @@ def cmd_prepare_model(args) -> int:
 
 
 def cmd_run_cell(args) -> int:
-    # Shared first: the chmod moves ctime, which would invalidate the stamp verify leaves behind.
+    # Shared first: the chmod moves ctime, which would invalidate the stamp check_checksums leaves behind.
     models.share_for_reading(Path(args.model_dir))  # models prepared before cells ran unprivileged
-    models.verify(Path(args.model_dir))
+    models.check_checksums(Path(args.model_dir))
     args.runtime = args.runtime or runtimes.runtime_from_env()
     return runner.main_run_cell(args)
 
 
-def cmd_aggregate(args) -> int:
-    from . import aggregate, compare, machines, report
+def _points(args):
+    """summary.parquet -> the point table (cellbench.aggregate.cell_points): once per command."""
+    from . import aggregate
 
-    metrics.combine_metrics(args.metrics, args.summary)
     statistics = json.loads(args.statistics) if args.statistics else None
     points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id, statistics)
+    return points, statistics
+
+
+def cmd_aggregate(args) -> int:
+    from . import compare, machines, report
+
+    metrics.combine_metrics(args.metrics, args.summary)
+    points, statistics = _points(args)
     confidence = config.statistics({"statistics": statistics or {}})["confidence"]
     written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables), confidence)
     written += machines.write_tables(points, args.machine_id, Path(args.tables))
@@ -86,23 +94,21 @@ def cmd_aggregate(args) -> int:
     return 0
 
 
-def cmd_explain(args) -> int:
+def cmd_report(args) -> int:
     """summary.parquet -> diagnostics.md, verdicts.md, plots and the HTML report."""
-    from . import aggregate, expectations, explain, plots, report_html  # matplotlib only where plots are drawn
+    # matplotlib only where plots are drawn
+    from . import diagnostics, expectations, plots, report_html, verdicts
 
-    statistics = json.loads(args.statistics) if args.statistics else None
-    points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id, statistics)
-    points = explain.with_roofline(points, json.loads(args.bandwidth)) if not points.empty else points
-    cells = explain.cells(points)
-    verdicts = expectations.verdicts(points, json.loads(args.expectations))
+    points, _ = _points(args)
+    points = verdicts.with_roofline(points, json.loads(args.bandwidth)) if not points.empty else points
+    cells = diagnostics.cells(points)
+    found = expectations.verdicts(points, json.loads(args.expectations))
     sentences = expectations.ratio_sentences(points, args.baseline_name)
     tables, html_path = Path(args.tables), Path(args.html)
-    metrics.write_text_atomic(tables / "diagnostics.md", explain.diagnostics_markdown(cells, args.study))
-    metrics.write_text_atomic(
-        tables / "verdicts.md", explain.verdicts_markdown(verdicts, sentences, points, args.study)
-    )
+    metrics.write_text_atomic(tables / "diagnostics.md", diagnostics.diagnostics_markdown(cells, args.study))
+    metrics.write_text_atomic(tables / "verdicts.md", verdicts.verdicts_markdown(found, sentences, points, args.study))
     drawn = plots.write_plots(points, Path(args.plots))
-    page = report_html.page(args.study, args.baseline_name, points, verdicts, sentences, cells, drawn, html_path)
+    page = report_html.page(args.study, args.baseline_name, points, found, sentences, cells, drawn, html_path)
     metrics.write_text_atomic(html_path, page)
     print(f"cellbench: report: {html_path}, {tables / 'diagnostics.md'}, {tables / 'verdicts.md'}")
     return 0
@@ -226,10 +232,10 @@ def cmd_doctor(args) -> int:
     machine = doctor.machine_checks(facts)
     needs = doctor.study_checks(facts, study, cells)
     print("this machine:\n" + doctor.report(machine))
-    # Never part of the verdict: an unquiet host measures badly but still measures.
+    # Never part of the conclusion: an unquiet host measures badly but still measures.
     print("measurement stability:\n" + doctor.report(doctor.stability_checks(facts["stability"])))
     print(f"study {study['study']} ({args.configfile}, {len(cells)} cells):\n" + doctor.report(needs))
-    final = doctor.verdict(args.configfile, machine + needs)
+    final = doctor.conclusion(args.configfile, machine + needs)
     print(doctor.report([final]))
     return 0 if final.mark == doctor.OK else 1
 
@@ -308,13 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-member-mb", type=int, default=archive.Limits.member_bytes // archive.MiB)
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("explain", help="(rule) summary -> diagnostics, verdicts, plots, HTML report")
+    # `explain` was its name before 2026-12: kept as an alias for scripts that call it.
+    p = sub.add_parser(
+        "report", aliases=["explain"], help="(rule) summary -> diagnostics, verdicts, plots, HTML report"
+    )
     for flag in ("--summary", "--study", "--baseline-id", "--baseline-name", "--tables", "--plots", "--html"):
         p.add_argument(flag, required=True)
     p.add_argument("--expectations", default="[]", help="the study's expectations as JSON")
     p.add_argument("--bandwidth", default="{}", help="the study's bandwidth_gb_s as JSON")
     p.add_argument("--statistics", default=None, help="the study's statistics settings as JSON")
-    p.set_defaults(func=cmd_explain)
+    p.set_defaults(func=cmd_report)
     return parser
 
 

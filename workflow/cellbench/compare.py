@@ -19,6 +19,7 @@ import polars as pl
 
 from . import aggregate, metrics, paths, stats
 from .aggregate import POINT
+from .tables import fmt
 
 RUN_ID = re.compile(r"\d{8}T\d{6}Z")
 
@@ -111,10 +112,6 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, confidence: float = stats.DEFAULT_
     return pd.DataFrame(rows)
 
 
-def _f(value, spec=".1f") -> str:
-    return "—" if value is None or pd.isna(value) else format(value, spec)
-
-
 def render(table: pd.DataFrame, name_a: str, name_b: str, confidence: float) -> str:
     """pyperf compare_to's shape: one line per cell and point, the change and whether it is significant."""
     if table.empty:
@@ -124,18 +121,18 @@ def render(table: pd.DataFrame, name_a: str, name_b: str, confidence: float) -> 
     ]
     for _, r in table.sort_values(["machine_id", "cell_name", *POINT]).iterrows():
         point = f"{r['batch_size']}×{r['input_len']}→{r['output_len']}"
-        a = f"{_f(r['a_tok_s'])} [{_f(r['a_low'])}, {_f(r['a_high'])}]"
-        b = f"{_f(r['b_tok_s'])} [{_f(r['b_low'])}, {_f(r['b_high'])}]"
+        a = f"{fmt(r['a_tok_s'])} [{fmt(r['a_low'])}, {fmt(r['a_high'])}]"
+        b = f"{fmt(r['b_tok_s'])} [{fmt(r['b_low'])}, {fmt(r['b_high'])}]"
         if r["significance"] == "unknown":
-            verdict = f"{_f(r['ratio'], '.2f')}×: no interval (fewer than 2 rounds on a side)"
+            change = f"{fmt(r['ratio'], '.2f')}×: no interval (fewer than 2 rounds on a side)"
         else:
-            interval = f"{_f(r['ratio'], '.2f')}× [{_f(r['ratio_low'], '.2f')}, {_f(r['ratio_high'], '.2f')}]"
-            verdict = {
+            interval = f"{fmt(r['ratio'], '.2f')}× [{fmt(r['ratio_low'], '.2f')}, {fmt(r['ratio_high'], '.2f')}]"
+            change = {
                 "faster": f"{interval} faster: significant",
                 "slower": f"{interval} slower: significant",
                 "same": f"{interval}: not significant",
             }[r["significance"]]
-        lines.append(f"{r['machine_id']} {r['cell_name']} {point}: {a} -> {b} tok/s: {verdict}")
+        lines.append(f"{r['machine_id']} {r['cell_name']} {point}: {a} -> {b} tok/s: {change}")
     changed = int(table["significance"].isin(["faster", "slower"]).sum())
     lines.append(f"{changed} of {len(table)} cell points changed significantly")
     return "\n".join(lines)

@@ -387,7 +387,7 @@ def study_checks(facts: dict, study: dict, cells: list[dict]) -> list[Check]:
     return checks
 
 
-def verdict(name: str, checks: list[Check]) -> Check:
+def conclusion(name: str, checks: list[Check]) -> Check:
     blockers = [c for c in checks if c.mark == FAIL]
     if blockers:
         return Check(FAIL, f"{name} cannot run here: {len(blockers)} problem(s) above")

@@ -74,7 +74,7 @@ def parse_llama_bench(stdout: str) -> dict:
     return {"total_tok_s": float(test["avg_ts"]), "total_tok_s_stddev": float(test["stddev_ts"])}
 
 
-def verdict(engine: str, ours: list[float], theirs: list[float]) -> dict:
+def against_reference(engine: str, ours: list[float], theirs: list[float]) -> dict:
     """cellbench / reference over interleaved rounds (round k of both ran back to back): the
     paired ratio with its 95 % interval; within the goal when the whole interval is (with one
     round, when the ratio is)."""

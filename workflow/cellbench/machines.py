@@ -17,6 +17,7 @@ import pandas as pd
 from . import contract, paths, report, stats
 from .aggregate import POINT
 from .metrics import write_text_atomic
+from .tables import Table, fmt, fmt_point, fmt_ratio, listed, ratio_text
 
 MATCH = ["cell_id", *POINT]
 VERSIONS = ("schema_version", "method_version")
@@ -149,25 +150,24 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
         "when it measured the cell, else the first machine that did."
     )
     out += ["", "## Machines", ""]
-    machine_rows = []
+    table = Table(["machine", "device", "cells", "canary GFLOP/s", "× canary", "schema_version", "method_version"])
     first = points[points["machine_id"] == order[0]]
     reference_canary = first["canary_matmul_1t_gflops"].median() if "canary_matmul_1t_gflops" in first else None
     for machine in order:
         mine = points[points["machine_id"] == machine]
         canary = mine["canary_matmul_1t_gflops"].median() if "canary_matmul_1t_gflops" in mine else None
-        machine_rows.append(
+        table.add(
             [
                 machine + (" (this machine)" if machine == local else ""),
                 ", ".join(sorted(mine["device_name"].dropna().astype(str).unique())) or "—",
                 mine["cell_id"].nunique(),
-                report._fmt(canary),
-                report._ratio(canary / reference_canary) if canary and reference_canary else "—",
+                fmt(canary),
+                fmt_ratio(canary / reference_canary) if canary and reference_canary else "—",
                 ", ".join(str(v) for v in sorted(mine["schema_version"].unique())),
                 ", ".join(str(v) for v in sorted(mine["method_version"].unique())),
             ]
         )
-    headers = ["machine", "device", "cells", "canary GFLOP/s", "× canary", "schema_version", "method_version"]
-    out.append(report.markdown_table(headers, machine_rows))
+    out.append(table.markdown())
     out.append(
         "\nThe canary is a fixed matmul (1 thread) run in each round before the engine loads: a machine "
         "whose canary is much slower is a slower host today, whatever the configuration."
@@ -183,12 +183,12 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
                 headers.append(f"{machine} ×")
         headers.append("notes")
         matching = compared[MATCH].drop_duplicates().sort_values(MATCH)
-        shown, cut = report.listed(matching, "matching cell points", "`machines.csv`")
-        rows = []
+        shown, cut = listed(matching, "matching cell points", "`machines.csv`")
+        table = Table(headers)
         for _, group in compared.merge(shown, on=MATCH).groupby(MATCH, sort=True):
             by_machine = group.set_index("machine_id")
             first = group.iloc[0]
-            row = [first["cell_name"], report._point(first)]
+            row = [first["cell_name"], fmt_point(first)]
             notes = []
             if first["reference_machine"] != order[0]:
                 notes.append(f"reference: {first['reference_machine']}")
@@ -197,14 +197,14 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
                     row += ["—"] if not index else ["—", "—"]
                     continue
                 entry = by_machine.loc[machine]
-                row.append(report._fmt(entry["output_tok_s"]) if entry["status"] == "ok" else entry["status"])
+                row.append(fmt(entry["output_tok_s"]) if entry["status"] == "ok" else entry["status"])
                 if index:
                     row.append(_ratio_text(entry) if entry["compared"] else "not compared")
                 for note in entry["note"].split("; "):
                     if note.startswith(("not compared", "⚠")):
                         notes.append(note.removeprefix("not compared: "))
-            rows.append([*row, "; ".join(dict.fromkeys(notes))])
-        out += [report.markdown_table(headers, rows), *cut]
+            table.add([*row, "; ".join(dict.fromkeys(notes))])
+        out += [table.markdown(), *cut]
     single = points.groupby(MATCH)["machine_id"].nunique()
     only_one = int((single < 2).sum())
     out += [
@@ -217,10 +217,10 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
 
 
 def _ratio_text(entry) -> str:
-    """The reference's own 1.00×, else the ratio with its interval (report.ratio_text)."""
+    """The reference's own 1.00×, else the ratio with its interval (tables.ratio_text)."""
     if entry["note"].startswith("reference"):
-        return report._ratio(entry["vs_reference"])
-    return report.ratio_text(entry, "vs_reference", "significance")
+        return fmt_ratio(entry["vs_reference"])
+    return ratio_text(entry, "vs_reference", "significance")
 
 
 def write_tables(points: pd.DataFrame, local: str, tables_dir: Path) -> list[Path]:

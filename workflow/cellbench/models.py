@@ -134,7 +134,7 @@ def share_for_reading(model_dir: Path) -> None:
 
 
 def verified_stamp(model_dir: Path) -> Path:
-    """Where verify() records the stat of a model's files after a full checksum pass. Any write
+    """Where check_checksums() records the stat of a model's files after a full checksum pass. Any write
     through the filesystem moves a file's ctime (which no user tool can set back), so an unchanged
     stat means unchanged bytes and the next cell skips re-reading gigabytes of weights. A cache,
     not a result: it lives outside results/, which only the pipeline's steps write."""
@@ -147,7 +147,7 @@ def _stat_key(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def verify(model_dir: Path) -> None:
+def check_checksums(model_dir: Path) -> None:
     """Checksums of a prepared model against its manifest (a corrupted file fails before a run).
     The full pass runs once per change of the files; after it, a stat comparison suffices."""
     model_dir = Path(model_dir)

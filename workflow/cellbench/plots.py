@@ -42,12 +42,21 @@ def _grouped_bars(ax, series: dict[str, pd.Series], labels: list[str], ylabel: s
     ax.grid(axis="y", alpha=0.3)
 
 
-def throughput(points: pd.DataFrame, path: Path) -> None:
-    """Output tok/s against batch size, one line per machine x cell (x prompt shape)."""
+def _figure(points: pd.DataFrame, path: Path, draw) -> None:
+    """One figure of the points measured successfully, drawn by `draw(ax, ok)`; a note instead
+    when there is none."""
     ok = _ok(points)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    several = ok["machine_id"].nunique() > 1 if not ok.empty else False
-    for key, group in ok.groupby(["machine_id", "cell_name", "input_len", "output_len"]) if not ok.empty else []:
+    if ok.empty:
+        _empty(ax, "no point measured successfully")
+    else:
+        draw(ax, ok)
+    _save(fig, path)
+
+
+def _throughput(ax, ok: pd.DataFrame) -> None:
+    several = ok["machine_id"].nunique() > 1
+    for key, group in ok.groupby(["machine_id", "cell_name", "input_len", "output_len"]):
         machine, cell, inp, out = key
         name = f"{cell} @ {machine}" if several else cell
         group = group.sort_values("batch_size")
@@ -62,52 +71,47 @@ def throughput(points: pd.DataFrame, path: Path) -> None:
             capsize=3,
             label=f"{name} ({inp}→{out})",
         )
-    if ok.empty:
-        _empty(ax, "no point measured successfully")
-    else:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(ok["batch_size"].unique()), labels=[str(b) for b in sorted(ok["batch_size"].unique())])
-        ax.set_xlabel("batch size (requests submitted together)")
-        ax.set_ylabel("output tokens / s")
-        ax.set_title("Decode throughput by batch size (bars: interval over rounds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    _save(fig, path)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ok["batch_size"].unique()), labels=[str(b) for b in sorted(ok["batch_size"].unique())])
+    ax.set_xlabel("batch size (requests submitted together)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("Decode throughput by batch size (bars: interval over rounds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _latency(ax, ok: pd.DataFrame) -> None:
+    ok = ok.sort_values(["machine_id", "cell_name", "batch_size"])
+    several = ok["machine_id"].nunique() > 1
+    labels = [f"{r.cell_name}{' @ ' + r.machine_id if several else ''}\nbatch {r.batch_size}" for r in ok.itertuples()]
+    columns = ("latency_p50_s", "latency_p90_s", "latency_p99_s")
+    series = {c.split("_")[1]: ok[c] for c in columns}
+    title = "Latency percentiles per cell and batch size"
+    _grouped_bars(ax, series, labels, "end-to-end request latency, s", title, ha="right")
+    ax.legend()
+
+
+def _machines(ax, ok: pd.DataFrame) -> None:
+    table = ok.pivot_table(index=["cell_name", "batch_size"], columns="machine_id", values="output_tok_s")
+    labels = [f"{c}\nbatch {b}" for c, b in table.index]
+    title = f"Machine by machine ({len(table.columns)} machine{'s' if len(table.columns) > 1 else ''})"
+    _grouped_bars(ax, {machine: table[machine] for machine in table.columns}, labels, "output tokens / s", title)
+    ax.legend(fontsize=8)
+
+
+def throughput(points: pd.DataFrame, path: Path) -> None:
+    """Output tok/s against batch size, one line per machine x cell (x prompt shape)."""
+    _figure(points, path, _throughput)
 
 
 def latency(points: pd.DataFrame, path: Path) -> None:
     """End-to-end latency p50 / p90 / p99 per cell and point (grouped bars)."""
-    ok = _ok(points)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if ok.empty:
-        _empty(ax, "no point measured successfully")
-    else:
-        ok = ok.sort_values(["machine_id", "cell_name", "batch_size"])
-        several = ok["machine_id"].nunique() > 1
-        labels = [
-            f"{r.cell_name}{' @ ' + r.machine_id if several else ''}\nbatch {r.batch_size}" for r in ok.itertuples()
-        ]
-        columns = ("latency_p50_s", "latency_p90_s", "latency_p99_s")
-        series = {c.split("_")[1]: ok[c] for c in columns}
-        title = "Latency percentiles per cell and batch size"
-        _grouped_bars(ax, series, labels, "end-to-end request latency, s", title, ha="right")
-        ax.legend()
-    _save(fig, path)
+    _figure(points, path, _latency)
 
 
 def machines(points: pd.DataFrame, path: Path) -> None:
     """Output tok/s per cell and point, one bar per machine."""
-    ok = _ok(points)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if ok.empty:
-        _empty(ax, "no point measured successfully")
-    else:
-        table = ok.pivot_table(index=["cell_name", "batch_size"], columns="machine_id", values="output_tok_s")
-        labels = [f"{c}\nbatch {b}" for c, b in table.index]
-        title = f"Machine by machine ({len(table.columns)} machine{'s' if len(table.columns) > 1 else ''})"
-        _grouped_bars(ax, {machine: table[machine] for machine in table.columns}, labels, "output tokens / s", title)
-        ax.legend(fontsize=8)
-    _save(fig, path)
+    _figure(points, path, _machines)
 
 
 def write_plots(points: pd.DataFrame, plots_dir: Path) -> list[Path]:

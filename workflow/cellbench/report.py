@@ -10,44 +10,20 @@ import polars as pl
 
 from . import aggregate
 from .metrics import write_text_atomic
-
-# Rows of one markdown table a person can read; beyond, the table shows the first ones and says
-# where all of them are (summary.csv and summary.parquet have every row at any size).
-LISTED_ROWS = 2000
-
-
-def listed(frame: pd.DataFrame, what: str, where: str = "`summary.csv`") -> tuple[pd.DataFrame, list[str]]:
-    """The first LISTED_ROWS rows of `frame`, and the line to print under the table if cut."""
-    if len(frame) <= LISTED_ROWS:
-        return frame, []
-    return frame.head(LISTED_ROWS), ["", f"The first {LISTED_ROWS:,} of {len(frame):,} {what}; all are in {where}."]
-
-
-def _fmt(value, spec: str = ".1f", missing: str = "—") -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return missing
-    return format(value, spec)
-
-
-def _ratio(value) -> str:
-    return _fmt(value, ".2f") + "×" if value is not None and not pd.isna(value) else "—"
-
-
-def _point(row) -> str:
-    return f"{row['batch_size']} × {row['input_len']}→{row['output_len']}"
+from .tables import Mark, Stack, Table, fmt, fmt_point, fmt_ratio, listed, ratio_text
 
 
 def _spread(row) -> str:
     if not row["repeats"]:
         return "—"
-    text = f"{_fmt(row['output_tok_s_min'])}–{_fmt(row['output_tok_s_max'])}, CV {row['output_tok_s_cv']:.1%}"
+    text = f"{fmt(row['output_tok_s_min'])}–{fmt(row['output_tok_s_max'])}, CV {row['output_tok_s_cv']:.1%}"
     return text + (" ⚠" if row["cv_flag"] else "")
 
 
 def _interval(row, low: str, high: str, spec: str = ".1f") -> str:
     if pd.isna(row.get(low)):
         return "—"
-    return f"[{_fmt(row[low], spec)}, {_fmt(row[high], spec)}]"
+    return f"[{fmt(row[low], spec)}, {fmt(row[high], spec)}]"
 
 
 def _rounds(row) -> str:
@@ -68,20 +44,7 @@ def _round_spread(row) -> str:
     between, within = row.get("between_cv"), row.get("within_cv")
     if pd.isna(between) and pd.isna(within):
         return "—"
-    return f"{_fmt(between, '.1%')} / {_fmt(within, '.1%')}"
-
-
-def ratio_text(row, column: str = "vs_baseline", significance: str = "vs_baseline_significance") -> str:
-    """'0.52× [0.50, 0.54]', '≈ 1.01× [0.97, 1.05]' (interval holds 1: no significant difference),
-    or '1.01× (no interval)' with fewer than 2 rounds; `column`, `column`_low/_high hold the ratio."""
-    value = row.get(column)
-    if value is None or pd.isna(value):
-        return "—"
-    mark = row.get(significance)
-    if mark == "unknown" or pd.isna(row.get(f"{column}_low")):
-        return f"{_ratio(value)} (no interval)"
-    interval = f"{_ratio(value)} [{_fmt(row[f'{column}_low'], '.2f')}, {_fmt(row[f'{column}_high'], '.2f')}]"
-    return f"≈ {interval}" if mark == "same" else interval
+    return f"{fmt(between, '.1%')} / {fmt(within, '.1%')}"
 
 
 def busy_cells(cells: pd.DataFrame, cores: int | None = None) -> list[str]:
@@ -100,34 +63,34 @@ def _latency(row) -> str:
     return text + (" ⚠" if row["latency_cv_flag"] else "")
 
 
+SERVING_COLUMNS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s",
+                   "latency_p50_s", "latency_p99_s")  # fmt: skip
+
+
+def serving_table(points: pd.DataFrame) -> tuple[Table, list[str]]:
+    """Serve-mode points: TTFT, TPOT, ITL and E2E latency in ms (means over repeats of each
+    percentile), and the line saying where the rest are when the table is cut."""
+    served, cut = listed(points[points["itl_p50_s"].notna()], "served points")
+    table = Table(["machine", "cell", "batch × in→out", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+                   "ITL p50", "ITL p99", "E2E p50", "E2E p99"], numeric=frozenset(range(3, 11)))  # fmt: skip
+    for _, r in served.iterrows():
+        table.add([r["machine_id"], r["cell_name"], fmt_point(r)] + [fmt(r[c] * 1000, ".1f") for c in SERVING_COLUMNS])
+    return table, cut
+
+
 def serving_markdown(points: pd.DataFrame) -> list[str]:
-    """Serve-mode points: TTFT, TPOT, ITL and E2E latency (means over repeats of each percentile)."""
     if "itl_p50_s" not in points or points["itl_p50_s"].isna().all():
         return []
-    served, cut = listed(points[points["itl_p50_s"].notna()], "served points")
-    rows = [
-        [r["machine_id"], r["cell_name"], _point(r)]
-        + [_fmt(r[c] * 1000, ".1f") for c in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
-                                              "itl_p50_s", "itl_p99_s", "latency_p50_s", "latency_p99_s")]
-        for _, r in served.iterrows()
-    ]  # fmt: skip
-    headers = ["machine", "cell", "batch × in→out", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
-               "ITL p50", "ITL p99", "E2E p50", "E2E p99"]  # fmt: skip
-    return ["", "## Serving latency (ms, vLLM's definitions)", "", markdown_table(headers, rows), *cut]
+    table, cut = serving_table(points)
+    return ["", "## Serving latency (ms, vLLM's definitions)", "", table.markdown(), *cut]
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-MIN_ROUNDS = 2  # an interval needs two rounds; fewer and no verdict is stated
+MIN_ROUNDS = 2  # an interval needs two rounds; fewer and no fastest cell or difference is stated
 
 
 def withheld(points: pd.DataFrame) -> dict[str, str]:
     """Per machine whose verdicts are withheld, why and what to do: some measured point has fewer
-    than MIN_ROUNDS trusted rounds, so no interval and no verdict can be stated as fact."""
+    than MIN_ROUNDS trusted rounds, so no interval, fastest cell or difference can be stated as fact."""
     if points.empty:
         return {}
     reasons = {}
@@ -159,7 +122,7 @@ def host_lines(points: pd.DataFrame) -> list[str]:
         flagged = group[group["rounds_flagged"] > 0]
         canary = group["canary_matmul_1t_gflops"].median()
         memcpy = group["canary_memcpy_gb_s"].median()
-        line = f"- **{machine}**: canary {_fmt(canary)} GFLOP/s matmul (1 thread), {_fmt(memcpy)} GB/s memcpy"
+        line = f"- **{machine}**: canary {fmt(canary)} GFLOP/s matmul (1 thread), {fmt(memcpy)} GB/s memcpy"
         if flagged.empty:
             line += "; no round flagged."
         else:
@@ -180,31 +143,94 @@ def _compared_ok(points: pd.DataFrame) -> pd.DataFrame:
 
 def short_points(points: pd.DataFrame) -> set[tuple]:
     """(machine, batch, input, output) of every point where a measured cell has fewer than
-    MIN_ROUNDS trusted rounds: no verdict is stated there."""
+    MIN_ROUNDS trusted rounds: no fastest cell or difference is stated there."""
     ok = _compared_ok(points)
     ok = ok[ok["rounds"].fillna(0) < MIN_ROUNDS]
     return set(ok[["machine_id", "batch_size", "input_len", "output_len"]].itertuples(index=False, name=None))
 
 
-def _fastest_rows(fastest: pd.DataFrame, short: set[tuple]) -> list[list[str]]:
-    rows = []
+def fastest_table(fastest: pd.DataFrame, short: set[tuple]) -> Table:
+    """The fastest cell at each point, or the tie; withheld at the points in `short`."""
+    table = Table(["machine", "batch × in→out", "fastest", "output tok/s", "× baseline", "ahead of runner-up by"])
     for _, row in fastest.iterrows():
         if (row["machine_id"], row["batch_size"], row["input_len"], row["output_len"]) in short:
-            rows.append([row["machine_id"], _point(row), "withheld (see above)", "—", "—", "—"])
+            table.add([row["machine_id"], fmt_point(row), "withheld (see above)", "—", "—", "—"])
             continue
         if isinstance(row["fastest"], str):
-            name = f"**{row['fastest']}**"
+            name = Mark("strong", row["fastest"])
             margin = "only cell"
             if isinstance(row["runner_up"], str):
-                interval = f"[{_fmt(row['margin_low'], '.2f')}, {_fmt(row['margin_high'], '.2f')}]"
-                margin = f"{_ratio(row['margin'])} {interval} {row['runner_up']}"
+                interval = f"[{fmt(row['margin_low'], '.2f')}, {fmt(row['margin_high'], '.2f')}]"
+                margin = f"{fmt_ratio(row['margin'])} {interval} {row['runner_up']}"
         else:
             name = "tie: " + ", ".join(row["tied"])
             margin = "≈ no significant difference"
-        rows.append(
-            [row["machine_id"], _point(row), name, _fmt(row["output_tok_s"]), _ratio(row["vs_baseline"]), margin]
+        table.add(
+            [row["machine_id"], fmt_point(row), name, fmt(row["output_tok_s"]), fmt_ratio(row["vs_baseline"]), margin]
         )
-    return rows
+    return table
+
+
+def engine_ran(row) -> str | Stack:
+    """What the engine ran, and the cell it measured the same thing as (⚠)."""
+    same_as = row.get("same_as")
+    if not isinstance(same_as, str):
+        return row["engine_ran"]
+    return Stack((row["engine_ran"], Mark("same", f"⚠ {same_as}")), joint=" ")
+
+
+# The first columns of every table of cells and points (summary.md's and the HTML page's).
+POINT_HEADERS = ["machine", "cell", "status", "batch × in→out", "output tok/s"]
+
+
+def point_cells(row) -> list[str]:
+    """The cells under POINT_HEADERS."""
+    return [row["machine_id"], row["cell_name"], row["status"], fmt_point(row), fmt(row["output_tok_s"])]
+
+
+def points_table(points: pd.DataFrame, baseline_name: str, confidence: float) -> tuple[Table, list[str]]:
+    """Every cell and point: figures, interval, rounds, spread, ratio to the baseline."""
+    shown, cut = listed(points, "cell points")
+    table = Table(
+        [
+            *POINT_HEADERS,
+            f"{confidence:.0%} interval",
+            "rounds",
+            "CV between / within rounds",
+            "repeats min–max, CV",
+            "× baseline [interval]",
+            "p50 latency s ±CV",
+            "load s",
+            "engine actually ran",
+        ],  # fmt: skip
+        numeric=frozenset({4, 5, 9, 10, 11}),
+    )
+    for row in shown.to_dict("records"):  # iterrows builds a Series per row: minutes at 10,000 cells
+        ratio = "baseline" if row["cell_name"] == baseline_name else ratio_text(row)
+        table.add(
+            [
+                *point_cells(row),
+                _interval(row, "output_tok_s_low", "output_tok_s_high"),
+                _rounds(row),
+                _round_spread(row),
+                _spread(row),
+                ratio,
+                _latency(row),
+                fmt(row["load_s"]),
+                engine_ran(row),
+            ],
+            bad=row["status"] != "ok",
+        )
+    return table, cut
+
+
+def failed_table(cells: pd.DataFrame) -> tuple[Table, list[str]]:
+    """Cells that did not finish, with their error."""
+    failed, cut = listed(cells[cells["status"] != "ok"], "cells that did not finish")
+    table = Table(["machine", "cell", "status", "error"])
+    for _, r in failed.iterrows():
+        table.add([r["machine_id"], r["cell_name"], r["status"], r["error"] or ""], bad=True)
+    return table, cut
 
 
 def summary_markdown(
@@ -245,64 +271,15 @@ def summary_markdown(
             "cells not significantly slower than the best are listed as a tie."
         )
         out.append("")
-        headers = ["machine", "batch × in→out", "fastest", "output tok/s", "× baseline", "ahead of runner-up by"]
-        out.append(markdown_table(headers, _fastest_rows(fastest, short_points(points) if not points.empty else set())))
+        out.append(fastest_table(fastest, short_points(points) if not points.empty else set()).markdown())
     out += host_lines(points)
     out += ["", "## Every cell and point", ""]
-    shown, cut = listed(points, "cell points")
-    rows = []
-    for row in shown.to_dict("records"):  # iterrows builds a Series per row: minutes at 10,000 cells
-        ratio = "baseline" if row["cell_name"] == baseline_name else ratio_text(row)
-        rows.append(
-            [
-                row["machine_id"],
-                row["cell_name"],
-                row["status"],
-                _point(row),
-                _fmt(row["output_tok_s"]),
-                _interval(row, "output_tok_s_low", "output_tok_s_high"),
-                _rounds(row),
-                _round_spread(row),
-                _spread(row),
-                ratio,
-                _latency(row),
-                _fmt(row["load_s"]),
-                row["engine_ran"] + (f" ⚠ {row['same_as']}" if isinstance(row.get("same_as"), str) else ""),
-            ]
-        )
-    out.append(
-        markdown_table(
-            [
-                "machine",
-                "cell",
-                "status",
-                "batch × in→out",
-                "output tok/s",
-                f"{confidence:.0%} interval",
-                "rounds",
-                "CV between / within rounds",
-                "repeats min–max, CV",
-                "× baseline [interval]",
-                "p50 latency s ±CV",
-                "load s",
-                "engine actually ran",
-            ],  # fmt: skip
-            rows,
-        )
-    )
-    out += cut
+    table, cut = points_table(points, baseline_name, confidence)
+    out += [table.markdown(), *cut]
     out += serving_markdown(points)
-    failed = cells[cells["status"] != "ok"] if not cells.empty else cells
-    if not failed.empty:
-        out += ["", "## Cells that did not finish", ""]
-        failed, cut = listed(failed, "cells that did not finish")
-        out.append(
-            markdown_table(
-                ["machine", "cell", "status", "error"],
-                [[r["machine_id"], r["cell_name"], r["status"], r["error"] or ""] for _, r in failed.iterrows()],
-            )
-        )
-        out += cut
+    if not cells.empty and (cells["status"] != "ok").any():
+        table, cut = failed_table(cells)
+        out += ["", "## Cells that did not finish", "", table.markdown(), *cut]
     out += [
         "",
         "≈ marks a ratio whose interval contains 1: no significant difference. A round is flagged when "

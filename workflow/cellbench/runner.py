@@ -200,8 +200,8 @@ def run_cell(
             "round": round,
         }
         rows = measure.rows_for_cell(cell, raw, context, status=status, error=error)
-        explained = explain(cell, raw, log_text, error, model_dir, model_manifest)
-        table = metrics.to_table([{**row, **explained["columns"]} for row in rows])
+        facts = engine_facts(cell, raw, log_text, error, model_dir, model_manifest)
+        table = metrics.to_table([{**row, **facts["columns"]} for row in rows])
         record = provenance.scrub(
             {
                 **context,
@@ -220,7 +220,7 @@ def run_cell(
                 "gpus": [dataclasses.asdict(gpu) for gpu in gpus],
                 "gpu": devices.gpu_summary((raw or {}).get("provenance", {}).get("gpu", {})),
                 "container": raw,
-                **explained["provenance"],
+                **facts["provenance"],
             }
         )
         # Everything that takes space is written inside the run directory first; then three
@@ -240,7 +240,9 @@ def run_cell(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def explain(cell: dict, raw: dict | None, log_text: str, error: str | None, model_dir: Path, manifest: dict) -> dict:
+def engine_facts(
+    cell: dict, raw: dict | None, log_text: str, error: str | None, model_dir: Path, manifest: dict
+) -> dict:
     """What the engine changed, what its log says, and the weight bytes it reads per decode step."""
     raw = raw or {}
     used = raw.get("effective")

@@ -2,7 +2,7 @@
 # summary. The plots are marked for `snakemake --report` as well.
 
 
-rule explain:
+rule report:
     input:
         summary="results/summary.parquet",
     output:
@@ -25,7 +25,7 @@ rule explain:
             category="Plots",
         ),
     log:
-        "results/logs/explain.log",
+        "results/logs/report.log",
     params:
         study=STUDY["study"],
         baseline_id=STUDY["baseline"],
@@ -34,7 +34,7 @@ rule explain:
         bandwidth=json.dumps(config.get("bandwidth_gb_s", {})),
         statistics=json.dumps(STUDY["statistics"], sort_keys=True),
     shell:
-        "cellbench explain --summary {input.summary} --study {params.study} --statistics {params.statistics:q} "
+        "cellbench report --summary {input.summary} --study {params.study} --statistics {params.statistics:q} "
         "--baseline-id {params.baseline_id} --baseline-name {params.baseline_name} "
         "--expectations {params.expectations:q} --bandwidth {params.bandwidth:q} "
         "--tables results/tables --plots results/plots --html {output.html} > {log} 2>&1"
