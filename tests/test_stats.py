@@ -178,3 +178,10 @@ def test_a_run_is_kept_only_when_rows_changed(tmp_path):
     assert compare.snapshot(summary, "another-machine", runs) is None  # no rows of that machine
     assert pd.read_parquet(first)["machine_id"].unique().tolist() == ["m"]
     assert json.loads(json.dumps(compare.list_runs(runs))) == [first.stem]
+
+
+def test_a_failed_cell_without_an_error_says_so(tmp_path):
+    table = _study_rows().to_pylist() + [{**_row("dead", 1, None, None), "status": "failed", "error": None}]
+    points = aggregate.cell_points(metrics.to_table(table), "base-0123456789")
+    text = report.write_tables(points, "s", "base", tmp_path)[0].read_text()
+    assert "| m | dead | failed | no error recorded |" in text and "| nan |" not in text

@@ -229,7 +229,15 @@ def failed_table(cells: pd.DataFrame) -> tuple[Table, list[str]]:
     failed, cut = listed(cells[cells["status"] != "ok"], "cells that did not finish")
     table = Table(["machine", "cell", "status", "error"])
     for _, r in failed.iterrows():
-        table.add([r["machine_id"], r["cell_name"], r["status"], r["error"] or ""], bad=True)
+        table.add(
+            [
+                r["machine_id"],
+                r["cell_name"],
+                r["status"],
+                r["error"] if isinstance(r["error"], str) else "no error recorded",
+            ],
+            bad=True,
+        )
     return table, cut
 
 
