@@ -40,7 +40,7 @@ GPU_TOOLS = {
     "rocm_smi": ["rocm-smi", "--showproductname", "--showdriverversion"],
     "rocminfo": ["rocminfo"],
     "hipcc": ["hipcc", "--version"],
-    "nvidia_smi": ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
+    "nvidia_smi": ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv"],
 }
 
 
@@ -101,6 +101,15 @@ def oom_kills() -> int:
     return 0
 
 
+def gpu_arch(props, hip_version) -> str:
+    """ROCm: the gfx target of gcnArchName ("gfx942:sramecc+:xnack-" -> "gfx942"); CUDA: the
+    compute capability as sm_XY. CUDA builds of torch have gcnArchName too, repeating the device
+    name (seen on an H200: "NVIDIA H200"), so it counts only when torch was built for HIP."""
+    if hip_version and getattr(props, "gcnArchName", None):
+        return props.gcnArchName.split(":")[0]
+    return f"sm_{props.major}{props.minor}"
+
+
 def torch_gpu_facts() -> dict:
     """torch's HIP/CUDA build and the first visible GPU's name and arch; {} without torch or a GPU."""
     try:
@@ -114,9 +123,7 @@ def torch_gpu_facts() -> dict:
             props = torch.cuda.get_device_properties(0)
             facts["device_name"] = props.name
             facts["device_count"] = torch.cuda.device_count()
-            # ROCm: "gfx942:sramecc+:xnack-"; CUDA: compute capability as sm_XY.
-            arch = getattr(props, "gcnArchName", None) or f"sm_{props.major}{props.minor}"
-            facts["arch"] = arch.split(":")[0]
+            facts["arch"] = gpu_arch(props, facts["hip"])
     except Exception as exc:  # noqa: BLE001 - provenance must never fail the cell
         facts["error"] = f"{type(exc).__name__}: {exc}"[:300]
     return {k: v for k, v in facts.items() if v is not None}
