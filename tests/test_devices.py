@@ -106,7 +106,8 @@ def test_nvidia_smi_csv_of_a_real_h200():
     ]
     summary = devices.gpu_summary({"nvidia_smi": H200_SMI})
     assert summary["device_name"] == "NVIDIA H200" and summary["driver"] == "580.159.04"
-    with_cap = H200_SMI.replace("[MiB]", "[MiB], compute_cap").replace("MiB\n", "MiB, 9.0\n")
+    # bench_cell.py asks for compute_cap too; the same H200 answered so (2026-12-01).
+    with_cap = "name, driver_version, memory.total [MiB], compute_cap\nNVIDIA H200, 580.159.04, 143771 MiB, 9.0\n"
     assert devices.gpu_summary({"nvidia_smi": with_cap})["arch"] == "sm_90"
 
 

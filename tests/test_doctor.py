@@ -301,3 +301,12 @@ def test_stability_never_blocks_and_unreadable_files_are_said_so(tmp_path):
         "✅ CPU frequency governor: not readable (a VM usually hides it)",
         "✅ swap: /proc/meminfo not readable",
     ]
+
+
+def test_disk_need_counts_the_cuda_image_at_its_unpacked_size():
+    """vllm/vllm-openai's cu129 variant is about 26 GB unpacked (issue 19); 20 GB underestimated it."""
+    facts = {**H200_BOX, "images": {"cuda": {"base": "vllm/vllm-openai:v0.31.0", "base_present": False}}}
+    lines, final = _judge({**facts, "disk_free_gb": 24}, "config/cuda-awq.yaml")
+    assert final.mark == doctor.FAIL and "❌ disk: 24 GB free under /var/lib/docker, images need ~28" in doctor.report(
+        lines
+    )
