@@ -35,12 +35,19 @@ for _folder in ("/cellbench-contract", str(Path(__file__).resolve().parents[1] /
         break
 import contract  # noqa: E402
 
-ENV_PREFIXES = ("VLLM_", "OMP_", "KMP_", "MKL_", "LD_PRELOAD", "HIP_", "ROCM_", "CUDA_", "HF_HUB_", "TORCHINDUCTOR_")
+# Variables that choose kernels, devices and threads: vLLM's, the OpenMP/MKL threads, the HIP/HSA/
+# ROCr runtime (the ROCm image sets HSA_ENABLE_IPC_MODE_LEGACY), PyTorch's (TunableOp:
+# PYTORCH_TUNABLEOP_*), Triton's, the collectives (NCCL_/RCCL_), NVIDIA's container variables
+# and CUDA's. Secret-shaped names are dropped whatever their prefix (contract.is_secret_name).
+ENV_PREFIXES = (
+    "VLLM_", "OMP_", "KMP_", "MKL_", "LD_PRELOAD", "HIP_", "HSA_", "ROCR_", "ROCM_", "CUDA_", "NVIDIA_",
+    "PYTORCH_", "TRITON_", "NCCL_", "RCCL_", "HF_HUB_", "TORCHINDUCTOR_",
+)  # fmt: skip
 GPU_TOOLS = {
     "rocm_smi": ["rocm-smi", "--showproductname", "--showdriverversion"],
     "rocminfo": ["rocminfo"],
     "hipcc": ["hipcc", "--version"],
-    "nvidia_smi": ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
+    "nvidia_smi": ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv"],
 }
 
 
@@ -54,13 +61,58 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def selected_env(requested=()) -> dict:
+def selected_env(requested=(), environ=None) -> dict:
     """Engine-relevant variables, plus every variable the cell requested (to compare them)."""
+    environ = os.environ if environ is None else environ
     return {
         k: v
-        for k, v in sorted(os.environ.items())
+        for k, v in sorted(environ.items())
         if (k.startswith(ENV_PREFIXES) or k in requested) and not contract.is_secret_name(k)
     }
+
+
+# The serve-mode server is started through this wrapper: it runs vLLM's server module as
+# `python -m` would, and a thread beside it writes the server process's own os.environ (as
+# selected_env selects it) to a file whenever it changes. So what vLLM's platform sets while
+# it starts is seen: RocmPlatform.verify_quantization sets VLLM_USE_TRITON_AWQ=1 in os.environ
+# (https://github.com/vllm-project/vllm/blob/001eda31e3d032e9dc864e97f3630358b2ff8b5a/vllm/platforms/rocm.py),
+# which /proc/<pid>/environ (the environment at exec) would not show.
+# argv: wrapper OUT_FILE REQUESTED_JSON MODULE [server args...]
+SERVER_ENV_WRAPPER = """
+import json, os, runpy, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import bench_cell
+out, requested, module = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+def dump():
+    last = None
+    while True:
+        env = bench_cell.selected_env(requested)
+        if env != last:
+            with open(out + ".tmp", "w") as f:
+                json.dump(env, f)
+            os.replace(out + ".tmp", out)
+            last = env
+        time.sleep(0.2)
+threading.Thread(target=dump, daemon=True).start()
+sys.argv = [module, *sys.argv[5:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def server_env_argv(out_file: str, requested: dict, module: str, args: list[str]) -> list[str]:
+    """The command starting `module` (a server) under SERVER_ENV_WRAPPER."""
+    folder = str(Path(__file__).resolve().parent)
+    return [sys.executable, "-c", SERVER_ENV_WRAPPER, folder, out_file, json.dumps(sorted(requested)), module, *args]
+
+
+def read_server_env(out_file: str, wait_s: float = 1.0) -> dict | None:
+    """The server process's environment as its wrapper last wrote it, read after /health answered
+    (and one more write period); None when it never wrote one: unknown, not the client's."""
+    time.sleep(wait_s)
+    try:
+        return json.loads(Path(out_file).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def cpu_facts() -> dict:
@@ -101,6 +153,15 @@ def oom_kills() -> int:
     return 0
 
 
+def gpu_arch(props, hip_version) -> str:
+    """ROCm: the gfx target of gcnArchName ("gfx942:sramecc+:xnack-" -> "gfx942"); CUDA: the
+    compute capability as sm_XY. CUDA builds of torch have gcnArchName too, repeating the device
+    name (seen on an H200: "NVIDIA H200"), so it counts only when torch was built for HIP."""
+    if hip_version and getattr(props, "gcnArchName", None):
+        return props.gcnArchName.split(":")[0]
+    return f"sm_{props.major}{props.minor}"
+
+
 def torch_gpu_facts() -> dict:
     """torch's HIP/CUDA build and the first visible GPU's name and arch; {} without torch or a GPU."""
     try:
@@ -114,9 +175,7 @@ def torch_gpu_facts() -> dict:
             props = torch.cuda.get_device_properties(0)
             facts["device_name"] = props.name
             facts["device_count"] = torch.cuda.device_count()
-            # ROCm: "gfx942:sramecc+:xnack-"; CUDA: compute capability as sm_XY.
-            arch = getattr(props, "gcnArchName", None) or f"sm_{props.major}{props.minor}"
-            facts["arch"] = arch.split(":")[0]
+            facts["arch"] = gpu_arch(props, facts["hip"])
     except Exception as exc:  # noqa: BLE001 - provenance must never fail the cell
         facts["error"] = f"{type(exc).__name__}: {exc}"[:300]
     return {k: v for k, v in facts.items() if v is not None}
@@ -488,18 +547,21 @@ class VllmServer:
     """
 
     PORT = 8000
+    MODULE = "vllm.entrypoints.openai.api_server"
 
     def __init__(self, cell: dict):
         from transformers import AutoTokenizer
 
         self.model_path = cell.get("model_path", "/model")
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
-                "--host", "127.0.0.1", "--port", str(self.PORT), "--dtype", cell["dtype"],
+        args = ["--model", self.model_path, "--host", "127.0.0.1", "--port", str(self.PORT), "--dtype", cell["dtype"],
                 "--seed", str(cell["sweep"]["seed"]), "--disable-uvicorn-access-log"]  # fmt: skip
         if cell["quantization"]:
-            argv += ["--quantization", cell["quantization"]]
-        argv += contract.cli_flags(cell["engine_args"])
-        print("$ " + " ".join(argv), flush=True)
+            args += ["--quantization", cell["quantization"]]
+        args += contract.cli_flags(cell["engine_args"])
+        print(f"$ {sys.executable} -m {self.MODULE} " + " ".join(args), flush=True)
+        self.requested_env = cell["env"]
+        self.env_file = str(Path(os.environ.get("HOME", "/tmp")) / f"server-env-{os.getpid()}.json")
+        argv = server_env_argv(self.env_file, cell["env"], self.MODULE, args)
         self.log: list[str] = []
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._echo, daemon=True).start()
@@ -533,7 +595,10 @@ class VllmServer:
         text = "".join(self.log)
         # The server's log names no engine args one by one: none is resolved here (unknown, so
         # "same as" never claims two serve cells agree on one).
-        found = {"engine": "vllm", "mode": "serve", "engine_args": {}, "env": selected_env()}
+        # env: the server process's once it answers (its platform has set what it sets), never
+        # this client's; None (unknown) when the wrapper wrote none. Read here, after load_s.
+        env = read_server_env(self.env_file) if getattr(self, "env_file", None) else None
+        found = {"engine": "vllm", "mode": "serve", "engine_args": {}, "env": env}
         patterns = {
             "dtype": r"dtype=torch\.(\w+)",
             "quantization": r"quantization=(\w+)",

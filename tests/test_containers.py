@@ -30,6 +30,8 @@ def fake_kfd(root: Path, minors: list[int]) -> None:
 
 # Render minors need not follow GPU indices: here a display card holds renderD128.
 RENDER_MINORS = [129, 130, 131, 128]
+# podman's own GPU flags (CDI names for NVIDIA, keep-groups); its cpu line is test_podman_run_golden.
+PODMAN_CASES = ["rocm", "cuda", "cuda-tp2"]
 CASES = {
     "cpu": dict(device="cpu", gpus=[], resources={"cpus": "0-1", "memory": "12g", "shm_size": "2g"}),
     "rocm": dict(device="rocm", gpus=[1], resources={"shm_size": "16g", "gpus": 1}),
@@ -46,8 +48,10 @@ def _gpus(device: str, indices: list[int], tmp_path: Path) -> list[devices.Gpu]:
     return [devices.Gpu(i, f"cuda-GPU-{i}", "NVIDIA H100") for i in indices]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_docker_run_golden(study, case, tmp_path):
+@pytest.mark.parametrize(
+    "runtime, case", [("docker", c) for c in sorted(CASES)] + [("podman", c) for c in PODMAN_CASES]
+)
+def test_docker_run_golden(study, runtime, case, tmp_path):
     spec = CASES[case]
     cell = _cell(study, spec["device"], resources=spec["resources"], env={"VLLM_USE_TRITON_AWQ": "0"})
     if spec["gpus"]:
@@ -65,14 +69,19 @@ def test_docker_run_golden(study, case, tmp_path):
         environ=ENVIRON,
         origin="/work/study",
         user=containers.CONTAINER_USER,  # as the runner starts every cell
+        runtime=runtime,
     )
     text = "\n".join(argv).replace(cell["id"], "<cell_id>") + "\n"
-    golden = GOLDEN / f"docker-run-{case}.txt"
+    golden = GOLDEN / f"{runtime}-run-{case}.txt"
     if os.environ.get("CELLBENCH_UPDATE_GOLDEN"):
         golden.write_text(text)
     assert text == golden.read_text()
     assert "hf_secret_value" not in text  # secrets travel by name only
     assert "HF_TOKEN" in argv
+    # --ipc host shares the host's /dev/shm: docker ignores --shm-size then, so it is not passed.
+    assert ("--shm-size" in argv) == (spec["device"] == "cpu")
+    if runtime == "podman":  # podman reads --gpus as CDI names: device=0 would be invalid
+        assert "--gpus" not in argv and not any("device=" in a for a in argv)
 
 
 AMD = [
@@ -109,6 +118,20 @@ def test_cuda_gpus_are_one_csv_field():
     flags = containers.device_flags("cuda", [devices.Gpu(2, "a", "x"), devices.Gpu(3, "b", "x")])
     assert flags[:2] == ["--gpus", '"device=2,3"']  # docker splits --gpus on commas outside quotes
     assert "CUDA_VISIBLE_DEVICES=0,1" in flags
+
+
+def test_podman_gpus_are_cdi_devices_with_the_callers_groups():
+    flags = containers.device_flags(
+        "cuda", [devices.Gpu(2, "cuda-GPU-aa", "x"), devices.Gpu(3, "b", "x")], None, "podman"
+    )
+    assert [flags[i + 1] for i, f in enumerate(flags) if f == "--device"] == [
+        "nvidia.com/gpu=GPU-aa",
+        "nvidia.com/gpu=3",
+    ]
+    assert flags[flags.index("--group-add") + 1] == "keep-groups" and "CUDA_VISIBLE_DEVICES=0,1" in flags
+    rocm = containers.device_flags("rocm", AMD, None, "podman")  # no numeric groups: podman takes keep-groups alone
+    assert [rocm[i + 1] for i, f in enumerate(rocm) if f == "--group-add"] == ["keep-groups"]
+    assert "/dev/dri/renderD133" in rocm
 
 
 def test_podman_run_golden(study):

@@ -98,3 +98,9 @@ def test_an_engine_that_reports_too_little_gets_a_finding():
     missing = "quantization, enforce_eager, compilation_mode"
     assert found[0]["finding"] == f"the vllm engine did not report {missing} after start"
     assert effective.unreported(cell, None) == []  # an engine that never started reports nothing
+
+
+def test_gpu_kernel_packages_are_recorded():
+    """Issue 19: the versions of what picks the GPU kernel paths are recorded where installed."""
+    assert {"amdsmi", "aiter", "flash_attn", "triton", "torch"} <= set(contract.PACKAGES)
+    assert _bench_cell().versions()["python"]  # absent packages are simply absent

@@ -94,3 +94,39 @@ def test_gpu_summary_from_what_the_container_captured():
     named = devices.gpu_summary({"torch": {"device_name": "AMD Radeon AI PRO R9700", "arch": "gfx1201"}})
     assert named == {"device_name": "AMD Radeon AI PRO R9700", "arch": "gfx1201"}
     assert devices.gpu_summary({}) == {}
+
+
+# What a real NVIDIA H200 (driver 580.159.04, torch 2.11) gave (issue 19).
+H200_SMI = "name, driver_version, memory.total [MiB]\nNVIDIA H200, 580.159.04, 143771 MiB\n"
+
+
+def test_nvidia_smi_csv_of_a_real_h200():
+    assert devices.parse_nvidia_smi_csv(H200_SMI) == [
+        {"name": "NVIDIA H200", "driver_version": "580.159.04", "memory.total": "143771 MiB"}
+    ]
+    summary = devices.gpu_summary({"nvidia_smi": H200_SMI})
+    assert summary["device_name"] == "NVIDIA H200" and summary["driver"] == "580.159.04"
+    # bench_cell.py asks for compute_cap too; the same H200 answered so (2026-12-01).
+    with_cap = "name, driver_version, memory.total [MiB], compute_cap\nNVIDIA H200, 580.159.04, 143771 MiB, 9.0\n"
+    assert devices.gpu_summary({"nvidia_smi": with_cap})["arch"] == "sm_90"
+
+
+def test_a_device_name_recorded_as_arch_is_no_arch():
+    """Cells recorded before issue 19 on CUDA hold torch's gcnArchName, the device name."""
+    old = devices.gpu_summary({"torch": {"device_name": "NVIDIA H200", "arch": "NVIDIA H200", "cuda": "12.9"}})
+    assert "arch" not in old
+    assert devices.gpu_summary({"torch": {"arch": "sm_90"}})["arch"] == "sm_90"
+
+
+class _Props:
+    def __init__(self, name, gcn, major, minor):
+        self.name, self.gcnArchName, self.major, self.minor = name, gcn, major, minor
+
+
+def test_torch_arch_is_gfx_on_rocm_and_compute_capability_on_cuda():
+    from test_contract import _bench_cell
+
+    bench = _bench_cell()
+    # torch 2.11 on an H200: gcnArchName repeats the device name on CUDA builds.
+    assert bench.gpu_arch(_Props("NVIDIA H200", "NVIDIA H200", 9, 0), None) == "sm_90"
+    assert bench.gpu_arch(_Props("AMD Instinct MI300X", "gfx942:sramecc+:xnack-", 9, 4), "7.2.26015") == "gfx942"

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cellbench import config, doctor
+from cellbench import config, devices, doctor
+from test_containers import fake_kfd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,15 +84,87 @@ def test_non_root_user_is_told_which_groups_are_missing():
     assert "not in docker, render (sudo usermod -aG docker,render $USER)" in text
 
 
-def test_cuda_needs_the_nvidia_runtime():
-    facts = {**NO_GPU, "cuda_gpus": ["NVIDIA H100"], "tools": {**NO_GPU["tools"], "nvidia-smi": "/usr/bin/nvidia-smi"}}
-    facts["models"] = AMD_BOX["models"]
-    facts["images"] = {"cuda": {"base": "vllm/vllm-openai:v0.31.0", "base_present": True}}
+# The real H200 host of issue 19: driver 580.159.04, the toolkit's hook on PATH, no runtime
+# named nvidia, the user not in video/render (NVIDIA device nodes need neither).
+H200_SMI = "name, driver_version, memory.total [MiB]\nNVIDIA H200, 580.159.04, 143771 MiB\n"
+H200_BOX = {
+    **NO_GPU,
+    "uid": 1000,
+    "groups": {1000: "me", 999: "docker"},
+    "runtimes": ["io.containerd.runc.v2", "runc"],
+    "cuda_gpus": [devices.parse_nvidia_gpus("0, GPU-5f1e, NVIDIA H200\n")[0].name],
+    "nvidia_driver": devices.parse_nvidia_smi_csv(H200_SMI)[0]["driver_version"],
+    "cdi_specs": [],
+    "tools": {
+        **NO_GPU["tools"],
+        "nvidia-smi": "/usr/bin/nvidia-smi",
+        "nvidia-container-runtime-hook": "/usr/bin/nvidia-container-runtime-hook",
+    },
+    "images": {"cuda": {"base": "vllm/vllm-openai:v0.31.0", "base_present": True}},
+    "models": AMD_BOX["models"],
+}
+
+
+def test_h200_with_the_toolkit_hook_can_run_the_cuda_study():
+    lines, final = _judge(H200_BOX, "config/cuda-awq.yaml")
+    text = doctor.report(lines)
+    assert final.mark == doctor.OK, text
+    assert "✅ NVIDIA containers: docker --gpus can use nvidia-container-runtime-hook on PATH" in text
+    assert "✅ GPU: 1 found: NVIDIA H200" in text  # the vendor once
+    assert "✅ NVIDIA driver: 580.159.04 (image cuda needs >= 580)" in text
+    assert "✅ groups: docker, me: ok" in text  # no video/render on an NVIDIA-only host
+    # A CDI spec alone also serves (docker with CDI, podman).
+    facts = {**H200_BOX, "tools": {**H200_BOX["tools"], "nvidia-container-runtime-hook": None}}
+    lines, final = _judge({**facts, "cdi_specs": ["/etc/cdi/nvidia.yaml"]}, "config/cuda-awq.yaml")
+    assert final.mark == doctor.OK and "CDI spec /etc/cdi/nvidia.yaml" in doctor.report(lines)
+
+
+def test_cuda_without_toolkit_or_cdi_cannot_run():
+    facts = {**H200_BOX, "tools": {**H200_BOX["tools"], "nvidia-container-runtime-hook": None}}
     lines, final = _judge(facts, "config/cuda-awq.yaml")
     assert final.mark == doctor.FAIL
-    assert "❌ docker runtime: no nvidia runtime; install the NVIDIA Container Toolkit" in doctor.report(lines)
-    lines, final = _judge({**facts, "runtimes": ["nvidia", "runc"]}, "config/cuda-awq.yaml")
-    assert final.mark == doctor.OK
+    assert "❌ NVIDIA containers: docker --gpus needs the NVIDIA Container Toolkit" in doctor.report(lines)
+    # podman needs a CDI spec even where the hook exists.
+    lines, final = _judge({**H200_BOX, "runtime": "podman"}, "config/cuda-awq.yaml")
+    assert final.mark == doctor.FAIL and "nvidia-ctk cdi generate" in doctor.report(lines)
+
+
+def test_an_old_driver_for_the_cuda_image_warns():
+    lines, _ = _judge({**H200_BOX, "nvidia_driver": "550.54.15"}, "config/cuda-awq.yaml")
+    assert "⚠️ NVIDIA driver: 550.54.15 is older than image cuda (vllm/vllm-openai:v0.31.0, CUDA 13) needs (>= 580)" in (
+        doctor.report(lines)
+    )
+    facts = {
+        **H200_BOX,
+        "nvidia_driver": "550.54.15",
+        "images": {"cuda": {"base": "vllm/vllm-openai:v0.31.0-cu129", "base_present": True}},
+    }
+    lines, _ = _judge(facts, "config/cuda-awq.yaml")
+    assert "✅ NVIDIA driver: 550.54.15 (image cuda needs >= 525)" in doctor.report(lines)
+
+
+def test_amd_groups_are_still_asked_for_on_an_amd_host():
+    text = doctor.report(doctor.machine_checks({**AMD_BOX, "uid": 1000, "groups": {1000: "me", 999: "docker"}}))
+    assert "not in video, render" in text
+
+
+def test_device_errors_are_check_lines_not_tracebacks(tmp_path):
+    fake_kfd(tmp_path, [128])
+    (tmp_path / devices.KFD_NODES / "1" / "properties").write_text("simd_count 192\n")
+    found = doctor.gather_gpus({}, str(tmp_path))
+    assert found["rocm_gpus"] == [] and "no drm_render_minor" in found["device_errors"][0]
+    fake_kfd(tmp_path / "b", [128])
+    found = doctor.gather_gpus({devices.GPUS_ENV: "3"}, str(tmp_path / "b"))
+    assert found["rocm_gpus"] == ["gfx1100"] and "no GPU with index 3" in found["device_errors"][0]
+    text = doctor.report(doctor.machine_checks({**AMD_BOX, **found}))
+    assert "❌ GPU discovery: CELLBENCH_GPUS='3': no GPU with index 3 on this machine" in text
+
+
+def test_cdi_specs_naming_nvidia_gpus(tmp_path):
+    (tmp_path / "etc/cdi").mkdir(parents=True)
+    (tmp_path / "etc/cdi/nvidia.yaml").write_text("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\n")
+    (tmp_path / "etc/cdi/other.yaml").write_text("kind: vendor.com/thing\n")
+    assert doctor.cdi_specs(str(tmp_path)) == ["/etc/cdi/nvidia.yaml"]
 
 
 def test_no_docker_daemon_blocks_every_study():
@@ -228,3 +301,12 @@ def test_stability_never_blocks_and_unreadable_files_are_said_so(tmp_path):
         "✅ CPU frequency governor: not readable (a VM usually hides it)",
         "✅ swap: /proc/meminfo not readable",
     ]
+
+
+def test_disk_need_counts_the_cuda_image_at_its_unpacked_size():
+    """vllm/vllm-openai's cu129 variant is about 26 GB unpacked (issue 19); 20 GB underestimated it."""
+    facts = {**H200_BOX, "images": {"cuda": {"base": "vllm/vllm-openai:v0.31.0", "base_present": False}}}
+    lines, final = _judge({**facts, "disk_free_gb": 24}, "config/cuda-awq.yaml")
+    assert final.mark == doctor.FAIL and "❌ disk: 24 GB free under /var/lib/docker, images need ~28" in doctor.report(
+        lines
+    )

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_images_pin_the_official_vllm_image(name, repo):
     dockerfile = (ROOT / "containers" / name / "Dockerfile").read_text()
     base = images.declared_base(dockerfile)
-    assert re.fullmatch(re.escape(repo) + r":v\d+\.\d+\.\d+", base), base  # a release tag, never latest
+    # A release tag, never latest; optionally pinned to its digest (tag@sha256:..., docs/gpu.md).
+    assert re.fullmatch(re.escape(repo) + r":v\d+\.\d+\.\d+(@sha256:[0-9a-f]{64})?", base), base
     # The official images start `vllm serve`; a cell must run bench_cell.py instead.
     assert re.search(r"^ENTRYPOINT \[\]$", dockerfile, re.MULTILINE)
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.MULTILINE)
@@ -38,3 +39,31 @@ def test_a_base_image_that_cannot_be_had_names_its_tag():
     assert f"docker save {tag}" in message and "docker load" in message
     assert "\n" not in message
     assert f"$ docker pull {tag}" in log.getvalue()
+
+
+class _Done:
+    def __init__(self, code, out):
+        self.returncode, self.stdout = code, out
+
+
+def test_repo_digests_of_the_base_go_into_the_manifest():
+    digest = "vllm/vllm-openai@sha256:" + "ab" * 32
+    seen = []
+    found = images.repo_digests(
+        "vllm/vllm-openai:v0.31.0", lambda argv: seen.append(argv) or _Done(0, f'["{digest}"]\n')
+    )
+    assert found == [digest] and seen[0][-1] == "vllm/vllm-openai:v0.31.0" and "{{json .RepoDigests}}" in seen[0]
+    assert images.repo_digests("cellbench/base:bookworm", lambda argv: _Done(0, "[]")) == []  # built here
+    assert images.repo_digests("x", lambda argv: _Done(1, "")) == []
+
+
+def test_a_dockerfile_may_pin_its_base_by_digest():
+    pinned = "vllm/vllm-openai:v0.31.0@sha256:" + "0" * 64
+    assert images.declared_base(f"ARG BASE_IMAGE={pinned}\nFROM ${{BASE_IMAGE}}\n") == pinned
+    assert images.pinned_by_digest(pinned) and not images.pinned_by_digest("vllm/vllm-openai:v0.31.0")
+
+
+def test_the_rocm_recipe_names_both_rocm_images_rightly():
+    text = (ROOT / "containers" / "rocm" / "Dockerfile").read_text()
+    assert "formerly rocm/vllm" not in text  # rocm/vllm is AMD's own image, still published
+    assert "rocm/vllm" in text and "vllm/vllm-openai-rocm" in text

@@ -32,7 +32,23 @@ def test_decode_fraction_of_the_bandwidth_bound():
 
 
 def test_bandwidth_comes_from_the_study_first_then_the_device_table():
-    assert roofline.bandwidth("AMD Instinct MI300X", {}) == (5300.0, roofline.device_table()[0]["source"])
+    assert roofline.bandwidth("AMD Instinct MI300X", {}) == (
+        5300.0,
+        next(row["source"] for row in roofline.device_table() if row["match"] == "MI300X"),
+    )
     assert roofline.bandwidth("AMD Instinct MI300X", {"MI300": 5000}) == (5000.0, "study")
     assert roofline.bandwidth("Intel(R) Xeon(R) CPU", {}) is None
     assert roofline.bandwidth(None, {".*": 20}) is None
+
+
+@pytest.mark.parametrize(
+    "name, gb_s",
+    [
+        ("NVIDIA H200", 4800),  # the name nvidia-smi gave on a real H200 (issue 19)
+        ("AMD Instinct MI325X", 6000),
+        ("AMD_Instinct_MI355X", 8000),  # vLLM's ROCm platform names it so
+        ("AMD Instinct MI300X", 5300),
+    ],
+)
+def test_device_table_knows_the_current_datacenter_gpus(name, gb_s):
+    assert roofline.bandwidth(name)[0] == gb_s

@@ -394,6 +394,10 @@ def _check_expectations(config: dict) -> None:
     for index, exp in enumerate(config.get("expectations", [])):
         if exp.get("min") is not None and exp.get("max") is not None and exp["min"] > exp["max"]:
             raise ConfigError(f"config: expectations[{index}]: min {exp['min']} is above max {exp['max']}")
+        try:
+            re.compile(exp.get("device") or "")
+        except re.error as exc:
+            raise ConfigError(f"config: expectations[{index}].device: not a valid regex ({exc})") from None
     for pattern in config.get("bandwidth_gb_s", {}):
         try:
             re.compile(pattern)

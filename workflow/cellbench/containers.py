@@ -26,8 +26,20 @@ def container_name(cell_id: str, run_id: str) -> str:
     return f"{CONTAINER_PREFIX}{cell_id}-{run_id}"
 
 
-def device_flags(device: str, gpus: list[devices.Gpu], group_ids: list[int] | None = None) -> list[str]:
-    """Flags giving a container its GPUs. `gpus` carry host indices; inside they count from 0."""
+def device_flags(
+    device: str, gpus: list[devices.Gpu], group_ids: list[int] | None = None, runtime: str = "docker"
+) -> list[str]:
+    """Flags giving a container its GPUs. `gpus` carry host indices; inside they count from 0.
+
+    podman differs from docker on two points: it reads `--gpus` as CDI device names, so docker's
+    `device=0` is invalid there, and NVIDIA GPUs go by their CDI name instead
+    (`--device nvidia.com/gpu=<uuid>`, from the spec `nvidia-ctk cdi generate` writes; see
+    https://docs.nvidia.com/datacenter/cloud-native/container-toolkit/latest/cdi-support.html);
+    and a rootless podman maps the host's device groups away, so `--group-add keep-groups`
+    (podman run --group-add, https://docs.podman.io/en/latest/markdown/podman-run.1.html) keeps
+    the calling user's video/render groups for the device nodes. podman accepts keep-groups
+    only alone, without numeric groups.
+    """
     if device == "cpu":
         if gpus:
             raise ValueError("a cpu cell cannot be given GPUs")
@@ -35,8 +47,9 @@ def device_flags(device: str, gpus: list[devices.Gpu], group_ids: list[int] | No
     if not gpus:
         raise ValueError(f"a {device} cell needs at least one GPU")
     visible = ",".join(str(i) for i in range(len(gpus)))
+    podman = runtime == "podman"
     if device == "rocm":
-        if not group_ids:
+        if not group_ids and not podman:
             raise ValueError("a rocm cell needs the group ids of /dev/kfd and its render nodes")
         # /dev/kfd is the compute interface; the render nodes passed decide which GPUs the
         # container can open, so inside it they are numbered 0..n-1.
@@ -45,8 +58,11 @@ def device_flags(device: str, gpus: list[devices.Gpu], group_ids: list[int] | No
             if not gpu.render_node:
                 raise ValueError(f"rocm GPU {gpu.index} has no render node")
             flags += ["--device", gpu.render_node]
-        for gid in group_ids:  # the host's video/render groups owning those nodes, as numbers
-            flags += ["--group-add", str(gid)]
+        if podman:
+            flags += ["--group-add", "keep-groups"]
+        else:
+            for gid in group_ids or []:  # the host's video/render groups owning those nodes, as numbers
+                flags += ["--group-add", str(gid)]
         flags += [
             "--ipc", "host",
             "--security-opt", "seccomp=unconfined",
@@ -56,15 +72,24 @@ def device_flags(device: str, gpus: list[devices.Gpu], group_ids: list[int] | No
         ]  # fmt: skip
         return flags
     if device == "cuda":
+        if podman:
+            flags = []
+            for gpu in gpus:  # the GPU's UUID (stable across reboots), else its index
+                uuid = gpu.key.removeprefix("cuda-")
+                flags += ["--device", f"nvidia.com/gpu={uuid if uuid != gpu.key else gpu.index}"]
+            return [*flags, "--group-add", "keep-groups", "--ipc", "host", "-e", f"CUDA_VISIBLE_DEVICES={visible}"]
         # docker reads --gpus as CSV: the quotes keep "device=0,1" one field, not "device=0" and "1".
         devices_csv = ",".join(str(gpu.index) for gpu in gpus)
         return ["--gpus", f'"device={devices_csv}"', "--ipc", "host", "-e", f"CUDA_VISIBLE_DEVICES={visible}"]
     raise ValueError(f"unknown device kind {device!r}")
 
 
-def resource_flags(resources: dict) -> list[str]:
+def resource_flags(resources: dict, ipc_host: bool = False) -> list[str]:
+    """`--shm-size` sizes a private /dev/shm; with `--ipc host` (every GPU cell) the container
+    uses the host's /dev/shm and docker ignores the size, so it is left out rather than shown
+    as if it applied (https://docs.docker.com/reference/cli/docker/container/run/#ipc)."""
     flags = []
-    if resources.get("shm_size"):
+    if resources.get("shm_size") and not ipc_host:
         flags += ["--shm-size", resources["shm_size"]]
     if resources.get("cpus"):
         flags += ["--cpuset-cpus", resources["cpus"]]
@@ -129,8 +154,9 @@ def docker_run_command(
     for key, value in sorted((labels or {}).items()):
         argv += ["--label", f"{key}={value}"]
     argv += hardening_flags(cell["device"], user)
-    argv += device_flags(cell["device"], gpus, group_ids)
-    argv += resource_flags(cell["resources"])
+    gpu_flags = device_flags(cell["device"], gpus, group_ids, runtime)
+    argv += gpu_flags
+    argv += resource_flags(cell["resources"], ipc_host="--ipc" in gpu_flags)
     for name, value in sorted(cell["env"].items()):
         argv += ["-e", f"{name}={value}"]
     argv += passthrough_secrets(environ)

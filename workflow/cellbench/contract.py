@@ -83,8 +83,11 @@ ENGINES = {
 }
 
 # Versions recorded in every cell's provenance (and compared between machines): each engine's
-# packages and what they compute with.
-PACKAGES = tuple(dict.fromkeys([p for e in ENGINES.values() for p in e.packages] + ["torch", "triton", "numpy"]))
+# packages and what they compute with, where installed: torch, Triton (pytorch-triton-rocm is
+# its name in ROCm wheels), numpy, and the GPU kernel libraries vLLM picks paths by: amdsmi
+# (ROCm device queries), aiter (AMD's kernels, VLLM_ROCM_USE_AITER*), flash_attn.
+KERNEL_PACKAGES = ("torch", "triton", "pytorch-triton-rocm", "numpy", "amdsmi", "aiter", "flash_attn")
+PACKAGES = tuple(dict.fromkeys([p for e in ENGINES.values() for p in e.packages] + list(KERNEL_PACKAGES)))
 
 
 def missing_reports(effective: dict, engine: str) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 KFD_NODES = "sys/class/kfd/kfd/topology/nodes"
 NVIDIA_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,name", "--format=csv,noheader"]
+ARCH = re.compile(r"^(gfx[0-9a-f]+|sm_[0-9]+a?)$")
 GPUS_ENV = "CELLBENCH_GPUS"  # host GPU indices cellbench may use, e.g. "0,2"; unset: all
 
 
@@ -121,7 +122,8 @@ def parse_rocminfo(text: str) -> list[dict]:
 
 
 def parse_nvidia_smi_csv(text: str) -> list[dict]:
-    """`nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv` -> GPUs."""
+    """`nvidia-smi --query-gpu=name,driver_version,memory.total[,compute_cap] --format=csv` -> GPUs
+    (the header names the fields, `memory.total [MiB]` keeps its first word)."""
     rows = list(csv.reader(io.StringIO(text.strip())))
     if not rows or not rows[0] or rows[0][0].strip() != "name":
         return []
@@ -132,9 +134,12 @@ def parse_nvidia_smi_csv(text: str) -> list[dict]:
 def gpu_summary(container_gpu: dict) -> dict:
     """Device name, arch and software versions of a cell's GPUs from what bench_cell.py captured."""
     torch = container_gpu.get("torch") or {}
+    # A gfx target or sm_XY only: cells recorded before issue 19 hold the device name as the
+    # arch on CUDA (torch's gcnArchName repeats it there).
+    arch = torch.get("arch") if ARCH.match(str(torch.get("arch") or "")) else None
     summary = {
         "device_name": torch.get("device_name"),
-        "arch": torch.get("arch"),
+        "arch": arch,
         "torch_hip": torch.get("hip"),
         "torch_cuda": torch.get("cuda"),
     }
@@ -147,6 +152,9 @@ def gpu_summary(container_gpu: dict) -> dict:
     if nvidia:
         summary["device_name"] = summary["device_name"] or nvidia[0].get("name")
         summary["driver"] = nvidia[0].get("driver_version")
+        capability = nvidia[0].get("compute_cap") or ""
+        if not summary["arch"] and re.fullmatch(r"\d+\.\d+", capability):
+            summary["arch"] = "sm_" + capability.replace(".", "")
         summary["gpus"] = nvidia
     hipcc = re.search(r"HIP version:\s*(\S+)", container_gpu.get("hipcc", ""))
     if hipcc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -19,12 +20,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import containers, devices, hfcache, images, models
+from . import containers, devices, hfcache, images, models, runtimes
 
 OK, WARN, FAIL = "✅", "⚠️", "❌"
-# Rough unpacked sizes of the engine images by device kind, to judge free disk before a build.
-IMAGE_GB = {"cpu": 6, "rocm": 30, "cuda": 20}
+# Rough unpacked sizes of the engine images by device kind, to judge free disk before a build
+# (vllm/vllm-openai's cu129 variant is about 26 GB unpacked).
+IMAGE_GB = {"cpu": 6, "rocm": 30, "cuda": 28}
 HOST_TOOLS = {"rocm": ("rocm-smi", "rocminfo"), "cuda": ("nvidia-smi",)}
+# What `docker run --gpus` needs on the host: the NVIDIA Container Toolkit's hook (docker calls
+# it for --gpus; nvidia-ctk comes with the same toolkit), or a CDI spec naming the GPUs, which
+# podman (and docker with CDI) use instead. A runtime *named* nvidia is not needed.
+# https://docs.nvidia.com/datacenter/cloud-native/container-toolkit/latest/install-guide.html
+NVIDIA_HOOKS = ("nvidia-container-runtime-hook", "nvidia-ctk")
+CDI_DIRS = ("etc/cdi", "var/run/cdi")
+NVIDIA_SMI_FACTS = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"]
+# Oldest driver branch each CUDA major version of the image runs on (minor version compatibility:
+# CUDA 12.x needs >= 525, CUDA 13.x >= 580;
+# https://docs.nvidia.com/deploy/cuda-compatibility/#minor-version-compatibility). The image
+# tag names its CUDA (vllm/vllm-openai:v0.31.0-cu129); a plain tag of v0.31.0 is CUDA 13
+# (containers/cuda/Dockerfile).
+CUDA_MIN_DRIVER = {12: 525, 13: 580}
+DEFAULT_IMAGE_CUDA = 13
 STEAL_SAMPLE_S = 0.5
 STEAL_WARN = 0.02  # share of CPU time a VM's neighbours took during the sample
 LOAD_WARN = 0.5  # 1-minute load average per core above which the host is not idle
@@ -72,11 +88,18 @@ def gather(study: dict | None, environ: dict[str, str], root: str = "/") -> dict
     facts["disk_path"], facts["disk_free_gb"] = str(disk_path), shutil.disk_usage(disk_path).free / 2**30
     facts["kfd"] = (Path(root) / "dev" / "kfd").exists()
     facts["render_nodes"] = sorted(str(p) for p in (Path(root) / "dev" / "dri").glob("renderD*"))
-    facts["rocm_gpus"] = [gpu.name or gpu.render_node for gpu in devices.rocm_gpus(root)]
-    facts["cuda_gpus"] = [gpu.name for gpu in devices.cuda_gpus()]
+    facts.update(gather_gpus(environ, root))
     facts["stability"] = gather_stability(root)
-    for tool in (*HOST_TOOLS["rocm"], *HOST_TOOLS["cuda"]):
+    for tool in (*HOST_TOOLS["rocm"], *HOST_TOOLS["cuda"], *NVIDIA_HOOKS):
         facts["tools"][tool] = shutil.which(tool)
+    facts["cdi_specs"] = cdi_specs(root)
+    code, out = _run(NVIDIA_SMI_FACTS) if facts["tools"].get("nvidia-smi") else (1, "")
+    rows = devices.parse_nvidia_smi_csv(out) if code == 0 else []
+    facts["nvidia_driver"] = rows[0].get("driver_version") if rows else None
+    try:
+        facts["runtime"] = runtimes.runtime_from_env(environ)
+    except runtimes.RuntimeSetupError as exc:
+        facts["runtime"], facts["device_errors"] = "docker", [*facts["device_errors"], str(exc)]
     if study:
         for name, spec in study["images"].items():
             context = images.PROJECT_ROOT / spec["context"]
@@ -94,6 +117,31 @@ def gather(study: dict | None, environ: dict[str, str], root: str = "/") -> dict
             except models.ModelError as exc:
                 facts["models"][name] = {"error": str(exc)}
     return facts
+
+
+def gather_gpus(environ: dict[str, str], root: str = "/") -> dict:
+    """GPU names by kind, and what made discovery fail (a KFD node without a render minor, a
+    CELLBENCH_GPUS naming a GPU that is not there) as one-line errors, not a traceback."""
+    found: dict = {"rocm_gpus": [], "cuda_gpus": [], "device_errors": []}
+    for kind, discover in (("rocm", lambda: devices.rocm_gpus(root)), ("cuda", devices.cuda_gpus)):
+        try:
+            gpus = discover()
+            found[f"{kind}_gpus"] = [gpu.name or gpu.render_node for gpu in gpus]
+            if gpus and environ.get(devices.GPUS_ENV):
+                devices.allowed(gpus, environ[devices.GPUS_ENV])
+        except devices.DeviceError as exc:
+            found["device_errors"].append(str(exc))
+    return found
+
+
+def cdi_specs(root: str = "/") -> list[str]:
+    """CDI spec files under /etc/cdi and /var/run/cdi that name NVIDIA GPUs (kind nvidia.com/gpu)."""
+    found = []
+    for folder in CDI_DIRS:
+        for path in sorted((Path(root) / folder).glob("*")):
+            if path.suffix in (".yaml", ".yml", ".json") and "nvidia.com/gpu" in (_read(path) or ""):
+                found.append("/" + str(path.relative_to(root)).lstrip("/"))
+    return found
 
 
 def _read(path: Path) -> str | None:
@@ -288,8 +336,11 @@ def machine_checks(facts: dict) -> list[Check]:
         checks.append(Check(OK, f"docker runtime: {facts['default_runtime']} (default); available: {runtimes}"))
     else:
         checks.append(Check(FAIL, f"docker: no daemon answers ({facts['docker_error']}); run scripts/setup.sh"))
+    for error in facts.get("device_errors", []):
+        checks.append(Check(FAIL, f"GPU discovery: {error}"))
     if facts["rocm_gpus"] or facts["cuda_gpus"]:
-        found = [f"AMD {g}" for g in facts["rocm_gpus"]] + [f"NVIDIA {g}" for g in facts["cuda_gpus"]]
+        # nvidia-smi's names carry the vendor already ("NVIDIA H200"); KFD names may not ("gfx942").
+        found = [_vendor("AMD", g) for g in facts["rocm_gpus"]] + [_vendor("NVIDIA", g) for g in facts["cuda_gpus"]]
         checks.append(Check(OK, f"GPU: {len(found)} found: {', '.join(found)}"))
     else:
         seen = [
@@ -302,7 +353,10 @@ def machine_checks(facts: dict) -> list[Check]:
         checks.append(Check(OK, "groups: running as root (Docker socket and device nodes are open to it)"))
     else:
         names = set(facts["groups"].values())
-        missing = [g for g in ("docker", "video", "render") if g not in names]
+        # video/render own the AMD device nodes; NVIDIA's /dev/nvidia* are open to everyone.
+        amd = bool(facts["rocm_gpus"] or facts["kfd"])
+        wanted = ("docker", "video", "render") if amd else ("docker",)
+        missing = [g for g in wanted if g not in names]
         mark = WARN if missing else OK
         detail = f"not in {', '.join(missing)} (sudo usermod -aG {','.join(missing)} $USER)" if missing else "ok"
         checks.append(Check(mark, f"groups: {', '.join(sorted(names)) or 'none'}: {detail}"))
@@ -337,8 +391,8 @@ def study_checks(facts: dict, study: dict, cells: list[dict]) -> list[Check]:
             checks.append(
                 Check(FAIL, f"device {kind}: cells need {need} {vendor} GPU(s), this machine has {have} ({why})")
             )
-        if kind == "cuda" and "nvidia" not in facts["runtimes"] and have:
-            checks.append(Check(FAIL, "docker runtime: no nvidia runtime; install the NVIDIA Container Toolkit"))
+        if kind == "cuda" and have:
+            checks += nvidia_container_checks(facts, study)
     missing_gb = 0
     for image, spec in sorted(study["images"].items()):
         fact = facts["images"].get(image, {})
@@ -384,6 +438,70 @@ def study_checks(facts: dict, study: dict, cells: list[dict]) -> list[Check]:
                     f"'hf download {spec['repo_id']}' or set allow_download: true",
                 )
             )
+    return checks
+
+
+def _vendor(vendor: str, name: str) -> str:
+    return name if name.upper().startswith(vendor) else f"{vendor} {name}"
+
+
+def image_cuda_major(base: str | None) -> int:
+    """CUDA major version of a vLLM CUDA image from its tag (`-cu129` -> 12); else the default."""
+    match = re.search(r"[-_]cu(\d{2})\d", base or "")
+    return int(match.group(1)) if match else DEFAULT_IMAGE_CUDA
+
+
+def nvidia_container_checks(facts: dict, study: dict) -> list[Check]:
+    """Can a container get the NVIDIA GPUs here, and is the driver new enough for the image."""
+    checks = []
+    hooks = [tool for tool in NVIDIA_HOOKS if facts["tools"].get(tool)]
+    cdi = facts.get("cdi_specs") or []
+    runtime = facts.get("runtime", "docker")
+    if runtime == "podman":  # podman passes NVIDIA GPUs only as CDI devices
+        if cdi:
+            checks.append(Check(OK, f"NVIDIA containers: CDI spec {', '.join(cdi)} (podman --device nvidia.com/gpu=…)"))
+        else:
+            checks.append(
+                Check(
+                    FAIL,
+                    "NVIDIA containers: no CDI spec under /etc/cdi or /var/run/cdi; podman needs one: "
+                    "sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml",
+                )
+            )
+    elif hooks or cdi or "nvidia" in facts["runtimes"]:
+        how = [f"{tool} on PATH" for tool in hooks] + [f"CDI spec {spec}" for spec in cdi]
+        how += ["docker runtime nvidia"] if "nvidia" in facts["runtimes"] else []
+        checks.append(Check(OK, f"NVIDIA containers: docker --gpus can use {', '.join(how)}"))
+    else:
+        checks.append(
+            Check(
+                FAIL,
+                "NVIDIA containers: docker --gpus needs the NVIDIA Container Toolkit (no "
+                f"{' or '.join(NVIDIA_HOOKS)} on PATH, no CDI spec under /etc/cdi or /var/run/cdi); install it",
+            )
+        )
+    driver = facts.get("nvidia_driver")
+    bases = {
+        name: fact.get("base")
+        for name, fact in facts["images"].items()
+        if study["images"].get(name, {}).get("device") == "cuda"
+    }
+    for name, base in sorted(bases.items()):
+        need = CUDA_MIN_DRIVER[image_cuda_major(base)]
+        if not driver:
+            checks.append(
+                Check(WARN, f"NVIDIA driver: version unknown (nvidia-smi said none); image {name} needs >= {need}")
+            )
+        elif int(driver.split(".")[0]) < need:
+            checks.append(
+                Check(
+                    WARN,
+                    f"NVIDIA driver: {driver} is older than image {name} ({base}, CUDA {image_cuda_major(base)}) "
+                    f"needs (>= {need}); update the driver or use a -cu129 tag as the image's base",
+                )
+            )
+        else:
+            checks.append(Check(OK, f"NVIDIA driver: {driver} (image {name} needs >= {need})"))
     return checks
 
 

@@ -62,7 +62,10 @@ def effective_value(effective: dict, setting: str) -> Any:
     """The engine's value of a flat setting, or _UNKNOWN when the engine did not report it.
     An env variable absent after start is unset (None): bench_cell records every requested one."""
     if setting.startswith("env."):
-        return effective.get("env", {}).get(setting[4:])
+        env = effective.get("env")
+        # None: the engine could not read its environment (a serve cell whose server never
+        # wrote it); the client's own is no stand-in, so the value is unknown.
+        return _UNKNOWN if env is None else env.get(setting[4:])
     if setting.startswith("engine_args."):
         name = setting.split(".", 1)[1]
         reported = effective.get("engine_args", {})
@@ -177,8 +180,11 @@ def overrides_json(cell: dict, effective: dict | None) -> str | None:
     return json.dumps(overrides(cell, effective), sort_keys=True, default=str) if effective else None
 
 
-def engine_set_env(env_at_start: dict, env_after: dict) -> dict[str, dict]:
-    """Environment the engine itself set or changed while starting (requested or not)."""
+def engine_set_env(env_at_start: dict, env_after: dict | None) -> dict[str, dict]:
+    """Environment the engine itself set or changed while starting (requested or not); nothing
+    when the environment after start is unknown (None)."""
+    if env_after is None:
+        return {}
     keys = sorted(set(env_at_start) | set(env_after))
     return {
         k: {"before": env_at_start.get(k), "after": env_after.get(k)}

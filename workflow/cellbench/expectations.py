@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 
 import pandas as pd
 
@@ -22,6 +23,9 @@ def matches_cell(expectation: dict, cell_name: str) -> bool:
 def _selected(points: pd.DataFrame, expectation: dict) -> pd.DataFrame:
     keep = points["cell_name"].map(lambda name: matches_cell(expectation, name))
     keep &= points["machine_id"].map(lambda m: fnmatch.fnmatchcase(m, expectation.get("machine", "*")))
+    if expectation.get("device"):  # a range written for one kind of GPU judges no other
+        names = points["device_name"] if "device_name" in points else pd.Series("", index=points.index)
+        keep &= names.map(lambda name: bool(re.search(expectation["device"], str(name or ""), re.IGNORECASE)))
     for key in POINT_KEYS:
         if key in expectation:
             keep &= points[key] == expectation[key]

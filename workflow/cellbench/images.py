@@ -55,6 +55,24 @@ def image_id(ref: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def repo_digests(ref: str, inspect=None) -> list[str]:
+    """The registry digests of a local image (`RepoDigests`: repo@sha256:...), which name its
+    content wherever it is pulled, unlike a tag, which can move; [] for an image built here or
+    loaded from an archive (docker load keeps no digest). `inspect` stands in for docker in tests."""
+    argv = ["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", ref]
+    done = (inspect or (lambda a: subprocess.run(a, capture_output=True, text=True)))(argv)
+    try:
+        found = json.loads(done.stdout) if done.returncode == 0 else None
+    except ValueError:
+        found = None
+    return sorted(found) if isinstance(found, list) else []
+
+
+def pinned_by_digest(base: str | None) -> bool:
+    """`FROM image@sha256:...` (or tag@sha256:...): the base cannot change under the same name."""
+    return bool(base and re.search(r"@sha256:[0-9a-f]{64}$", base))
+
+
 def declared_base(dockerfile: str) -> str | None:
     """The default of `ARG BASE_IMAGE=...` in a Dockerfile: the image's pinned base."""
     match = re.search(r"^ARG\s+BASE_IMAGE=(\S+)\s*$", dockerfile, re.MULTILINE)
@@ -147,6 +165,9 @@ def build_image(name: str, spec: dict, manifest_path: Path, log_path: Path) -> d
             "dockerfile_sha256": hashlib.sha256((context / "Dockerfile").read_bytes()).hexdigest(),
             "base": base,
             "base_image_id": base_id or None,
+            # What the base tag pointed at when built: pin it with BASE_IMAGE=repo@sha256:... .
+            "base_repo_digests": repo_digests(base) if base and base != LOCAL_BASE else [],
+            "base_pinned_by_digest": pinned_by_digest(base),
             "build_args": build_args,
             "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock else None,
             "packages": installed_packages(tag),
