@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import paths
 from .explain import measured_text, override_words
 from .report import _fmt, _point, ratio_text
 
@@ -135,7 +136,8 @@ def page(
     parts.append(
         "<p class=note>× baseline: ratio to the baseline cell on the same machine at the same point. "
         "Of bandwidth bound: weight bytes / (TPOT × device bandwidth), each decode step reading all weights once. "
-        "↺: a requested setting the engine changed. Rows with provenance: <code>results/summary.parquet</code>; "
-        "per cell: <code>results/cells/&lt;cell_id&gt;/provenance.json</code>.</p></body></html>"
+        "↺: a requested setting the engine changed. "
+        f"Rows with provenance: <code>{paths.summary()}</code>; "
+        f"per cell: <code>{paths.cell_dir('&lt;cell_id&gt;')}/provenance.json</code>.</p></body></html>"
     )
     return "\n".join(p for p in parts if p)

@@ -142,8 +142,7 @@ def run_cell(
     return its status."""
     lifecycle.ensure_runtime(runtime)
     run_id = new_run_id()
-    cell_dir = paths.cell_dir(cell["id"])
-    work = cell_dir / f".run-{run_id}"
+    work = paths.run_dir(cell["id"], run_id)
     work.mkdir(parents=True)
     try:
         model_manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
