@@ -73,8 +73,12 @@ def model_dir(model: str, results: Path = RESULTS) -> Path:
     return results / "models" / model
 
 
+# A prepared model's folder holds its manifest beside the files (an hf-cache model's stay in the hub).
+MODEL_MANIFEST = "manifest.json"
+
+
 def model_manifest(model: str, results: Path = RESULTS) -> Path:
-    return model_dir(model, results) / "manifest.json"
+    return model_dir(model, results) / MODEL_MANIFEST
 
 
 def cell_dir(cell_id: str, results: Path = RESULTS) -> Path:

@@ -145,7 +145,7 @@ def run_cell(
     work = paths.run_dir(cell["id"], run_id)
     work.mkdir(parents=True)
     try:
-        model_manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+        model_manifest = json.loads((Path(model_dir) / paths.MODEL_MANIFEST).read_text())
         mount_dir, model_path = model_mount(model_dir, model_manifest)
         # The GGUF's file name comes from the prepared model's manifest (llama.cpp loads /model/<gguf>).
         gguf = model_manifest.get("gguf")
