@@ -49,7 +49,7 @@ CELL_ID = "{cell_id}"
 ROUND = "{round}"
 IMAGE = "{image}"
 MODEL = "{model}"
-# The shape of a cell id (config.cell_name + "-" + config.cell_hash), not an alternation of
+# The shape of a cell id (its name, "-", config.cell_hash), not an alternation of
 # every id: that regex makes 10k-cell DAGs slow.
 CELL_ID_SHAPE = r"[a-z0-9_.-]+-[0-9a-f]{10}"
 ROUND_SHAPE = r"[1-9][0-9]*"
