@@ -1,7 +1,6 @@
 # cellbench: build engine images, prepare models, run every cell of a study in its own
 # container, aggregate Parquet metrics into tables. The logic lives in workflow/cellbench/.
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -74,7 +73,7 @@ onstart:
 
 onsuccess:
     print(
-        "\ncellbench: tables are in results/tables/ "
-        "(summary.md to read, summary.csv for a spreadsheet); "
-        "every row with provenance: results/summary.parquet"
+        f"\ncellbench: tables are in {paths.tables_dir()}/ "
+        f"({paths.summary_markdown().name} to read, {paths.summary_csv().name} for a spreadsheet); "
+        f"every row with provenance: {paths.summary()}"
     )

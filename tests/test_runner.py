@@ -1,6 +1,11 @@
-"""How the host judges a finished container: status and one-line error (pure parts of the runner)."""
+"""How the host judges a finished container (status and one-line error), and a round run end to
+end with docker replaced by a function: what it publishes, and that a runtime failure writes nothing."""
 
-from cellbench import runner
+import json
+
+import pandas as pd
+import pytest
+from cellbench import config, containers, lifecycle, measure, paths, runner, runtimes
 
 CRASH_LOG = (
     "INFO loading\n"
@@ -37,3 +42,61 @@ def test_timeout_names_the_engine_error_logged_before_the_kill():
 def test_container_that_never_reported():
     assert runner._outcome(None, 125, False, 60, "docker: Error response from daemon: x\n")[0] == "failed"
     assert runner._outcome(None, 137, False, 60, "")[1].startswith("container killed (exit 137")
+
+
+def _fake_round(tmp_path, monkeypatch, study, raw, code, log_text):
+    """run_cell of the default study's llama.cpp cell with docker replaced by a function that
+    leaves `raw` and `log_text` in the run directory and exits with `code`."""
+    monkeypatch.chdir(tmp_path)
+    cell = next(c for c in config.resolve(study)["cells"].values() if c["name"] == "llamacpp")
+    model_dir = paths.model_dir(cell["model"])
+    model_dir.mkdir(parents=True)
+    manifest = {"name": cell["model"], "gguf": "m.gguf", "files": {"m.gguf": {"sha256": "0", "bytes": 1000}}}
+    (model_dir / paths.MODEL_MANIFEST).write_text(json.dumps(manifest))
+    seen = {}
+
+    def fake_run(argv, name, log_path, timeout_s):
+        seen.update(argv=argv, work=log_path.parent, cell_json=json.loads((log_path.parent / "cell.json").read_text()))
+        log_path.write_text(log_text)
+        if raw is not None:
+            (log_path.parent / "raw.json").write_text(json.dumps(raw))
+        return code, False
+
+    monkeypatch.setattr(lifecycle, "ensure_runtime", lambda runtime: None)
+    monkeypatch.setattr(runtimes, "ensure_image", lambda runtime, image_id, archive: "local")
+    monkeypatch.setattr(runner, "run_container", fake_run)
+    monkeypatch.setattr(runner, "new_run_id", lambda: "RUN")
+    run = lambda: runner.run_cell(  # noqa: E731
+        cell, study="s", config_hash="h", machine="m", image_manifest={"name": "llamacpp", "image_id": "sha256:0"},
+        model_dir=model_dir, round=2,
+    )  # fmt: skip
+    return cell, run, seen
+
+
+def test_a_round_publishes_its_three_files_and_removes_its_run_directory(tmp_path, monkeypatch, study):
+    req = {"prompt_tokens": 128, "output_tokens": 64, "latency_s": 1.0, "ttft_s": 0.1}
+    raw = {"status": "ok", "effective": {"dtype": "float32", "env": {}}, "provenance": {"versions": {}}, "points": []}
+    cell, run, seen = _fake_round(tmp_path, monkeypatch, study, raw, 0, "engine ok\n")
+    raw["points"] = [
+        {**point, "repeat": r, "wall_s": 2.0, "requests": [req] * point["batch_size"]}
+        for point in measure.points(cell["sweep"])
+        for r in range(cell["sweep"]["repeats"])
+    ]
+    assert run() == "ok"
+    assert seen["work"] == paths.run_dir(cell["id"], "RUN") and not seen["work"].exists()
+    assert seen["cell_json"]["model_gguf"] == "m.gguf" and seen["cell_json"]["points"] == measure.points(cell["sweep"])
+    files = sorted(p.relative_to(paths.cell_dir(cell["id"])) for p in paths.cell_dir(cell["id"]).rglob("*"))
+    assert [str(p) for p in files] == ["round-2", *(f"round-2/{name}" for name in sorted(paths.ROUND_FILES))]
+    rows = pd.read_parquet(paths.cell_metrics(cell["id"], 2))
+    assert len(rows) == len(raw["points"]) and set(rows["status"]) == {"ok"} and set(rows["round"]) == {2}
+    assert rows["output_tok_s"].iloc[0] == 64 * rows["batch_size"].iloc[0] / 2.0
+    record = json.loads(paths.cell_provenance(cell["id"], 2).read_text())
+    assert (record["status"], record["exit_code"], record["image_source"]) == ("ok", 0, "local")
+    assert paths.cell_log(cell["id"], 2).read_text() == "engine ok\n"
+
+
+def test_a_round_the_runtime_could_not_run_writes_nothing(tmp_path, monkeypatch, study):
+    cell, run, _ = _fake_round(tmp_path, monkeypatch, study, None, containers.RUNTIME_FAILED, "docker: no daemon\n")
+    with pytest.raises(runner.RunnerError, match="docker could not run the container: docker: no daemon"):
+        run()
+    assert list(paths.cell_dir(cell["id"]).rglob("*")) == []

@@ -105,12 +105,12 @@ def cmd_report(args) -> int:
     found = expectations.verdicts(points, json.loads(args.expectations))
     sentences = expectations.ratio_sentences(points, args.baseline_name)
     tables, html_path = Path(args.tables), Path(args.html)
-    metrics.write_text_atomic(tables / "diagnostics.md", diagnostics.diagnostics_markdown(cells, args.study))
-    metrics.write_text_atomic(tables / "verdicts.md", verdicts.verdicts_markdown(found, sentences, points, args.study))
+    metrics.write_text_atomic(paths.diagnostics(tables), diagnostics.diagnostics_markdown(cells, args.study))
+    metrics.write_text_atomic(paths.verdicts(tables), verdicts.verdicts_markdown(found, sentences, points, args.study))
     drawn = plots.write_plots(points, Path(args.plots))
     page = report_html.page(args.study, args.baseline_name, points, found, sentences, cells, drawn, html_path)
     metrics.write_text_atomic(html_path, page)
-    print(f"cellbench: report: {html_path}, {tables / 'diagnostics.md'}, {tables / 'verdicts.md'}")
+    print(f"cellbench: report: {html_path}, {paths.diagnostics(tables)}, {paths.verdicts(tables)}")
     return 0
 
 
@@ -299,15 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", nargs="*")
     p.set_defaults(func=cmd_aggregate)
 
-    p = sub.add_parser("archive", help="pack this machine's results of a study into results/archive/*.tar.gz")
+    p = sub.add_parser("archive", help=f"pack this machine's results of a study into {paths.archive_dir()}/*.tar.gz")
     p.add_argument("--configfile", default=DEFAULT_STUDY)
     p.add_argument("--config-json", default=None, help="(rule) the study as JSON instead of --configfile")
     p.add_argument("--machine-id", default=None)
-    p.add_argument("--out-dir", default=str(paths.RESULTS / "archive"))
+    p.add_argument("--out-dir", default=str(paths.archive_dir()))
     p.add_argument("--with-images", action="store_true", help="add `docker save` of the images (large)")
     p.set_defaults(func=cmd_archive)
 
-    p = sub.add_parser("import", help="verify an archive from another machine, then unpack it into results/imported/")
+    p = sub.add_parser(
+        "import", help=f"verify an archive from another machine, then unpack it into {paths.imported_dir()}/"
+    )
     p.add_argument("file")
     p.add_argument("--machine-id", default=None, help="this machine (an archive from it is refused)")
     p.add_argument("--max-archive-mb", type=int, default=archive.Limits.archive_bytes // archive.MiB)

@@ -61,10 +61,10 @@ def locate(ref: str, runs: Path | None = None) -> Path:
             return found
     elif path.is_file():
         return path
-    elif (path / "summary.parquet").is_file():
-        return path / "summary.parquet"
-    elif (path / "results" / "summary.parquet").is_file():
-        return path / "results" / "summary.parquet"
+    elif paths.summary(path).is_file():
+        return paths.summary(path)
+    elif (path / paths.summary()).is_file():
+        return path / paths.summary()
     known = ", ".join(list_runs(runs)[-5:]) or "none yet"
     raise CompareError(f"{ref}: no such run (runs here: {known}; or give a summary.parquet or a results folder)")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .metrics import write_json_atomic
 from .models import ModelError, file_hashes, replace_dir
+from .paths import MODEL_MANIFEST
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -112,7 +113,7 @@ def prepare(name: str, spec: dict, out_dir: Path, log_path: Path, environ: dict[
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir.parent))
     try:
-        write_json_atomic(tmp / "manifest.json", manifest)
+        write_json_atomic(tmp / MODEL_MANIFEST, manifest)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

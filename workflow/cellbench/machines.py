@@ -30,9 +30,7 @@ COMPARED = [
 def imported_metrics(results: Path = paths.RESULTS) -> list[str]:
     """Imported metrics files to aggregate: per machine and cell, only the newest archive's
     (archive ids are UTC stamps), so a machine that shared twice is not counted twice."""
-    base = results / "imported" / "*" / "*" / "cells" / "*"
-    # One file per round; archives made before rounds hold one file per cell.
-    files = glob.glob(str(base / "round-*" / "metrics.parquet")) + glob.glob(str(base / "metrics.parquet"))
+    files = [file for pattern in paths.imported_metrics_patterns(results) for file in glob.glob(str(pattern))]
     return newest_per_machine_cell(sorted(files))
 
 
@@ -43,7 +41,7 @@ def newest_per_machine_cell(files: list[str]) -> list[str]:
     found = []
     for path in files:
         parts = Path(path).parts
-        at = len(parts) - 1 - parts[::-1].index("cells")
+        at = len(parts) - 1 - parts[::-1].index(paths.CELLS_DIR)
         machine, archive, cell = parts[at - 2], parts[at - 1], parts[at + 1]
         found.append((machine, cell, archive, path))
         newest[(machine, cell)] = max(archive, newest.get((machine, cell), archive))
@@ -225,7 +223,7 @@ def _ratio_text(entry) -> str:
 
 def write_tables(points: pd.DataFrame, local: str, tables_dir: Path) -> list[Path]:
     compared = compare(points, local)
-    md, csv = tables_dir / "machines.md", tables_dir / "machines.csv"
+    md, csv = paths.machines_markdown(tables_dir), paths.machines_csv(tables_dir)
     write_text_atomic(md, machines_markdown(points, compared, local))
     write_text_atomic(csv, report.csv_text(compared))
     return [md, csv]

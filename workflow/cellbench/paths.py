@@ -1,30 +1,88 @@
-"""Every output path is a pure function of ids (relative to the working directory)."""
+"""Every path of the results layout, as a pure function of ids: the one place that spells it.
 
+Rules, modules and scripts call these functions instead of writing "results/..." themselves
+(tests/test_paths.py holds them to it). Paths are relative to the working directory; a function's
+`results` argument takes another root with the same shapes: `Path()` for the relative names inside
+an archive, or an imported archive's folder.
+
+    results/                            RESULTS
+      images/<image>.json               image_manifest       build_image
+      images/<image>.tar                image_archive        `docker save` on shared storage
+      models/<model>/                   model_dir            prepare_model
+      models/<model>/manifest.json      model_manifest
+      cells/<cell_id>/                  cell_dir
+        round-<k>/                      round_dir            run_cell, one per round
+          metrics.parquet               cell_metrics
+          provenance.json               cell_provenance
+          engine.log                    cell_log
+        .run-<run_id>/                  run_dir              a round in progress; removed after it
+      summary.parquet                   summary              aggregate
+      tables/                           tables_dir
+        summary.md, summary.csv         summary_markdown, summary_csv
+        machines.md, machines.csv       machines_markdown, machines_csv
+        diagnostics.md, verdicts.md     diagnostics, verdicts    explain
+      plots/<name>.png                  plots_dir, plot
+      report/index.html                 report_html
+      runs/<stamp>.parquet              runs_dir             `cellbench compare` snapshots
+      archive/<machine>-<stamp>.tar.gz  archive_dir          `cellbench archive`
+      imported/<machine>/<archive_id>/  imported_dir, imported_archive: cells/ as above
+      logs/                             LOGS
+        images/<image>.log              image_log
+        models/<model>.log              model_log
+        cells/<cell_id>/round-<k>.log   round_log
+        <step>.log                      step_log             aggregate, explain, archive
+
+Snakemake rules pass the wildcards below as ids (`paths.cell_metrics(paths.CELL_ID, paths.ROUND)`),
+so a rule's patterns are these same functions, and constrain them with the shapes below.
+"""
+
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 RESULTS = Path("results")
 LOGS = RESULTS / "logs"
+CELLS_DIR = "cells"
+
+# Wildcards of the rules, and what each may match.
+CELL_ID = "{cell_id}"
+ROUND = "{round}"
+IMAGE = "{image}"
+MODEL = "{model}"
+# The shape of a cell id (its name, "-", config.cell_hash), not an alternation of
+# every id: that regex makes 10k-cell DAGs slow.
+CELL_ID_SHAPE = r"[a-z0-9_.-]+-[0-9a-f]{10}"
+ROUND_SHAPE = r"[1-9][0-9]*"
 
 
-def image_manifest(image: str) -> Path:
-    return RESULTS / "images" / f"{image}.json"
+def one_of(names: Iterable[str]) -> str:
+    """A wildcard constraint that matches exactly these names (images, models of a study)."""
+    return "|".join(re.escape(name) for name in names)
 
 
-def image_archive(image: str) -> Path:
+def image_manifest(image: str, results: Path = RESULTS) -> Path:
+    return results / "images" / f"{image}.json"
+
+
+def image_archive(image: str, results: Path = RESULTS) -> Path:
     """`docker save` of an image on shared storage, for nodes (or runtimes) that lack it."""
-    return RESULTS / "images" / f"{image}.tar"
+    return results / "images" / f"{image}.tar"
 
 
-def model_dir(model: str) -> Path:
-    return RESULTS / "models" / model
+def model_dir(model: str, results: Path = RESULTS) -> Path:
+    return results / "models" / model
 
 
-def model_manifest(model: str) -> Path:
-    return model_dir(model) / "manifest.json"
+# A prepared model's folder holds its manifest beside the files (an hf-cache model's stay in the hub).
+MODEL_MANIFEST = "manifest.json"
 
 
-def cell_dir(cell_id: str) -> Path:
-    return RESULTS / "cells" / cell_id
+def model_manifest(model: str, results: Path = RESULTS) -> Path:
+    return model_dir(model, results) / MODEL_MANIFEST
+
+
+def cell_dir(cell_id: str, results: Path = RESULTS) -> Path:
+    return results / CELLS_DIR / cell_id
 
 
 # A round is one container and engine load of a cell; its files live in their own folder.
@@ -32,20 +90,27 @@ ROUND_DIR = "round-{round}"
 ROUND_FILES = ("metrics.parquet", "provenance.json", "engine.log")
 
 
-def round_dir(cell_id: str, round: int | str) -> Path:
-    return cell_dir(cell_id) / ROUND_DIR.format(round=round)
+def round_dir(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
+    return cell_dir(cell_id, results) / ROUND_DIR.format(round=round)
 
 
-def cell_metrics(cell_id: str, round: int | str) -> Path:
-    return round_dir(cell_id, round) / "metrics.parquet"
+def cell_metrics(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
+    return round_dir(cell_id, round, results) / "metrics.parquet"
 
 
-def cell_provenance(cell_id: str, round: int | str) -> Path:
-    return round_dir(cell_id, round) / "provenance.json"
+def cell_provenance(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
+    return round_dir(cell_id, round, results) / "provenance.json"
 
 
-def cell_log(cell_id: str, round: int | str) -> Path:
-    return round_dir(cell_id, round) / "engine.log"
+def cell_log(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
+    """The engine's log of a round (the container's output), a result like its metrics."""
+    return round_dir(cell_id, round, results) / "engine.log"
+
+
+def run_dir(cell_id: str, run_id: str, results: Path = RESULTS) -> Path:
+    """Where a round runs (a hidden folder beside its rounds, on their file system, so that
+    publishing its files is a rename); removed when the round ends."""
+    return cell_dir(cell_id, results) / f".run-{run_id}"
 
 
 def cell_rounds(cells: dict) -> list[tuple[str, int]]:
@@ -57,21 +122,99 @@ def round_files(cells: dict, name: str = "metrics.parquet") -> list[Path]:
     return [round_dir(cell_id, k) / name for cell_id, k in cell_rounds(cells)]
 
 
-def runs_dir() -> Path:
+def summary(results: Path = RESULTS) -> Path:
+    """Every row of the study and of imported archives, with provenance."""
+    return results / "summary.parquet"
+
+
+def tables_dir(results: Path = RESULTS) -> Path:
+    return results / "tables"
+
+
+def summary_markdown(tables: Path | None = None) -> Path:
+    return (tables or tables_dir()) / "summary.md"
+
+
+def summary_csv(tables: Path | None = None) -> Path:
+    return (tables or tables_dir()) / "summary.csv"
+
+
+def machines_markdown(tables: Path | None = None) -> Path:
+    return (tables or tables_dir()) / "machines.md"
+
+
+def machines_csv(tables: Path | None = None) -> Path:
+    return (tables or tables_dir()) / "machines.csv"
+
+
+def diagnostics(tables: Path | None = None) -> Path:
+    return (tables or tables_dir()) / "diagnostics.md"
+
+
+def verdicts(tables: Path | None = None) -> Path:
+    return (tables or tables_dir()) / "verdicts.md"
+
+
+def plots_dir(results: Path = RESULTS) -> Path:
+    return results / "plots"
+
+
+# The plots the explain step draws, in order.
+PLOTS = ("throughput.png", "latency.png", "machines.png")
+
+
+def plot(name: str, plots: Path | None = None) -> Path:
+    if name not in PLOTS:
+        raise ValueError(f"{name}: not a plot of cellbench ({', '.join(PLOTS)})")
+    return (plots or plots_dir()) / name
+
+
+def report_html(results: Path = RESULTS) -> Path:
+    return results / "report" / "index.html"
+
+
+def runs_dir(results: Path = RESULTS) -> Path:
     """Snapshots of this machine's rows, one per aggregation that changed them (`cellbench compare`)."""
-    return RESULTS / "runs"
+    return results / "runs"
 
 
-def imported_dir() -> Path:
-    return RESULTS / "imported"
+def archive_dir(results: Path = RESULTS) -> Path:
+    """Archives this machine packed to share (`cellbench archive`)."""
+    return results / "archive"
 
 
-def summary() -> Path:
-    return RESULTS / "summary.parquet"
+def imported_dir(results: Path = RESULTS) -> Path:
+    return results / "imported"
 
 
-def tables_dir() -> Path:
-    return RESULTS / "tables"
+def imported_archive(machine_id: str, archive_id: str, results: Path = RESULTS) -> Path:
+    """An imported archive, unpacked: the shapes of results/ (cells/..., images/..., models/...)."""
+    return imported_dir(results) / machine_id / archive_id
+
+
+def imported_metrics_patterns(results: Path = RESULTS) -> list[Path]:
+    """Glob patterns of every imported metrics file: one per round; archives made before rounds
+    hold one per cell (cells/<cell_id>/metrics.parquet)."""
+    archives = imported_archive("*", "*", results)
+    return [cell_metrics("*", "*", archives), cell_dir("*", archives) / "metrics.parquet"]
+
+
+def image_log(image: str) -> Path:
+    return LOGS / "images" / f"{image}.log"
+
+
+def model_log(model: str) -> Path:
+    return LOGS / "models" / f"{model}.log"
+
+
+def round_log(cell_id: str, round: int | str) -> Path:
+    """Snakemake's log of a round's job (the runner's messages; the engine's are cell_log)."""
+    return LOGS / CELLS_DIR / cell_id / f"{ROUND_DIR.format(round=round)}.log"
+
+
+def step_log(step: str) -> Path:
+    """The log of a study-wide step: aggregate, explain, archive."""
+    return LOGS / f"{step}.log"
 
 
 def model_inputs(spec: dict, root: Path) -> dict:

@@ -10,9 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from . import paths  # noqa: E402
 from .metrics import write_atomic  # noqa: E402
 
-PLOTS = ("throughput.png", "latency.png", "machines.png")
+PLOTS = paths.PLOTS
 
 
 def _save(fig, path: Path) -> None:
@@ -117,6 +118,6 @@ def machines(points: pd.DataFrame, path: Path) -> None:
 def write_plots(points: pd.DataFrame, plots_dir: Path) -> list[Path]:
     written = []
     for name, draw in zip(PLOTS, (throughput, latency, machines), strict=True):
-        draw(points, plots_dir / name)
-        written.append(plots_dir / name)
+        draw(points, paths.plot(name, plots_dir))
+        written.append(paths.plot(name, plots_dir))
     return written

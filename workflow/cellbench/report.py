@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import polars as pl
 
-from . import aggregate
+from . import aggregate, paths
 from .metrics import write_text_atomic
 from .tables import Mark, Stack, Table, fmt, fmt_point, fmt_ratio, listed, ratio_text
 
@@ -296,8 +296,8 @@ def summary_markdown(
         "then its figure is marked and no verdict rests on it).",
         f"⚠ marks a point whose repeats vary by more than {aggregate.CV_FLAG:.0%} (coefficient of variation); "
         "repeats share one engine load, so their spread understates a rerun's: the interval is over rounds.",
-        "Per-repeat rows with full provenance: `results/summary.parquet`; per round: "
-        "`results/cells/<cell_id>/round-<k>/`.",
+        f"Per-repeat rows with full provenance: `{paths.summary()}`; per round: "
+        f"`{paths.round_dir('<cell_id>', '<k>')}/`.",
         "",
     ]
     return "\n".join(out)
@@ -312,8 +312,8 @@ def write_tables(
     points: pd.DataFrame, study: str, baseline_name: str, tables_dir: Path, confidence: float = 0.95
 ) -> list[Path]:
     fastest = aggregate.fastest_per_point(points, confidence) if not points.empty else pd.DataFrame()
-    md = tables_dir / "summary.md"
-    csv = tables_dir / "summary.csv"
+    md = paths.summary_markdown(tables_dir)
+    csv = paths.summary_csv(tables_dir)
     write_text_atomic(md, summary_markdown(points, fastest, study, baseline_name, confidence))
     dropped = ["effective_json", *aggregate.LIST_COLUMNS]
     write_text_atomic(csv, csv_text(points.drop(columns=dropped, errors="ignore")))

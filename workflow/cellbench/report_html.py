@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from . import diagnostics
+from . import diagnostics, paths
 from .report import POINT_HEADERS, engine_ran, point_cells
 from .tables import Table, fmt, ratio_text
 from .verdicts import verdict_table
@@ -92,5 +92,7 @@ def page(
             points=points_table(points),
             diagnostics=diagnostics.table(cells),
             plots=shown,
+            summary_path=str(paths.summary()),
+            provenance_path=str(paths.cell_provenance("<cell_id>", "<k>")),
         )
     )

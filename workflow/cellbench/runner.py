@@ -127,6 +127,47 @@ def claimed_gpus(cell: dict, environ: dict[str, str], root: str = "/") -> Iterat
             signal.signal(sig, handler)
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedRound:
+    """One round of a cell, ready to run: its run directory (holding cell.json), the model's mount
+    and the image at hand."""
+
+    cell: dict
+    round: int
+    runtime: str
+    image_manifest: dict
+    model_dir: Path
+    model_manifest: dict
+    mount_dir: Path
+    run_id: str
+    work: Path
+    image_source: str
+
+    def outputs(self) -> dict[Path, Path]:
+        """Each file of the round as written in the run directory -> where it is published."""
+        cell_id = self.cell["id"]
+        published = (
+            paths.cell_metrics(cell_id, self.round),
+            paths.cell_provenance(cell_id, self.round),
+            paths.cell_log(cell_id, self.round),
+        )
+        return {self.work / path.name: path for path in published}
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerRun:
+    """What the container did and left: its exit, the GPUs it had, raw.json and the engine's log."""
+
+    argv: list[str]
+    code: int | None
+    timed_out: bool
+    wall_s: float
+    host_load_max: float
+    gpus: list[devices.Gpu]
+    raw: dict | None
+    log_text: str
+
+
 def run_cell(
     cell: dict,
     *,
@@ -139,105 +180,146 @@ def run_cell(
     runtime: str = "docker",
 ) -> str:
     """Run one round of the cell; write its metrics.parquet, provenance.json, engine.log;
-    return its status."""
+    return its status. The round's run directory is removed whatever happens."""
     lifecycle.ensure_runtime(runtime)
     run_id = new_run_id()
-    cell_dir = paths.cell_dir(cell["id"])
-    work = cell_dir / f".run-{run_id}"
+    work = paths.run_dir(cell["id"], run_id)
     work.mkdir(parents=True)
     try:
-        model_manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
-        mount_dir, model_path = model_mount(model_dir, model_manifest)
-        # The GGUF's file name comes from the prepared model's manifest (llama.cpp loads /model/<gguf>).
-        gguf = model_manifest.get("gguf")
-        cell_json = {**cell, "points": measure.points(cell["sweep"]), "model_path": model_path, "model_gguf": gguf}
-        (work / "cell.json").write_text(json.dumps(cell_json, indent=1))
-        name = containers.container_name(cell["id"], run_id)
-        archive = paths.image_archive(image_manifest["name"])
-        image_source = runtimes.ensure_image(runtime, image_manifest["image_id"], archive)
-        with claimed_gpus(cell, dict(os.environ)) as gpus:
-            nodes = ["/dev/kfd", *(gpu.render_node for gpu in gpus)] if cell["device"] == "rocm" else []
-            argv = containers.docker_run_command(
-                cell,
-                run_id=run_id,
-                image_ref=image_manifest["image_id"],
-                model_dir=str(mount_dir),
-                out_dir=str(work),
-                scripts_dir=str(SCRIPTS_DIR),
-                gpus=gpus,
-                group_ids=devices.device_gids(nodes),
-                runtime=runtime,
-                labels={lifecycle.LABEL_RUNNER: lifecycle.runner_label()},
-                user=containers.CONTAINER_USER,
-            )
-            # The engine runs as an unprivileged user: it may write only its output directory.
-            work.chmod(0o777)
-            load_before = os.getloadavg()[0]
-            started = time.time()
-            code, timed_out = run_container(argv, name, work / "engine.log", cell["timeout_s"])
-            wall_s = time.time() - started
-            # Like pyperf's metadata: a busy host is recorded, so a reader can discount the figure.
-            host_load_max = max(load_before, os.getloadavg()[0])
-
-        raw = _read_raw(work / "raw.json")
-        log_text = (work / "engine.log").read_text(errors="replace")
-        if raw is None and code == containers.RUNTIME_FAILED:
-            # docker itself failed (daemon gone, bad flag, missing image): not the cell's doing.
-            lines = [line for line in log_text.splitlines() if line.strip()]
-            raise RunnerError(f"{runtime} could not run the container: {lines[-1] if lines else 'exit 125'}")
-        if (raw or {}).get("status") != "ok" and "No space left on device" in log_text:
-            raise OSError(errno.ENOSPC, "no space left on device", str(work))
-        memory = cell["resources"].get("memory")
-        status, error = _outcome(raw, code, timed_out, cell["timeout_s"], log_text, memory=memory)
-        context = {
-            "study": study,
-            "machine_id": machine,
-            "run_id": run_id,
-            "config_hash": config_hash,
-            "git_sha": provenance.git_sha(),
-            "image_id": image_manifest["image_id"],
-            "host_load_max": host_load_max,
-            "round": round,
-        }
-        rows = measure.rows_for_cell(cell, raw, context, status=status, error=error)
-        facts = engine_facts(cell, raw, log_text, error, model_dir, model_manifest)
-        table = metrics.to_table([{**row, **facts["columns"]} for row in rows])
-        record = provenance.scrub(
-            {
-                **context,
-                "cell": cell,
-                "status": measure.classify(status, error),
-                "error": error,
-                "exit_code": code,
-                "timed_out": timed_out,
-                "container_wall_s": wall_s,
-                "docker_run": argv,
-                "runtime": runtime,
-                "image_source": image_source,
-                "scheduler": provenance.scheduler_facts(),
-                "image": image_manifest,
-                "host": provenance.host_facts(),
-                "gpus": [dataclasses.asdict(gpu) for gpu in gpus],
-                "gpu": devices.gpu_summary((raw or {}).get("provenance", {}).get("gpu", {})),
-                "container": raw,
-                **facts["provenance"],
-            }
-        )
-        # Everything that takes space is written inside the run directory first; then three
-        # renames on the same file system publish the cell, so a full disk leaves nothing half.
-        metrics.write_parquet(work / "metrics.parquet", table)
-        metrics.write_json_atomic(work / "provenance.json", record)
-        paths.round_dir(cell["id"], round).mkdir(parents=True, exist_ok=True)
-        _publish(
-            {
-                work / "metrics.parquet": paths.cell_metrics(cell["id"], round),
-                work / "provenance.json": paths.cell_provenance(cell["id"], round),
-                work / "engine.log": paths.cell_log(cell["id"], round),
-            }
-        )
-        return record["status"]
+        prepared = prepare_round(cell, round, runtime, image_manifest, model_dir, run_id, work)
+        ran = run_round(prepared)
+        return record_round(prepared, ran, study=study, config_hash=config_hash, machine=machine)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def prepare_round(
+    cell: dict, round: int, runtime: str, image_manifest: dict, model_dir: Path, run_id: str, work: Path
+) -> PreparedRound:
+    """Write the cell's cell.json (its points, where the model is inside the container) into the
+    run directory `work`, and make sure the runtime has the image (loading its archive if need be)."""
+    model_manifest = json.loads((Path(model_dir) / paths.MODEL_MANIFEST).read_text())
+    mount_dir, model_path = model_mount(model_dir, model_manifest)
+    # The GGUF's file name comes from the prepared model's manifest (llama.cpp loads /model/<gguf>).
+    gguf = model_manifest.get("gguf")
+    cell_json = {**cell, "points": measure.points(cell["sweep"]), "model_path": model_path, "model_gguf": gguf}
+    (work / "cell.json").write_text(json.dumps(cell_json, indent=1))
+    archive = paths.image_archive(image_manifest["name"])
+    image_source = runtimes.ensure_image(runtime, image_manifest["image_id"], archive)
+    return PreparedRound(
+        cell=cell,
+        round=round,
+        runtime=runtime,
+        image_manifest=image_manifest,
+        model_dir=model_dir,
+        model_manifest=model_manifest,
+        mount_dir=mount_dir,
+        run_id=run_id,
+        work=work,
+        image_source=image_source,
+    )
+
+
+def run_round(prepared: PreparedRound) -> ContainerRun:
+    """Run the round's container in the foreground on the GPUs it claims; return what it did.
+    Raise RunnerError when the runtime itself failed, OSError(ENOSPC) when the disk was full:
+    neither is the cell's doing, so nothing is recorded."""
+    cell, work, runtime = prepared.cell, prepared.work, prepared.runtime
+    name = containers.container_name(cell["id"], prepared.run_id)
+    engine_log = work / paths.cell_log(cell["id"], prepared.round).name
+    with claimed_gpus(cell, dict(os.environ)) as gpus:
+        nodes = ["/dev/kfd", *(gpu.render_node for gpu in gpus)] if cell["device"] == "rocm" else []
+        argv = containers.docker_run_command(
+            cell,
+            run_id=prepared.run_id,
+            image_ref=prepared.image_manifest["image_id"],
+            model_dir=str(prepared.mount_dir),
+            out_dir=str(work),
+            scripts_dir=str(SCRIPTS_DIR),
+            gpus=gpus,
+            group_ids=devices.device_gids(nodes),
+            runtime=runtime,
+            labels={lifecycle.LABEL_RUNNER: lifecycle.runner_label()},
+            user=containers.CONTAINER_USER,
+        )
+        # The engine runs as an unprivileged user: it may write only its output directory.
+        work.chmod(0o777)
+        load_before = os.getloadavg()[0]
+        started = time.time()
+        code, timed_out = run_container(argv, name, engine_log, cell["timeout_s"])
+        wall_s = time.time() - started
+        # Like pyperf's metadata: a busy host is recorded, so a reader can discount the figure.
+        host_load_max = max(load_before, os.getloadavg()[0])
+
+    raw = _read_raw(work / "raw.json")
+    log_text = engine_log.read_text(errors="replace")
+    if raw is None and code == containers.RUNTIME_FAILED:
+        # docker itself failed (daemon gone, bad flag, missing image): not the cell's doing.
+        lines = [line for line in log_text.splitlines() if line.strip()]
+        raise RunnerError(f"{runtime} could not run the container: {lines[-1] if lines else 'exit 125'}")
+    if (raw or {}).get("status") != "ok" and "No space left on device" in log_text:
+        raise OSError(errno.ENOSPC, "no space left on device", str(work))
+    return ContainerRun(
+        argv=argv,
+        code=code,
+        timed_out=timed_out,
+        wall_s=wall_s,
+        host_load_max=host_load_max,
+        gpus=gpus,
+        raw=raw,
+        log_text=log_text,
+    )
+
+
+def record_round(prepared: PreparedRound, ran: ContainerRun, *, study: str, config_hash: str, machine: str) -> str:
+    """The round's status, rows and provenance, written in the run directory and then published
+    into the round's folder all at once; return the status."""
+    cell, raw = prepared.cell, ran.raw
+    memory = cell["resources"].get("memory")
+    status, error = _outcome(raw, ran.code, ran.timed_out, cell["timeout_s"], ran.log_text, memory=memory)
+    context = {
+        "study": study,
+        "machine_id": machine,
+        "run_id": prepared.run_id,
+        "config_hash": config_hash,
+        "git_sha": provenance.git_sha(),
+        "image_id": prepared.image_manifest["image_id"],
+        "host_load_max": ran.host_load_max,
+        "round": prepared.round,
+    }
+    rows = measure.rows_for_cell(cell, raw, context, status=status, error=error)
+    facts = engine_facts(cell, raw, ran.log_text, error, prepared.model_dir, prepared.model_manifest)
+    table = metrics.to_table([{**row, **facts["columns"]} for row in rows])
+    record = provenance.scrub(
+        {
+            **context,
+            "cell": cell,
+            "status": measure.classify(status, error),
+            "error": error,
+            "exit_code": ran.code,
+            "timed_out": ran.timed_out,
+            "container_wall_s": ran.wall_s,
+            "docker_run": ran.argv,
+            "runtime": prepared.runtime,
+            "image_source": prepared.image_source,
+            "scheduler": provenance.scheduler_facts(),
+            "image": prepared.image_manifest,
+            "host": provenance.host_facts(),
+            "gpus": [dataclasses.asdict(gpu) for gpu in ran.gpus],
+            "gpu": devices.gpu_summary((raw or {}).get("provenance", {}).get("gpu", {})),
+            "container": raw,
+            **facts["provenance"],
+        }
+    )
+    # Everything that takes space is written inside the run directory first; then three
+    # renames on the same file system publish the round, so a full disk leaves nothing half.
+    staged = prepared.outputs()
+    metrics_file, provenance_file, _engine_log = staged  # the run directory's copies, in that order
+    metrics.write_parquet(metrics_file, table)
+    metrics.write_json_atomic(provenance_file, record)
+    paths.round_dir(cell["id"], prepared.round).mkdir(parents=True, exist_ok=True)
+    _publish(staged)
+    return record["status"]
 
 
 def engine_facts(

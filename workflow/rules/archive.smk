@@ -13,7 +13,7 @@ rule archive:
         images=sorted({paths.image_manifest(cell["image"]) for cell in CELLS.values()}),
         models=sorted({paths.model_manifest(cell["model"]) for cell in CELLS.values()}),
     log:
-        "results/logs/archive.log",
+        paths.step_log("archive"),
     params:
         config=json.dumps(config, sort_keys=True),
         machine_id=MACHINE_ID,

@@ -9,15 +9,14 @@ rule run_cell:
         bench=ROOT / "scripts" / "bench_cell.py",
         contract=ROOT / "workflow" / "cellbench" / "contract.py",
     output:
-        metrics=paths.cell_metrics("{cell_id}", "{round}"),
-        provenance=paths.cell_provenance("{cell_id}", "{round}"),
-        engine_log=paths.cell_log("{cell_id}", "{round}"),
+        metrics=paths.cell_metrics(paths.CELL_ID, paths.ROUND),
+        provenance=paths.cell_provenance(paths.CELL_ID, paths.ROUND),
+        engine_log=paths.cell_log(paths.CELL_ID, paths.ROUND),
     log:
-        paths.LOGS / "cells" / "{cell_id}" / "round-{round}.log",
+        paths.round_log(paths.CELL_ID, paths.ROUND),
     wildcard_constraints:
-        # The shape of an id, not an alternation of every id (that regex makes 10k-cell DAGs slow).
-        cell_id=r"[a-z0-9_.-]+-[0-9a-f]{10}",
-        round=r"[1-9][0-9]*",
+        cell_id=paths.CELL_ID_SHAPE,
+        round=paths.ROUND_SHAPE,
     priority: lambda wildcards: ROUND_PRIORITY[(wildcards.cell_id, int(wildcards.round))]
     resources:
         # One Slurm job per cell asks for the cell's own CPUs, memory, GPUs and time limit.

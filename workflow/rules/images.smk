@@ -8,11 +8,11 @@ rule build_image:
         ),
         base=ROOT / "containers" / "base" / "build.sh",
     output:
-        "results/images/{image}.json",
+        paths.image_manifest(paths.IMAGE),
     log:
-        "results/logs/images/{image}.log",
+        paths.image_log(paths.IMAGE),
     wildcard_constraints:
-        image="|".join(re.escape(name) for name in config["images"]),
+        image=paths.one_of(config["images"]),
     params:
         spec=lambda wildcards: json.dumps(config["images"][wildcards.image]),
     shell:

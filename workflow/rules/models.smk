@@ -10,11 +10,11 @@ rule prepare_model:
             )
         ),
     output:
-        "results/models/{model}/manifest.json",
+        paths.model_manifest(paths.MODEL),
     log:
-        "results/logs/models/{model}.log",
+        paths.model_log(paths.MODEL),
     wildcard_constraints:
-        model="|".join(re.escape(name) for name in config["models"]),
+        model=paths.one_of(config["models"]),
     params:
         spec=lambda wildcards: json.dumps(config["models"][wildcards.model]),
         out_dir=lambda wildcards: paths.model_dir(wildcards.model),
