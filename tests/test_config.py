@@ -1,9 +1,11 @@
+import json
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from cellbench import config
+from cellbench import config, paths
 from cellbench.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,3 +328,77 @@ def test_quoted_values_are_cut(study):
     assert len(message) < 200 and "\n" not in message
     error = config.ConfigError("a\nb" + "c" * 1000)
     assert str(error).startswith("a\\nb") and len(str(error)) == config.MAX_MESSAGE
+
+
+def _fabricate_results(workdir: Path, study_file: Path, when: float) -> None:
+    """Every file a run of the study would leave (manifests, rounds), with mtimes after the repo's."""
+    import os
+
+    resolved = config.resolve(config.load_study(study_file))
+    cells = resolved["cells"].values()
+    made = [paths.image_manifest(c["image"]) for c in cells] + [paths.model_manifest(c["model"]) for c in cells]
+    for path in made:
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / path).write_text("{}")
+        os.utime(workdir / path, (when + 1, when + 1))
+    for name in paths.ROUND_FILES:
+        for path in paths.round_files(resolved["cells"], name):
+            (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / path).write_bytes(b"PAR1 fabricated")
+            os.utime(workdir / path, (when + 2, when + 2))
+
+
+def _tables_made(workdir: Path, when: float) -> None:
+    import os
+
+    for rel in ("results/summary.parquet", "results/tables/summary.md", "results/tables/summary.csv",
+                "results/tables/machines.md", "results/tables/machines.csv", "results/tables/diagnostics.md",
+                "results/tables/verdicts.md", "results/report/index.html", "results/plots/throughput.png",
+                "results/plots/latency.png", "results/plots/machines.png"):  # fmt: skip
+        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / rel).write_text("made earlier")
+        os.utime(workdir / rel, (when, when))
+
+
+def _dry_run(workdir: Path, study_file: Path) -> str:
+    argv = ["snakemake", "-n", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(study_file)]  # fmt: skip
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+def test_switching_studies_without_metadata_rebuilds_the_tables(tmp_path):
+    """Results of two studies, tables last made for one, no .snakemake/: a dry run for the other
+    schedules the tables (results/study.json changed), a second one does not."""
+    import shutil
+    import time
+
+    default, other = ROOT / "config" / "config.yaml", ROOT / "config" / "rocm-awq.yaml"
+    # After every input the repo gives the rules (a fresh checkout is seconds old), before now.
+    sources = [p for folder in ("containers", "scripts") for p in (ROOT / folder).rglob("*") if p.is_file()]
+    start = max(p.stat().st_mtime for p in sources) + 1
+    time.sleep(max(0.0, start + 5 - time.time()))
+    _fabricate_results(tmp_path, default, start)
+    _fabricate_results(tmp_path, other, start)
+    # What the Snakefile wrote when the rocm-awq tables were made, just before them.
+    config.write_study_record(tmp_path / paths.study_file(), *config.read(other))
+    os.utime(tmp_path / paths.study_file(), (start + 3, start + 3))
+    _tables_made(tmp_path, start + 4)
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+    assert "Nothing to be done" in _dry_run(tmp_path, other)
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+
+    out = _dry_run(tmp_path, default)
+    assert re.search(r"^aggregate\s+1$", out, re.MULTILINE), out[-2000:]
+    assert re.search(r"^explain\s+1$", out, re.MULTILINE), out[-2000:]
+    assert not re.search(r"^run_cell\s", out, re.MULTILINE), out[-2000:]  # the cells' own results stand
+    assert json.loads((tmp_path / "results" / "study.json").read_text())["study"] == "cpu-demo"
+
+    _tables_made(tmp_path, time.time() + 5)  # the tables made for the default study
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+    mtime = (tmp_path / "results" / "study.json").stat().st_mtime_ns
+    assert "Nothing to be done" in _dry_run(tmp_path, default)
+    assert (tmp_path / "results" / "study.json").stat().st_mtime_ns == mtime  # unchanged, not rewritten

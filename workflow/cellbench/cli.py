@@ -32,7 +32,7 @@ DEFAULT_STUDY = "config/config.yaml"
 
 
 def _study(path: str) -> dict:
-    return config.resolve(config.load_study(path))
+    return config.read(path)[1]
 
 
 def cmd_validate(args) -> int:
@@ -162,7 +162,12 @@ def cmd_runs(args) -> int:
 
 
 def cmd_archive(args) -> int:
-    study = json.loads(args.config_json) if args.config_json else config.load_study(args.configfile)
+    if args.study_file:  # the rule: the study as the pipeline resolved it (config.study_record)
+        study = json.loads(Path(args.study_file).read_text())["config"]
+    elif args.config_json:
+        study = json.loads(args.config_json)
+    else:
+        study = config.load_study(args.configfile)
     resolved = config.resolve(study)
     target, manifest, missing = archive.create(
         study,
@@ -217,8 +222,8 @@ def cmd_clean(args) -> int:
 def cmd_doctor(args) -> int:
     """Machine checks, measurement stability, then what the study needs; exit 1 when the study cannot run here."""
     try:
-        study = config.load_study(args.configfile)
-        cells = list(config.resolve(study)["cells"].values())
+        study, resolved = config.read(args.configfile)
+        cells = list(resolved["cells"].values())
     except config.ConfigError as exc:
         print(doctor.report([doctor.Check(doctor.FAIL, str(exc))]))
         return 2
@@ -295,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("archive", help="pack this machine's results of a study into results/archive/*.tar.gz")
     p.add_argument("--configfile", default=DEFAULT_STUDY)
-    p.add_argument("--config-json", default=None, help="(rule) the study as JSON instead of --configfile")
+    p.add_argument("--config-json", default=None, help="the study as JSON instead of --configfile")
+    p.add_argument("--study-file", default=None, help="(rule) results/study.json instead of --configfile")
     p.add_argument("--machine-id", default=None)
     p.add_argument("--out-dir", default=str(paths.RESULTS / "archive"))
     p.add_argument("--with-images", action="store_true", help="add `docker save` of the images (large)")
@@ -320,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "machine_id", "unset") is None:
-        args.machine_id = provenance.machine_id()
     try:
+        if getattr(args, "machine_id", "unset") is None:
+            args.machine_id = provenance.machine_id()  # CELLBENCH_MACHINE_ID is checked here
         return args.func(args)
     except (
         config.ConfigError,

@@ -66,6 +66,12 @@ def imported_dir() -> Path:
     return RESULTS / "imported"
 
 
+def study_file() -> Path:
+    """The study the tables were made for (config.study_record), rewritten only when it changes:
+    an input of the table rules, so switching studies rebuilds them without Snakemake's metadata."""
+    return RESULTS / "study.json"
+
+
 def summary() -> Path:
     return RESULTS / "summary.parquet"
 

@@ -5,6 +5,7 @@
 rule explain:
     input:
         summary="results/summary.parquet",
+        study=paths.study_file(),
     output:
         diagnostics="results/tables/diagnostics.md",
         verdicts="results/tables/verdicts.md",

@@ -4,6 +4,8 @@
 rule aggregate:
     input:
         metrics=paths.round_files(CELLS),
+        # The study itself (rewritten only when it changes): tables of another study are stale.
+        study=paths.study_file(),
         # Globbed when the DAG is built: after `cellbench import`, the next run refreshes the tables.
         imported=lambda wildcards: machines.imported_metrics(),
     output:
