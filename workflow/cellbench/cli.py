@@ -73,7 +73,10 @@ def cmd_run_cell(args) -> int:
 def cmd_aggregate(args) -> int:
     from . import aggregate, compare, machines, report
 
-    metrics.combine_metrics(args.metrics, args.summary)
+    files = list(args.metrics)
+    if args.study_file:  # the study's own rounds, from the file: a list on the command line has a size limit
+        files = [str(path) for path in paths.study_round_files(Path(args.study_file))] + files
+    metrics.combine_metrics(files, args.summary)
     statistics = json.loads(args.statistics) if args.statistics else None
     points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id, statistics)
     confidence = config.statistics({"statistics": statistics or {}})["confidence"]
@@ -295,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, required=True)
     p.add_argument("--machine-id", default=None, help="this machine: the reference of machines.md")
     p.add_argument("--statistics", default=None, help="the study's statistics settings as JSON")
+    p.add_argument("--study-file", default=None, help="results/study.json: aggregate every round of its cells")
     p.add_argument("metrics", nargs="*")
     p.set_defaults(func=cmd_aggregate)
 

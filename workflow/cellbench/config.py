@@ -656,15 +656,16 @@ def _check_resources(cells: list[dict]) -> None:
             raise ConfigError(f"{where}: {asked} but resources.gpus gives {gpus}; expected resources.gpus >= {needs}")
 
 
-def _inside(base: Path, value: str, key: str, expected: str) -> Path:
-    """`value` (relative to `base`) resolved, symlinks followed; ConfigError naming `key` when it
-    is absolute or ends up outside `base` (`..`, a link to a system file or a sibling's)."""
+def _inside(base: Path, label: str, value: str, key: str, expected: str) -> Path:
+    """`value` (relative to `base`, called `label` in messages) resolved, symlinks followed;
+    ConfigError naming `key` when it is absolute or ends up outside `base` (`..`, a link to a
+    system file or to a sibling's)."""
     if value.startswith("/"):
         raise ConfigError(f"config: {key}: {_quote(value)} is an absolute path; expected {expected}")
     root = base.resolve()
     target = (base / value).resolve()
     if not target.is_relative_to(root):
-        raise ConfigError(f"config: {key}: {_quote(value)} leads outside {_cut(str(base))}; expected {expected}")
+        raise ConfigError(f"config: {key}: {_quote(value)} leads outside {label}; expected {expected}")
     return target
 
 
@@ -689,7 +690,7 @@ def _check_paths(config: dict) -> None:
     package, revision, repo id, base tag) has a strict pattern in the schema."""
     for name, image in config["images"].items():
         key = f"images.{name}.context"
-        context = _inside(PROJECT_ROOT, image["context"], key, "a folder under the project root")
+        context = _inside(PROJECT_ROOT, "the project root", image["context"], key, "a folder under the project root")
         if context == PROJECT_ROOT.resolve():
             raise ConfigError(
                 f"config: {key}: {_quote(image['context'])} is the project root itself; expected a folder under it"
@@ -704,6 +705,7 @@ def _check_paths(config: dict) -> None:
         if wheelhouse:
             _inside(
                 context,
+                _cut(image["context"]),
                 wheelhouse,
                 f"images.{name}.wheelhouse",
                 f"a lock file inside the image's context {_cut(image['context'])}",

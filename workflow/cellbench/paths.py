@@ -1,5 +1,6 @@
 """Every output path is a pure function of ids (relative to the working directory)."""
 
+import json
 from pathlib import Path
 
 RESULTS = Path("results")
@@ -70,6 +71,12 @@ def study_file() -> Path:
     """The study the tables were made for (config.study_record), rewritten only when it changes:
     an input of the table rules, so switching studies rebuilds them without Snakemake's metadata."""
     return RESULTS / "study.json"
+
+
+def study_round_files(study_file: Path, name: str = "metrics.parquet") -> list[Path]:
+    """round_files of the cells a study record (study_file()) lists with their rounds."""
+    cells = json.loads(Path(study_file).read_text())["cells"]
+    return round_files({cell_id: {"sweep": {"rounds": rounds}} for cell_id, rounds in cells.items()}, name)
 
 
 def summary() -> Path:

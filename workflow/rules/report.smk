@@ -25,4 +25,4 @@ rule aggregate:
     shell:
         "cellbench aggregate --study {params.study} --baseline-id {params.baseline_id} "
         "--baseline-name {params.baseline_name} --summary {output.summary} --statistics {params.statistics:q} "
-        "--machine-id {params.machine_id} --tables results/tables {input.metrics} {input.imported} > {log} 2>&1"
+        "--machine-id {params.machine_id} --tables results/tables --study-file {input.study} {input.imported} > {log} 2>&1"
