@@ -225,11 +225,6 @@ def check_plain(config: dict) -> None:
             stack.extend((item, depth + 1) for item in value)
 
 
-def check_study_files(paths) -> None:
-    """Read every study file again, as `cellbench validate` does (see load_studies)."""
-    load_studies(paths)
-
-
 def _update(base: dict, override: dict) -> dict:
     """Snakemake's update_config: nested mappings merge key by key, anything else replaces."""
     for key, value in override.items():
@@ -318,7 +313,7 @@ def validate(config: dict) -> None:
     """Validate against the schema; raise ConfigError naming the first offending key."""
     check_plain(config)
     validator = _validator_class()(load_schema())
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), [str(p) for p in e.path]))
     if not errors:
         _check_values(config)
         return
@@ -370,6 +365,8 @@ def _check_values(config: dict) -> None:
     and Infinity, YAML's .nan and .inf pass `type: number` and every bound), and no string is
     so long that it breaks a command line or a file name at run time."""
     for where, value in _values(config):
+        if where and isinstance(where[-1], tuple) and not isinstance(value, str):
+            raise ConfigError(f"config: {_where(where[:-1])}: key {_quote(value)} is not a string; quote it")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config: {_where(where)}: {value} is not a finite number")
         if isinstance(value, str):
