@@ -23,23 +23,29 @@ from cellbench import scheduling  # noqa: E402
 DEFAULT_STUDY = ROOT / "config" / "config.yaml"
 
 # A --configfile replaces the default study instead of being merged into it: merging would
-# leak the CPU study's defaults and cells into a GPU study.
-if not workflow.overwrite_configfiles:
-    config.update(study_config.load_study(DEFAULT_STUDY))
+# leak the CPU study's defaults and cells into a GPU study. The study is read again from its
+# files by cellbench's own loader, the one `cellbench validate` uses (study_config.read), and
+# replaces what Snakemake's loader made of them (it evaluates YTE, drops duplicate keys, reads
+# JSON's NaN): one reading and one validation, so both entry points give the same answer.
 try:
-    # The files again, with cellbench's loader: Snakemake's drops duplicate keys and evaluates
-    # (then removes) `__use_yte__`; what it made is checked by resolve().
-    study_config.check_study_files(workflow.overwrite_configfiles)
-    STUDY = study_config.resolve(config)
+    study, STUDY = study_config.read(
+        workflow.overwrite_configfiles or [DEFAULT_STUDY],
+        overrides=dict(workflow.config_settings.config),  # --config KEY=VALUE
+    )
+    config.clear()
+    config.update(study)
     JOBS = {
         cell_id: scheduling.job_resources(cell)
         for cell_id, cell in STUDY["cells"].items()
     }
     ROUND_PRIORITY = scheduling.round_priorities(STUDY["cells"])
+    MACHINE_ID = provenance.machine_id(config.get("machine_id"))
 except study_config.ConfigError as error:
     sys.exit(f"cellbench: {error}")
 CELLS = STUDY["cells"]
-MACHINE_ID = provenance.machine_id(config.get("machine_id"))
+# The tables depend on the study through this file, rewritten only when its content changes:
+# switching or editing the study rebuilds them even without Snakemake's metadata.
+study_config.write_study_record(paths.study_file(), config, STUDY)
 
 
 # On a cluster only cells are jobs; images, models and tables are made where snakemake runs.

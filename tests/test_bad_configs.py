@@ -1,7 +1,8 @@
 """The bad-config corpus: every file in tests/bad_configs/ is refused, by `cellbench validate` and
 by the real entry point `snakemake -n --configfile FILE`, with one line naming the key at fault.
 
-The first line of each file is `# expect: <fragment of that line>`. Refusal must start no
+The first line of each file is `# expect: <fragment of that line>`; a JSON study cannot hold a
+comment, so a NAME.json case has its fragment in NAME.expect beside it. Refusal must start no
 container and change nothing under results/ (a planted results tree is compared before/after).
 """
 
@@ -13,7 +14,7 @@ import pytest
 from cellbench import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = sorted((ROOT / "tests" / "bad_configs").glob("*.yaml"))
+CORPUS = sorted([*(ROOT / "tests" / "bad_configs").glob("*.yaml"), *(ROOT / "tests" / "bad_configs").glob("*.json")])
 MISSING = ROOT / "tests" / "bad_configs" / "no-such-study.yaml"
 # Snakemake reads --configfile itself, before the Snakefile runs: for a file it cannot read or
 # parse it prints its own message, which names the file but is not ours to shorten.
@@ -29,6 +30,8 @@ SNAKEMAKE_OWN = {
 def expected(path: Path) -> str:
     if path == MISSING:
         return "cannot read study file (No such file or directory)"
+    if path.suffix == ".json":
+        return path.with_suffix(".expect").read_text().strip()
     first = path.read_bytes().split(b"\n", 1)[0].decode()  # the rest of a case may not be UTF-8
     assert first.startswith("# expect: "), f"{path.name}: first line must be '# expect: <message fragment>'"
     return first.removeprefix("# expect: ")

@@ -1,9 +1,12 @@
+import json
+import math
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from cellbench import config
+from cellbench import config, paths
 from cellbench.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,3 +331,185 @@ def test_quoted_values_are_cut(study):
     assert len(message) < 200 and "\n" not in message
     error = config.ConfigError("a\nb" + "c" * 1000)
     assert str(error).startswith("a\\nb") and len(str(error)) == config.MAX_MESSAGE
+
+
+def _fabricate_results(workdir: Path, study_file: Path, when: float) -> None:
+    """Every file a run of the study would leave (manifests, rounds), with mtimes after the repo's."""
+    import os
+
+    resolved = config.resolve(config.load_study(study_file))
+    cells = resolved["cells"].values()
+    made = [paths.image_manifest(c["image"]) for c in cells] + [paths.model_manifest(c["model"]) for c in cells]
+    for path in made:
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / path).write_text("{}")
+        os.utime(workdir / path, (when + 1, when + 1))
+    for name in paths.ROUND_FILES:
+        for path in paths.round_files(resolved["cells"], name):
+            (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / path).write_bytes(b"PAR1 fabricated")
+            os.utime(workdir / path, (when + 2, when + 2))
+
+
+def _tables_made(workdir: Path, when: float) -> None:
+    import os
+
+    for rel in ("results/summary.parquet", "results/tables/summary.md", "results/tables/summary.csv",
+                "results/tables/machines.md", "results/tables/machines.csv", "results/tables/diagnostics.md",
+                "results/tables/verdicts.md", "results/report/index.html", "results/plots/throughput.png",
+                "results/plots/latency.png", "results/plots/machines.png"):  # fmt: skip
+        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / rel).write_text("made earlier")
+        os.utime(workdir / rel, (when, when))
+
+
+def _dry_run(workdir: Path, study_file: Path) -> str:
+    argv = ["snakemake", "-n", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(study_file)]  # fmt: skip
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+def test_switching_studies_without_metadata_rebuilds_the_tables(tmp_path):
+    """Results of two studies, tables last made for one, no .snakemake/: a dry run for the other
+    schedules the tables (results/study.json changed), a second one does not."""
+    import shutil
+    import time
+
+    default, other = ROOT / "config" / "config.yaml", ROOT / "config" / "rocm-awq.yaml"
+    # After every input the repo gives the rules (a fresh checkout is seconds old), before now.
+    sources = [p for folder in ("containers", "scripts") for p in (ROOT / folder).rglob("*") if p.is_file()]
+    start = max(p.stat().st_mtime for p in sources) + 1
+    time.sleep(max(0.0, start + 5 - time.time()))
+    _fabricate_results(tmp_path, default, start)
+    _fabricate_results(tmp_path, other, start)
+    # What the Snakefile wrote when the rocm-awq tables were made, just before them.
+    config.write_study_record(tmp_path / paths.study_file(), *config.read(other))
+    os.utime(tmp_path / paths.study_file(), (start + 3, start + 3))
+    _tables_made(tmp_path, start + 4)
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+    assert "Nothing to be done" in _dry_run(tmp_path, other)
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+
+    out = _dry_run(tmp_path, default)
+    assert re.search(r"^aggregate\s+1$", out, re.MULTILINE), out[-2000:]
+    assert re.search(r"^report\s+1$", out, re.MULTILINE), out[-2000:]
+    assert not re.search(r"^run_cell\s", out, re.MULTILINE), out[-2000:]  # the cells' own results stand
+    assert json.loads((tmp_path / "results" / "study.json").read_text())["study"] == "cpu-demo"
+
+    _tables_made(tmp_path, time.time() + 5)  # the tables made for the default study
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+    mtime = (tmp_path / "results" / "study.json").stat().st_mtime_ns
+    assert "Nothing to be done" in _dry_run(tmp_path, default)
+    assert (tmp_path / "results" / "study.json").stat().st_mtime_ns == mtime  # unchanged, not rewritten
+
+
+def test_machine_id_from_the_environment_is_checked_like_the_study_s(study, monkeypatch, capsys):
+    from cellbench import provenance
+
+    monkeypatch.setenv("CELLBENCH_MACHINE_ID", "../box 1")
+    with pytest.raises(config.ConfigError, match=r"^CELLBENCH_MACHINE_ID: value '../box 1' is not valid; expected"):
+        provenance.machine_id()
+    with pytest.raises(config.ConfigError, match="CELLBENCH_MACHINE_ID"):
+        config.resolve(study)
+    assert provenance.machine_id("from-config") == "from-config"
+    assert cli_main(["validate", str(ROOT / "config" / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cellbench: CELLBENCH_MACHINE_ID: value '../box 1'"), err
+    monkeypatch.setenv("CELLBENCH_MACHINE_ID", "box-1.lab")
+    assert provenance.machine_id() == "box-1.lab"
+
+
+def _project(tmp_path: Path, monkeypatch) -> Path:
+    """A project root of its own: containers/cpu with a Dockerfile and a lock, a sibling beside it."""
+    for name in ("cpu", "sibling"):
+        (tmp_path / "containers" / name).mkdir(parents=True)
+        (tmp_path / "containers" / name / "Dockerfile").write_text("FROM scratch\n")
+    (tmp_path / "containers" / "sibling" / "requirements.lock").write_text("")
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("plant", "image", "message"),
+    [
+        (  # a context that is a link out of the project
+            lambda root: (root / "containers" / "etc").symlink_to("/etc", target_is_directory=True),
+            {"context": "containers/etc"},
+            "config: images.cpu.context: 'containers/etc' leads outside the project root",
+        ),
+        (  # a file of the context that links to a system file: the build would copy its content
+            lambda root: (root / "containers" / "cpu" / "passwd").symlink_to("/etc/passwd"),
+            {"context": "containers/cpu"},
+            "config: images.cpu.context: containers/cpu/passwd links outside the project root",
+        ),
+        (  # a wheelhouse that is a link to a sibling's lock
+            lambda root: (root / "containers" / "cpu" / "requirements.lock").symlink_to(
+                root / "containers" / "sibling" / "requirements.lock"
+            ),
+            {"context": "containers/cpu", "wheelhouse": "requirements.lock"},
+            "config: images.cpu.wheelhouse: 'requirements.lock' leads outside containers/cpu",
+        ),
+    ],
+)
+def test_symlinks_out_of_the_project_are_refused(study, tmp_path, monkeypatch, plant, image, message):
+    root = _project(tmp_path, monkeypatch)
+    plant(root)
+    study["images"]["cpu"] = {"device": "cpu", **image}
+    with pytest.raises(config.ConfigError) as raised:
+        config.resolve(study)
+    assert str(raised.value).startswith(message), raised.value
+
+
+def test_a_json_study_means_what_json_says(tmp_path):
+    """Snakemake reads a --configfile as JSON first: so does load_study (1e-3 is a number, not
+    the string YAML 1.1 would make of it), and NaN or Infinity are refused where they stand."""
+    study = {"study": "s", "statistics": {"host_cpu_max": 1}}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(study).replace("1}", "1e-3}"))
+    assert config.load_study(path)["statistics"]["host_cpu_max"] == 0.001
+    path.write_text(json.dumps(study).replace("1}", "NaN}"))
+    assert math.isnan(config.load_study(path)["statistics"]["host_cpu_max"])
+
+
+@pytest.mark.parametrize(("cpuset", "cpus"), [("", []), ("3", [3]), ("0-3,8", [0, 1, 2, 3, 8]), ("2-2", [2])])
+def test_cpusets_parse_strictly(cpuset, cpus):
+    assert config.cpuset_cpus(cpuset) == cpus
+
+
+@pytest.mark.parametrize("cpuset", ["5-1", ",,", "1,", ",1", "1-", "-1", "1--2", "0-2,1", "a", " 1"])
+def test_bad_cpusets_are_refused(cpuset):
+    with pytest.raises(config.ConfigError, match=r"^resources\.cpus: "):
+        config.cpuset_cpus(cpuset)
+
+
+@pytest.mark.parametrize("value", [2.0, True, "2", 0, None])
+def test_parallel_sizes_are_integers(study, value):
+    study["defaults"]["engine_args"]["tensor_parallel_size"] = value
+    with pytest.raises(config.ConfigError, match="engine_args.tensor_parallel_size is .*; expected an integer"):
+        config.resolve(study)
+
+
+def test_every_id_and_argv_value_has_a_bound(study):
+    """The default study is far inside every bound the validation sets."""
+    resolved = config.resolve(study)
+    assert all(len(cell_id) <= config.MAX_ID for cell_id in resolved["cells"])
+    record = config.study_record(study, resolved)
+    assert set(record["cells"]) == set(resolved["cells"]) and record["config"] == study
+
+
+def test_study_record_is_written_only_when_it_changes(study, tmp_path):
+    """results/study.json: the aggregate rule reads the rounds from it (not from a command line
+    that grows with the study), in the order of the rule's own inputs."""
+    resolved = config.resolve(study)
+    target = tmp_path / paths.study_file()
+    assert config.write_study_record(target, study, resolved)
+    assert not config.write_study_record(target, study, resolved)
+    assert paths.study_round_files(target) == paths.round_files(resolved["cells"])
+    study["defaults"]["sweep"]["rounds"] = 2
+    assert config.write_study_record(target, study, config.resolve(study))
+    assert len(paths.study_round_files(target)) == 2 * len(resolved["cells"])
+    assert [p.name for p in target.parent.iterdir()] == ["study.json"]  # no temporary file left

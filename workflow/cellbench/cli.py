@@ -32,7 +32,7 @@ DEFAULT_STUDY = "config/config.yaml"
 
 
 def _study(path: str) -> dict:
-    return config.resolve(config.load_study(path))
+    return config.read(path)[1]
 
 
 def cmd_validate(args) -> int:
@@ -82,7 +82,10 @@ def _points(args):
 def cmd_aggregate(args) -> int:
     from . import compare, machines, report
 
-    metrics.combine_metrics(args.metrics, args.summary)
+    files = list(args.metrics)
+    if args.study_file:  # the study's own rounds, from the file: a list on the command line has a size limit
+        files = [str(path) for path in paths.study_round_files(Path(args.study_file))] + files
+    metrics.combine_metrics(files, args.summary)
     points, statistics = _points(args)
     confidence = config.statistics({"statistics": statistics or {}})["confidence"]
     written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables), confidence)
@@ -168,7 +171,12 @@ def cmd_runs(args) -> int:
 
 
 def cmd_archive(args) -> int:
-    study = json.loads(args.config_json) if args.config_json else config.load_study(args.configfile)
+    if args.study_file:  # the rule: the study as the pipeline resolved it (config.study_record)
+        study = json.loads(Path(args.study_file).read_text())["config"]
+    elif args.config_json:
+        study = json.loads(args.config_json)
+    else:
+        study = config.load_study(args.configfile)
     resolved = config.resolve(study)
     target, manifest, missing = archive.create(
         study,
@@ -223,8 +231,8 @@ def cmd_clean(args) -> int:
 def cmd_doctor(args) -> int:
     """Machine checks, measurement stability, then what the study needs; exit 1 when the study cannot run here."""
     try:
-        study = config.load_study(args.configfile)
-        cells = list(config.resolve(study)["cells"].values())
+        study, resolved = config.read(args.configfile)
+        cells = list(resolved["cells"].values())
     except config.ConfigError as exc:
         print(doctor.report([doctor.Check(doctor.FAIL, str(exc))]))
         return 2
@@ -296,12 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, required=True)
     p.add_argument("--machine-id", default=None, help="this machine: the reference of machines.md")
     p.add_argument("--statistics", default=None, help="the study's statistics settings as JSON")
+    p.add_argument("--study-file", default=None, help=f"{paths.study_file()}: aggregate every round of its cells")
     p.add_argument("metrics", nargs="*")
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("archive", help=f"pack this machine's results of a study into {paths.archive_dir()}/*.tar.gz")
     p.add_argument("--configfile", default=DEFAULT_STUDY)
-    p.add_argument("--config-json", default=None, help="(rule) the study as JSON instead of --configfile")
+    p.add_argument("--config-json", default=None, help="the study as JSON instead of --configfile")
+    p.add_argument("--study-file", default=None, help=f"(rule) {paths.study_file()} instead of --configfile")
     p.add_argument("--machine-id", default=None)
     p.add_argument("--out-dir", default=str(paths.archive_dir()))
     p.add_argument("--with-images", action="store_true", help="add `docker save` of the images (large)")
@@ -331,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "machine_id", "unset") is None:
-        args.machine_id = provenance.machine_id()
     try:
+        if getattr(args, "machine_id", "unset") is None:
+            args.machine_id = provenance.machine_id()  # CELLBENCH_MACHINE_ID is checked here
         return args.func(args)
     except (
         config.ConfigError,

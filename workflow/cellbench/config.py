@@ -13,7 +13,10 @@ import functools
 import hashlib
 import itertools
 import json
+import math
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +59,15 @@ MAX_QUOTE = 80  # characters of a value quoted in a message
 MAX_DEPTH = 64  # nesting levels
 MAX_NODES = 200_000  # values after expanding YAML aliases (a "billion laughs" file is refused)
 YTE_KEY = "__use_yte__"
+# Bounds of what a study may ask of the file system and of command lines (accepted values that
+# would only fail at run time). A cell's settings travel as JSON on its rule's command line, which
+# Snakemake hands to `bash -c` as one argument: Linux refuses one over 128 KiB (MAX_ARG_STRLEN).
+MAX_STRING = 4096  # bytes of any string in a study (UTF-8)
+MAX_TEXT = 16384  # bytes of prose: `description` and an expectation's `source`
+TEXT_KEYS = ("description", "source")
+MAX_ARGV_JSON = 32768  # bytes of one value given to a rule's command line as JSON
+MAX_ID = 128  # bytes of a cell id: it names the cell's folder (and the archive's ID pattern)
+MACHINE_ID_ENV = "CELLBENCH_MACHINE_ID"
 
 
 def _cut(text: str) -> str:
@@ -127,9 +139,33 @@ def load_schema() -> dict:
     return schema
 
 
+def _json_pairs(pairs: list) -> dict:
+    """A JSON object, refusing a key given twice (json keeps the last one silently)."""
+    mapping: dict = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise ConfigError(f"key {_quote(key)} appears twice in one JSON object")
+        mapping[key] = value
+    return mapping
+
+
+def _load_json(text: str):
+    """The document as JSON (Snakemake reads a --configfile as JSON first, then as YAML: a JSON
+    study must mean here what it means there, `1e-3` a number); None when it is not JSON."""
+    try:
+        return json.loads(text, object_pairs_hook=_json_pairs)
+    except RecursionError:
+        raise ConfigError(f"nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        return None
+
+
 def load_study(path: str | Path) -> dict:
-    """Read a study file with StudyLoader (plain YAML, never evaluated); a missing file, bytes
-    that are not UTF-8, bad YAML or a bomb become a one-line ConfigError."""
+    """Read a study file the one way every entry point reads it: as JSON when it is JSON (as
+    Snakemake does), else with StudyLoader (plain YAML, never evaluated); a missing file, bytes
+    that are not UTF-8, bad YAML or JSON, or a bomb become a one-line ConfigError."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -142,7 +178,14 @@ def load_study(path: str | Path) -> dict:
             f"{path}: byte {exc.start}: 0x{data[exc.start]:02x} is not UTF-8; a study must be UTF-8 text"
         ) from None
     try:
-        config = yaml.load(text, Loader=StudyLoader)  # noqa: S506 (StudyLoader is a SafeLoader)
+        config = _load_json(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        if config is None:
+            config = yaml.load(text, Loader=StudyLoader)  # noqa: S506 (StudyLoader is a SafeLoader)
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise ConfigError(f"{path}: {_cut(str(exc))}") from None
     except yaml.reader.ReaderError as exc:
         raise ConfigError(f"{path}: character {exc.position}: {exc.reason} ({_quote(exc.character)})") from None
     except yaml.YAMLError as exc:
@@ -179,12 +222,36 @@ def check_plain(config: dict) -> None:
             stack.extend((item, depth + 1) for item in value)
 
 
-def check_study_files(paths) -> None:
-    """Read every study file Snakemake was given again, as `cellbench validate` does: Snakemake's
-    own loader drops duplicate keys, removes `__use_yte__` after evaluating the template and
-    takes alias bombs, so the Snakefile checks the files, not only the config they made."""
+def _update(base: dict, override: dict) -> dict:
+    """Snakemake's update_config: nested mappings merge key by key, anything else replaces."""
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _update(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def load_studies(paths) -> dict:
+    """The study of one or more files, each read by load_study and merged as Snakemake merges
+    several --configfile. The Snakefile uses this instead of the config Snakemake loaded: its
+    loader drops duplicate keys, removes `__use_yte__` after evaluating the template, takes alias
+    bombs and reads JSON's NaN and Infinity; with the same loader, the pipeline and `cellbench
+    validate` see the same values and give the same answer."""
+    study: dict = {}
     for path in paths:
-        load_study(path)
+        _update(study, load_study(path))
+    return study
+
+
+def read(paths, overrides: dict | None = None) -> tuple[dict, dict]:
+    """(study, resolved) of study files: the one reading and validation behind `cellbench
+    validate` (and every command given --configfile) and the Snakefile. `overrides`: Snakemake's
+    --config KEY=VALUE, merged last as Snakemake merges them."""
+    study = load_studies([paths] if isinstance(paths, str | Path) else paths)
+    if overrides:
+        _update(study, overrides)
+    return study, resolve(study)
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -224,19 +291,28 @@ def _pattern(validator, pattern, instance, schema):
         yield jsonschema.ValidationError(f"{_quote(instance)} does not match {pattern!r}")
 
 
+def is_int(value) -> bool:
+    """An integer is an int: not a bool, and not a float with an integral value (JSON Schema's
+    "integer" takes 2.0, which would then pass a check written for ints and fail at run time)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @functools.cache
 def _validator_class():
     import jsonschema
 
-    return jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern})
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine("integer", lambda _checker, value: is_int(value))
+    return jsonschema.validators.extend(base, {"pattern": _pattern}, type_checker=checker)
 
 
 def validate(config: dict) -> None:
     """Validate against the schema; raise ConfigError naming the first offending key."""
     check_plain(config)
     validator = _validator_class()(load_schema())
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), [str(p) for p in e.path]))
     if not errors:
+        _check_values(config)
         return
     error = errors[0]
     # An additionalProperties error names the parent; say which key is unknown.
@@ -255,6 +331,68 @@ def validate(config: dict) -> None:
     # jsonschema's messages quote the whole instance (a long string, a big mapping): cut it.
     message = error.message.replace(repr(error.instance), _quote(error.instance))
     raise ConfigError(f"config: {_key_path(error)}: {message}") from None
+
+
+def _values(value, where: tuple = ()):
+    """(key path, value) of every key and value in a study, keys as ("key", name) items."""
+    stack = [(where, value)]
+    while stack:
+        where, value = stack.pop()
+        yield where, value
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield (*where, ("key", key)), key
+                stack.append(((*where, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*where, index), item) for index, item in enumerate(value))
+
+
+def _where(path: tuple) -> str:
+    parts = []
+    for part in path:
+        if isinstance(part, tuple):  # a key itself
+            parts.append(f".{_cut(str(part[1]))}")
+        else:
+            parts.append(f"[{part}]" if isinstance(part, int) else f".{_cut(str(part))}")
+    return "".join(parts).lstrip(".") or "<top>"
+
+
+def _check_values(config: dict) -> None:
+    """What a schema keyword cannot say of every value at once: numbers are finite (JSON's NaN
+    and Infinity, YAML's .nan and .inf pass `type: number` and every bound), and no string is
+    so long that it breaks a command line or a file name at run time."""
+    for where, value in _values(config):
+        if where and isinstance(where[-1], tuple) and not isinstance(value, str):
+            raise ConfigError(f"config: {_where(where[:-1])}: key {_quote(value)} is not a string; quote it")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config: {_where(where)}: {value} is not a finite number")
+        if isinstance(value, str):
+            size = len(value.encode("utf-8", "surrogatepass"))
+            text = bool(where) and not isinstance(where[-1], tuple) and where[-1] in TEXT_KEYS
+            most = MAX_TEXT if text else MAX_STRING
+            if size > most:
+                what = "key" if where and isinstance(where[-1], tuple) else "string"
+                raise ConfigError(
+                    f"config: {_where(where)}: {_quote(value[:MAX_QUOTE])} is a {what} of {size} bytes; at most {most} "
+                    "(study values travel on command lines and in file names)"
+                )
+
+
+def check_machine_id(value: Any, key: str) -> str:
+    """A machine id (the study's machine_id or CELLBENCH_MACHINE_ID) by the schema's own
+    machine_id pattern and length; ConfigError naming `key` otherwise."""
+    schema = {k: v for k, v in load_schema()["properties"]["machine_id"].items() if k != "type"}
+    schema["type"] = "string"
+    if next(iter(_validator_class()(schema).iter_errors(value)), None) is not None:
+        raise ConfigError(f"{key}: value {_quote(value)} is not valid; expected {schema['description']}")
+    return value
+
+
+def check_environment(environ=None) -> None:
+    """Settings taken from the environment, checked like the study's own."""
+    environ = os.environ if environ is None else environ
+    if environ.get(MACHINE_ID_ENV):
+        check_machine_id(environ[MACHINE_ID_ENV], MACHINE_ID_ENV)
 
 
 def schema_defaults() -> dict:
@@ -459,10 +597,58 @@ def _check_engine(cell: dict, model: dict, where: str) -> None:
         raise ConfigError(f"{where}: mode serve is implemented for {served} cells only, not {engine.name}")
 
 
+def cpuset_cpus(cpuset: str) -> list[int]:
+    """The CPUs of a --cpuset-cpus list such as '0-3,8', parsed strictly (no empty part, every
+    range low <= high, no CPU twice); ConfigError naming resources.cpus otherwise. Empty: []."""
+    if cpuset == "":
+        return []
+    cpus: list[int] = []
+    for part in cpuset.split(","):
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
+        if not match:
+            raise ConfigError(f"resources.cpus: {_quote(cpuset)} is not a CPU list like '0-3,8' (part {_quote(part)})")
+        low, high = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        if low > high:
+            raise ConfigError(f"resources.cpus: {_quote(cpuset)}: range {part} runs backwards; expected low-high")
+        cpus.extend(range(low, high + 1))
+    if len(cpus) != len(set(cpus)):
+        raise ConfigError(f"resources.cpus: {_quote(cpuset)} names a CPU twice")
+    return cpus
+
+
+MIN_MEMORY_MB = 6  # docker refuses a --memory limit below 6 MB
+_UNIT_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "": 1 / 2**20}
+
+
+def memory_mb(memory: str) -> float:
+    """A docker size ('12g', '512m', bytes without a unit) in MB; empty (no limit) is 0."""
+    if not memory:
+        return 0
+    number, unit = (memory[:-1], memory[-1]) if memory[-1].isalpha() else (memory, "")
+    if not number.isdigit() or unit not in _UNIT_MB:
+        raise ConfigError(f"resources.memory: {_quote(memory)} is not a size like '12g'")
+    return int(number) * _UNIT_MB[unit]
+
+
+# engine_args that count GPUs: their product is the GPUs a vLLM engine needs.
+PARALLEL_ARGS = ("tensor_parallel_size", "pipeline_parallel_size")
+
+
 def _check_resources(cells: list[dict]) -> None:
     """Settings that each pass the schema but cannot hold together."""
     for cell in cells:
         where = f"config: cell {cell['name']}"
+        try:
+            cpuset_cpus(cell["resources"].get("cpus", ""))
+            memory = cell["resources"].get("memory", "")
+            if memory and memory_mb(memory) < MIN_MEMORY_MB:
+                raise ConfigError(f"resources.memory: {_quote(memory)} is below docker's minimum of {MIN_MEMORY_MB}m")
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        for arg in PARALLEL_ARGS:
+            value = cell["engine_args"].get(arg, 1)
+            if not is_int(value) or value < 1:
+                raise ConfigError(f"{where}: engine_args.{arg} is {_quote(value)}; expected an integer of at least 1")
         gpus = cell["resources"].get("gpus", 0)
         if cell["device"] == "cpu" and gpus:
             raise ConfigError(
@@ -471,23 +657,69 @@ def _check_resources(cells: list[dict]) -> None:
         if cell["device"] in ("rocm", "cuda") and gpus < 1:
             raise ConfigError(f"{where}: a {cell['device']} cell has resources.gpus {gpus}; expected at least 1")
         tensor_parallel = cell["engine_args"].get("tensor_parallel_size", 1)
-        if cell["device"] in ("rocm", "cuda") and isinstance(tensor_parallel, int) and tensor_parallel > max(gpus, 1):
-            raise ConfigError(
-                f"{where}: engine_args.tensor_parallel_size is {tensor_parallel} but resources.gpus gives "
-                f"{gpus}; expected resources.gpus >= {tensor_parallel}"
-            )
+        pipeline_parallel = cell["engine_args"].get("pipeline_parallel_size", 1)
+        if cell["device"] in ("rocm", "cuda") and tensor_parallel * pipeline_parallel > max(gpus, 1):
+            asked, needs = f"engine_args.tensor_parallel_size is {tensor_parallel}", tensor_parallel
+            if pipeline_parallel > 1:
+                needs = tensor_parallel * pipeline_parallel
+                asked += f" and engine_args.pipeline_parallel_size is {pipeline_parallel}"
+            raise ConfigError(f"{where}: {asked} but resources.gpus gives {gpus}; expected resources.gpus >= {needs}")
+
+
+def _inside(base: Path, label: str, value: str, key: str, expected: str) -> Path:
+    """`value` (relative to `base`, called `label` in messages) resolved, symlinks followed;
+    ConfigError naming `key` when it is absolute or ends up outside `base` (`..`, a link to a
+    system file or to a sibling's)."""
+    if value.startswith("/"):
+        raise ConfigError(f"config: {key}: {_quote(value)} is an absolute path; expected {expected}")
+    root = base.resolve()
+    target = (base / value).resolve()
+    if not target.is_relative_to(root):
+        raise ConfigError(f"config: {key}: {_quote(value)} leads outside {label}; expected {expected}")
+    return target
+
+
+def _check_tree(folder: Path, key: str, label: str) -> None:
+    """No file or folder in a build context links outside the project (its copy would take the
+    target's content into the image)."""
+    root = PROJECT_ROOT.resolve()
+    for parent, dirs, files in os.walk(folder):
+        for entry in [*dirs, *files]:
+            path = Path(parent) / entry
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                rel = path.relative_to(folder)
+                raise ConfigError(
+                    f"config: {key}: {_cut(f'{label}/{rel}')} links outside the project root; "
+                    "expected a folder under the project root"
+                )
 
 
 def _check_paths(config: dict) -> None:
-    """Build contexts and wheelhouse locks exist, and each lock answers its requirements, before any job is planned."""
+    """Build contexts and wheelhouse locks are inside the project and exist, and each lock answers
+    its requirements, before any job is planned. Every other path-like value (model file,
+    package, revision, repo id, base tag) has a strict pattern in the schema."""
     for name, image in config["images"].items():
-        context = PROJECT_ROOT / image["context"]
+        key = f"images.{name}.context"
+        context = _inside(PROJECT_ROOT, "the project root", image["context"], key, "a folder under the project root")
+        if context == PROJECT_ROOT.resolve():
+            raise ConfigError(
+                f"config: {key}: {_quote(image['context'])} is the project root itself; expected a folder under it"
+            )
         if not (context / "Dockerfile").is_file():
             raise ConfigError(
                 f"config: images.{name}.context: {_quote(image['context'])} has no Dockerfile; "
                 "expected a folder under the project root holding one"
             )
+        _check_tree(context, key, _cut(image["context"]))
         wheelhouse = image.get("wheelhouse")
+        if wheelhouse:
+            _inside(
+                context,
+                _cut(image["context"]),
+                wheelhouse,
+                f"images.{name}.wheelhouse",
+                f"a lock file inside the image's context {_cut(image['context'])}",
+            )
         if wheelhouse and not (context / wheelhouse).is_file():
             raise ConfigError(
                 f"config: images.{name}.wheelhouse: {_quote(wheelhouse)} is not a file in {_cut(image['context'])}; "
@@ -500,6 +732,65 @@ def _check_paths(config: dict) -> None:
                 raise ConfigError(f"config: images.{name}.wheelhouse: {err}") from None
 
 
+def _check_lengths(config: dict, cells: list[dict]) -> None:
+    """What is accepted here must not fail at run time for its size: a cell id names the cell's
+    folder (NAME_MAX is 255 bytes; the archive takes at most MAX_ID), and the JSON that rules
+    hand to their command lines stays far below Linux's 128 KiB for one argument."""
+    for cell in cells:
+        size = len(cell["id"].encode())
+        if size > MAX_ID:
+            raise ConfigError(
+                f"config: cell {_cut(cell['name'])}: its id is {size} bytes; at most {MAX_ID} "
+                "(it names the cell's folder): shorten the group name or the axis values"
+            )
+    sized = [(f"cell {_cut(cell['name'])}", cell) for cell in cells]
+    sized += [(f"images.{name}", image) for name, image in config["images"].items()]
+    sized += [(f"models.{name}", model) for name, model in config["models"].items()]
+    sized += [("expectations", config.get("expectations", [])), ("bandwidth_gb_s", config.get("bandwidth_gb_s", {}))]
+    for where, value in sized:
+        size = len(json.dumps(value, sort_keys=True).encode())
+        if size > MAX_ARGV_JSON:
+            raise ConfigError(
+                f"config: {where}: {size} bytes as JSON; at most {MAX_ARGV_JSON} (it travels on a command line)"
+            )
+
+
+def study_record(config: dict, resolved: dict) -> dict:
+    """What the tables are made of, as a pure function of the study: written to
+    paths.study_file() and an input of the table rules, so that switching studies (or changing
+    one) rebuilds the tables even where Snakemake's metadata is gone. Nothing machine-specific."""
+    return {
+        "study": resolved["study"],
+        "config_hash": resolved["config_hash"],
+        "baseline": resolved["baseline"],
+        "statistics": resolved["statistics"],
+        "cells": {cell_id: cell["sweep"]["rounds"] for cell_id, cell in sorted(resolved["cells"].items())},
+        "config": config,
+    }
+
+
+def write_study_record(path: Path, config: dict, resolved: dict) -> bool:
+    """Write the study record atomically, only when its content changed (its mtime is what the
+    tables are compared with); True when written."""
+    text = json.dumps(study_record(config, resolved), indent=1, sort_keys=True) + "\n"
+    path = Path(path)
+    try:
+        if path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
 def statistics(config: dict) -> dict:
     """The study's `statistics` settings over the schema's defaults."""
     props = load_schema()["properties"]["statistics"]["properties"]
@@ -509,12 +800,14 @@ def statistics(config: dict) -> dict:
 def resolve(config: dict) -> dict:
     """Validate a study and return {"cells": {id: cell}, "baseline": id, ...}; raise ConfigError."""
     validate(config)
+    check_environment()
     _check_secrets(config)
     cells = expand_cells(config)
     _check_references(config, cells)
     _check_expectations(config)
     _check_resources(cells)
     _check_paths(config)
+    _check_lengths(config, cells)
     by_name = {cell["name"]: cell for cell in cells}
     return {
         "study": config["study"],

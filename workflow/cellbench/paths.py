@@ -36,6 +36,7 @@ Snakemake rules pass the wildcards below as ids (`paths.cell_metrics(paths.CELL_
 so a rule's patterns are these same functions, and constrain them with the shapes below.
 """
 
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -185,6 +186,18 @@ def archive_dir(results: Path = RESULTS) -> Path:
 
 def imported_dir(results: Path = RESULTS) -> Path:
     return results / "imported"
+
+
+def study_file(results: Path = RESULTS) -> Path:
+    """The study the tables were made for (config.study_record), rewritten only when it changes:
+    an input of the table rules, so switching studies rebuilds them without Snakemake's metadata."""
+    return results / "study.json"
+
+
+def study_round_files(study_file: Path, name: str = "metrics.parquet") -> list[Path]:
+    """round_files of the cells a study record (study_file()) lists with their rounds."""
+    cells = json.loads(Path(study_file).read_text())["cells"]
+    return round_files({cell_id: {"sweep": {"rounds": rounds}} for cell_id, rounds in cells.items()}, name)
 
 
 def imported_archive(machine_id: str, archive_id: str, results: Path = RESULTS) -> Path:

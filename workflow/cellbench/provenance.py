@@ -10,6 +10,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from .config import MACHINE_ID_ENV, check_machine_id
 from .contract import is_secret_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -26,16 +27,18 @@ def _cpu_model() -> str:
 def machine_id(override: str | None = None) -> str:
     """Stable per machine: the config's or CELLBENCH_MACHINE_ID if given, else host name plus a
     short hash of /etc/machine-id, CPU model, core count and memory (hardware and host facts)."""
-    chosen = override or os.environ.get("CELLBENCH_MACHINE_ID")
+    if override:
+        return override
+    chosen = os.environ.get(MACHINE_ID_ENV)
     if chosen:
-        return chosen
+        return check_machine_id(chosen, MACHINE_ID_ENV)  # ConfigError: one line naming the variable
     try:
         host_key = Path("/etc/machine-id").read_text().strip()
     except OSError:
         host_key = socket.gethostname()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
     facts = f"{host_key}|{_cpu_model()}|{os.cpu_count()}|{memory}"
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname())[:24] or "host"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname())[:24].lstrip(".-") or "host"
     return f"{name}-{hashlib.sha256(facts.encode()).hexdigest()[:8]}"
 
 

@@ -10,35 +10,23 @@ from __future__ import annotations
 
 import math
 
-from .config import ConfigError
+from .config import ConfigError, cpuset_cpus
+from .config import memory_mb as config_memory_mb
 
 # Minutes beyond the cell timeout: model checksum, image load on a fresh node, container start
 # and removal, writing the results.
 RUNTIME_MARGIN_MIN = 10
-_UNITS_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "": 1 / 2**20}
 
 
 def cpu_count(cpuset: str) -> int:
-    """CPUs in a --cpuset-cpus list such as '0-3,8'; an empty list (no pinning) asks for one."""
-    if not cpuset:
-        return 1
-    count = 0
-    for part in cpuset.split(","):
-        first, _, last = part.partition("-")
-        if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
-            raise ConfigError(f"resources.cpus: {cpuset!r} is not a CPU list like '0-3,8'")
-        count += int(last) - int(first) + 1 if last else 1
-    return count
+    """CPUs in a --cpuset-cpus list such as '0-3,8' (parsed by config.cpuset_cpus, the parser
+    validation uses); an empty list (no pinning) asks for one."""
+    return len(cpuset_cpus(cpuset)) or 1
 
 
 def memory_mb(memory: str) -> int:
     """A docker memory size ('12g', '512m', bytes without a unit) in MB; empty (no limit) is 0."""
-    if not memory:
-        return 0
-    number, unit = (memory[:-1], memory[-1]) if memory[-1].isalpha() else (memory, "")
-    if not number.isdigit() or unit not in _UNITS_MB:
-        raise ConfigError(f"resources.memory: {memory!r} is not a size like '12g'")
-    return math.ceil(int(number) * _UNITS_MB[unit])
+    return math.ceil(config_memory_mb(memory))
 
 
 def runtime_min(timeout_s: int) -> int:

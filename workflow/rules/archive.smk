@@ -5,6 +5,7 @@
 
 rule archive:
     input:
+        study=paths.study_file(),
         cells=[
             path
             for name in paths.ROUND_FILES
@@ -15,7 +16,6 @@ rule archive:
     log:
         paths.step_log("archive"),
     params:
-        config=json.dumps(config, sort_keys=True),
         machine_id=MACHINE_ID,
     shell:
-        "cellbench archive --config-json {params.config:q} --machine-id {params.machine_id} 2> {log}"
+        "cellbench archive --study-file {input.study} --machine-id {params.machine_id} 2> {log}"

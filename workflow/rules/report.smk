@@ -4,6 +4,8 @@
 rule aggregate:
     input:
         metrics=paths.round_files(CELLS),
+        # The study itself (rewritten only when it changes): tables of another study are stale.
+        study=paths.study_file(),
         # Globbed when the DAG is built: after `cellbench import`, the next run refreshes the tables.
         imported=lambda wildcards: machines.imported_metrics(),
     output:
@@ -26,4 +28,4 @@ rule aggregate:
         "--machine-id {params.machine_id} "
         # Spelled into the command (not a param), so the rule's code is the same text as ever.
         f"--tables {paths.tables_dir()} "
-        "{input.metrics} {input.imported} > {log} 2>&1"
+        "--study-file {input.study} {input.imported} > {log} 2>&1"

@@ -5,6 +5,7 @@
 rule report:
     input:
         summary=paths.summary(),
+        study=paths.study_file(),
     output:
         diagnostics=paths.diagnostics(),
         verdicts=paths.verdicts(),
