@@ -438,6 +438,9 @@ CLASSES = {
         "JSON column nested just past the limit": (
             lambda m: with_metrics(m, lambda t: column_of(t, "versions_json", ['{"a": ' + nested(32) + "}"])),
             None, "JSON nested deeper than 32"),
+        "JSON cell over 1 MiB": (
+            lambda m: with_metrics(m, lambda t: column_of(t, "findings_json", ["[" + "1," * (1 << 19) + "1]"])),
+            None, "more than 1048576"),
         "JSON column of the wrong JSON type": (
             lambda m: with_metrics(m, lambda t: column_of(t, "overrides_json", ['{"a": 1}'])), None,
             "expected a JSON list"),
@@ -620,6 +623,28 @@ def test_after_a_column_is_added_the_old_archive_imports_with_it_null(tmp_path, 
     frame = metrics.read_metrics(files)
     assert "joules" in frame.columns and frame["joules"].isna().all() and len(frame) == 16
     assert set(frame["schema_version"]) == {1} and points["output_tok_s"].notna().all()
+
+
+def flat_layout(members) -> list:
+    """The archive as cellbench wrote it before rounds: cells/<id>/<file>, no rounds in the study."""
+    out = []
+    for info, data in members:
+        info = tarfile.TarInfo(info.name.replace("/round-1/", "/"))
+        if info.name == "study/resolved.json":
+            resolved = json.loads(data)
+            for cell in resolved["cells"].values():
+                cell["sweep"].pop("rounds")
+            data = json.dumps(resolved).encode()
+        if info.name.endswith("metrics.parquet"):
+            data = parquet_bytes(pq.ParquetFile(pa.BufferReader(data)).read().drop_columns(["round"]))
+        out.append((info, data))
+    return with_manifest(out, lambda x: None, rehash=True)
+
+
+def test_an_archive_from_before_rounds_still_imports(valid, importer, tmp_path):
+    older = write_members(tmp_path / "flat.tar.gz", flat_layout(read_members(valid)))
+    outcome, target = archive.import_archive(older, importer / "results", LOCAL)
+    assert outcome == "imported" and list(target.glob("cells/*/metrics.parquet"))
 
 
 def test_a_valid_archive_still_imports_when_metrics_lack_nullable_columns(valid, importer, tmp_path):

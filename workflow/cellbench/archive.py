@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -475,18 +476,22 @@ def check_study(resolved: dict, manifest: dict, rows: dict[str, int]) -> None:
         if not (found := CELL_MEMBER.fullmatch(rel)):
             continue
         cell, k = found[1], int(found[2] or 1)
-        sweep = cells.get(cell, {}).get("sweep") if isinstance(cells.get(cell), dict) else None
-        try:
-            per_round = len(measure.points(sweep)) * max(1, sweep["repeats"]) if isinstance(sweep, dict) else None
-            rounds = sweep["rounds"] if isinstance(sweep, dict) else None
-        except (KeyError, TypeError):
-            per_round = rounds = None
-        if not isinstance(per_round, int) or not isinstance(rounds, int) or isinstance(rounds, bool):
+        sweep = cells[cell].get("sweep") if isinstance(cells.get(cell), dict) else None
+        per_round = rounds = None
+        if isinstance(sweep, dict) and all(isinstance(sweep.get(axis), list) for axis in measure.POINT_AXES):
+            # measure.points(sweep) is their product: counted, never built (the lists are the archive's)
+            per_round = math.prod(len(sweep[axis]) for axis in measure.POINT_AXES) * max(1, _int(sweep.get("repeats")))
+            rounds = _int(sweep.get("rounds", 1))  # studies resolved before rounds have one
+        if per_round is None or rounds < 1:
             raise ArchiveError(rel, f"cell {cell} is not a cell of study/resolved.json (or its sweep is malformed)")
         if k > rounds:
             raise ArchiveError(rel, f"round {k} of a cell the study runs {rounds} rounds of")
         if rel in rows and rows[rel] > per_round:
             raise ArchiveError(rel, f"{rows[rel]} rows, more than the {per_round} points x repeats of its round")
+
+
+def _int(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 class _Compressed:

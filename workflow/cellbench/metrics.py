@@ -250,6 +250,7 @@ def check_file_schema(schema: pa.Schema, declared: str) -> int:
 
 
 MAX_JSON_DEPTH = 32  # the deepest JSON cellbench writes (a resolved cell) nests 4 levels
+MAX_JSON_CELL = 1 << 20  # characters of one JSON cell; a resolved cell's settings are ~2 KB
 
 
 def json_depth(value) -> int:
@@ -263,6 +264,8 @@ def json_depth(value) -> int:
 
 def parse_json_cell(text: str, kind: type) -> None:
     """Refuse a JSON cell that is not JSON, nests deeper than MAX_JSON_DEPTH or is not `kind`."""
+    if len(text) > MAX_JSON_CELL:
+        raise SchemaError(f"JSON of {len(text)} characters, more than {MAX_JSON_CELL}")
     try:
         value = json.loads(text)
     except RecursionError:
