@@ -1,11 +1,12 @@
 """Archives that carry one machine's results to another, and an import that trusts nothing.
 
 An archive is a .tar.gz of regular files at fixed relative paths (the same shapes as results/)
-plus MANIFEST.json with the sha256 and size of every other member. Import reads the whole
-archive and checks every member, the manifest and the metrics before it writes anything; then
-it unpacks into a temp dir beside the destination and renames it into place. It writes member
-bytes itself (never tarfile's extract), so modes, owners, links and mtimes from the archive
-never reach the disk, and a new import is newer than the tables built before it.
+with MANIFEST.json first: the sha256 and size of every other member. Import reads it in one
+streamed pass (see "Verifying and importing" below): the manifest is checked whole before any
+payload, each member against it before its bytes, and the members go into a temp dir on the
+same filesystem that is renamed into place only when all passed. It writes member bytes itself
+(never tarfile's extract), so modes, owners, links and mtimes from the archive never reach the
+disk, and a new import is newer than the tables built before it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The one Parquet schema of cellbench, and atomic writes.
 
 One row per measured repeat of a point (or one row per point that could not be measured, with
-`status` and `error`). `schema_version` changes when columns change meaning; `method_version`
-changes when the way a figure is measured changes (prompt shape, warm-up, timing boundaries),
-so rows of different methods are never compared as if they were alike.
+`status` and `error`). `schema_version` grows by one with each set of columns added
+(COLUMN_HISTORY; a column never changes meaning, older rows read new columns as null);
+`method_version` changes when the way a figure is measured changes (prompt shape, warm-up,
+timing boundaries), so rows of different methods are never compared as if they were alike.
 """
 
 from __future__ import annotations
