@@ -326,8 +326,10 @@ def check_member(info: tarfile.TarInfo, limits: Limits) -> None:
         raise ArchiveError(name, "device file; archives hold regular files only")
     if info.isfifo():
         raise ArchiveError(name, "fifo; archives hold regular files only")
-    if not info.isreg():
-        raise ArchiveError(name, "not a regular file (directory or special entry); archives hold regular files only")
+    if not info.isreg() or info.issparse():
+        raise ArchiveError(
+            name, "not a regular file (directory, sparse or special entry); archives hold regular files only"
+        )
     if name != MANIFEST and not MEMBER_RE.fullmatch(name):
         raise ArchiveError(name, "not a path a cellbench archive holds")
     if info.size > _cap(name, limits):
@@ -422,11 +424,14 @@ def _check_rounds(listed: dict, limits: Limits) -> None:
             raise ArchiveError(where, "the cell holds both rounds and the layout from before rounds")
 
 
-def check_metrics(rel: str, path: Path, machine_id: str, limits: Limits, totals: dict) -> int:
+def check_metrics(rel: str, path: Path, manifest: dict, limits: Limits, totals: dict) -> int:
     """A metrics member must be Parquet in the schema (its version, columns and types), every
-    value valid (metrics.check_batch), of the cell its path names and the machine the manifest
-    names; within the row and size bounds. Read batch by batch; returns its row count."""
-    cell_id = CELL_MEMBER.fullmatch(rel)[1]
+    value valid (metrics.check_batch), of the cell its path names and the machine and study the
+    manifest names; within the row and size bounds. Read batch by batch, and written again by
+    cellbench's own writer in place of the archive's bytes: the aggregate (polars) then reads a
+    file pyarrow wrote from checked rows, never the archive's Parquet metadata. Returns its rows."""
+    cell_id, machine_id, study = CELL_MEMBER.fullmatch(rel)[1], manifest["machine_id"], manifest["study"]
+    rewritten = path.with_name(f".{path.name}.rewritten")
     try:
         # A file, not a buffer, and no threads: on a buffer, pyarrow 26's read_table goes through
         # its dataset threads, and about one process in three then aborts at exit (std::terminate).
@@ -439,17 +444,26 @@ def check_metrics(rel: str, path: Path, machine_id: str, limits: Limits, totals:
             raise ArchiveError(
                 rel, f"unpacks to {declared} bytes of columns, more than {limits.decoded_bytes_per_file}"
             )
-        metrics.check_file_schema(file.schema_arrow, metrics.stored_schema_version(file))
+        version = metrics.check_file_schema(file.schema_arrow, metrics.stored_schema_version(file))
+        # The columns the file has, in the schema's types; the version it declares.
+        schema = pa.schema(
+            [metrics.SCHEMA.field(name) for name in file.schema_arrow.names],
+            metadata={"cellbench.schema_version": str(version)},
+        )
         rows = decoded = 0
-        for batch in file.iter_batches(batch_size=1024, use_threads=False):
-            rows, decoded = rows + batch.num_rows, decoded + batch.nbytes
-            if rows > limits.rows_per_file or decoded > limits.decoded_bytes_per_file:
-                raise ArchiveError(rel, f"more rows or bytes than its footer says ({rows} rows, {decoded} bytes)")
-            metrics.check_batch(batch)
-            for column, expected in (("machine_id", machine_id), ("cell_id", cell_id)):
-                found = set(batch.column(column).to_pylist())
-                if found != {expected}:
-                    raise ArchiveError(rel, f"rows have {column} {sorted(map(str, found))[:3]}, expected {expected!r}")
+        with pq.ParquetWriter(rewritten, schema) as writer:
+            for batch in file.iter_batches(batch_size=1024, use_threads=False):
+                rows, decoded = rows + batch.num_rows, decoded + batch.nbytes
+                if rows > limits.rows_per_file or decoded > limits.decoded_bytes_per_file:
+                    raise ArchiveError(rel, f"more rows or bytes than its footer says ({rows} rows, {decoded} bytes)")
+                metrics.check_batch(batch)
+                for column, expected in (("machine_id", machine_id), ("cell_id", cell_id), ("study", study)):
+                    found = set(batch.column(column).to_pylist())
+                    if found != {expected}:
+                        raise ArchiveError(
+                            rel, f"rows have {column} {sorted(map(str, found))[:3]}, expected {expected!r}"
+                        )
+                writer.write_batch(batch.cast(schema))
     except metrics.SchemaError as exc:
         raise ArchiveError(rel, f"not in the metrics schema: {exc}") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -464,6 +478,7 @@ def check_metrics(rel: str, path: Path, machine_id: str, limits: Limits, totals:
         raise ArchiveError(rel, f"the archive's metrics hold more than {limits.rows} rows")
     if totals["decoded"] > limits.decoded_bytes:
         raise ArchiveError(rel, f"the archive's metrics unpack to more than {limits.decoded_bytes} bytes")
+    os.replace(rewritten, path)
     return rows
 
 
@@ -607,7 +622,7 @@ def _members(tar: tarfile.TarFile, inflated: _Inflated, manifest: dict, limits: 
         if keep is not None:
             load_json(name, b"".join(keep))
         if target and name.endswith("/metrics.parquet"):
-            rows[name] = check_metrics(name, target, manifest["machine_id"], limits, totals)
+            rows[name] = check_metrics(name, target, manifest, limits, totals)
         seen.add(name)
         inflated.allow(f"{name} (the header after it)", 0)
     for rel in sorted(set(listed) - seen):
