@@ -696,3 +696,36 @@ def test_hostile_archives_import_in_bounded_memory(valid, tmp_path):
     print(done.stdout)
     assert peak < PEAK_BOUND_MIB, done.stdout
     assert not (tmp_path / "results" / "imported").exists()
+
+
+def test_mutated_metrics_are_refused_in_one_line_or_aggregate(tmp_path):
+    """Class 9 at its root: random byte changes to the fixture's metrics (checksums made to
+    match) are either refused in one line or imported as rows the aggregate reads."""
+    import random
+
+    from cellbench import aggregate, machines
+
+    rng = random.Random(15)
+    members = read_members(FIXTURE)
+    parquet = [i for i, (info, _) in enumerate(members) if info.name.endswith(".parquet")]
+    outcomes = {"refused": 0, "imported": 0}
+    for n in range(16):
+        index = rng.choice(parquet)
+        data = bytearray(members[index][1])
+        for _ in range(rng.choice([1, 2, 4])):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        changed = [*members[:index], (members[index][0], bytes(data)), *members[index + 1 :]]
+        path = write_members(tmp_path / f"{n}.tar.gz", with_manifest(changed, lambda x: None, rehash=True))
+        results = tmp_path / f"r{n}"
+        try:
+            archive.import_archive(path, results, LOCAL)
+        except archive.ArchiveError as exc:
+            assert "\n" not in str(exc) and not results.exists()
+            outcomes["refused"] += 1
+            continue
+        metrics.combine_metrics(machines.imported_metrics(results), results / "summary.parquet")
+        aggregate.cell_points(
+            metrics.scan_metrics([results / "summary.parquet"]), "vllm-bfloat16-enforce_eager-a9b61b6aea"
+        )
+        outcomes["imported"] += 1
+    assert outcomes["refused"] and sum(outcomes.values()) == 16
