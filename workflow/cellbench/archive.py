@@ -291,8 +291,8 @@ def create(
 # One pass, one validation for every import: MANIFEST.json must come first and is checked whole
 # (ids, sizes against the Limits, every round complete) before any payload is read; then each
 # member's tar header is checked against it before its bytes are read, and the bytes stream into
-# a temp dir (hashed, JSON parsed, metrics validated row by row) that is renamed into place only
-# when everything passed. Memory stays bounded by the manifest, one member header, one CHUNK, one
+# a temp dir (hashed, JSON parsed, metrics checked batch by batch and written again by our own
+# writer) that is renamed into place only when everything passed. Memory stays bounded by the manifest, one member header, one CHUNK, one
 # JSON member and one metrics batch, whatever the archive holds.
 
 
