@@ -11,6 +11,7 @@ disk, and a new import is newer than the tables built before it.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata as importlib_metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,24 +47,43 @@ def _body(pattern: str) -> str:
     return pattern[1:-1]
 
 
-_SCHEMA = config.load_schema()
-NAME = _body(_SCHEMA["$defs"]["name"]["pattern"])  # images, models, the study: names of the study schema
-MACHINE = _body(_SCHEMA["properties"]["machine_id"]["pattern"])
-# A machine id also names a folder: it may not start with "." ("." and ".." walk the tree).
-ID = rf"(?!\.){MACHINE}"
-ID_RE = re.compile(ID)  # used with fullmatch only: `$` alone also takes "name\n"
 MAX_ID = 128
-CELL_ID = rf"{NAME}-[0-9a-f]{{10}}"  # config.expand_cells: the cell's name, "-", 10 hex of its hash
 CELL_FILES = ("metrics.parquet", "provenance.json", "engine.log")
-# Every path an archive may hold besides MANIFEST.json; anything else is refused.
-MEMBER_RE = re.compile(
-    rf"(study/(config|resolved)\.json"
-    # cells/<id>/round-<k>/...; archives made before rounds hold cells/<id>/... (one round).
-    rf"|cells/{CELL_ID}/(round-[1-9][0-9]{{0,2}}/)?(metrics\.parquet|provenance\.json|engine\.log)"
-    rf"|images/{NAME}\.json|images/{NAME}\.docker\.tar"
-    rf"|models/{NAME}/manifest\.json)"
-)
-CELL_MEMBER = re.compile(rf"cells/({CELL_ID})/(?:round-([1-9][0-9]{{0,2}})/)?([a-z.]+)")
+
+
+@functools.cache
+def ids() -> SimpleNamespace:
+    """The patterns of names an archive holds, from the study schema (never a second copy); built
+    on first use, as `archive.NAME`, `archive.MEMBER_RE`, ...: reading the schema costs every
+    cellbench command (run-cell included) tens of ms, and only archive and import need them."""
+    schema = config.load_schema()
+    name = _body(schema["$defs"]["name"]["pattern"])  # images, models, the study
+    # A machine id also names a folder: it may not start with "." ("." and ".." walk the tree).
+    machine = rf"(?!\.){_body(schema['properties']['machine_id']['pattern'])}"
+    cell = rf"{name}-[0-9a-f]{{10}}"  # config.expand_cells: the cell's name, "-", 10 hex of its hash
+    return SimpleNamespace(
+        NAME=name,
+        ID=machine,
+        ID_RE=re.compile(machine),  # used with fullmatch only: `$` alone also takes "name\n"
+        CELL_ID=cell,
+        # Every path an archive may hold besides MANIFEST.json; anything else is refused.
+        MEMBER_RE=re.compile(
+            rf"(study/(config|resolved)\.json"
+            # cells/<id>/round-<k>/...; archives made before rounds hold cells/<id>/... (one round).
+            rf"|cells/{cell}/(round-[1-9][0-9]{{0,2}}/)?(metrics\.parquet|provenance\.json|engine\.log)"
+            rf"|images/{name}\.json|images/{name}\.docker\.tar"
+            rf"|models/{name}/manifest\.json)"
+        ),
+        CELL_MEMBER=re.compile(rf"cells/({cell})/(?:round-([1-9][0-9]{{0,2}})/)?([a-z.]+)"),
+    )
+
+
+def __getattr__(attribute: str):
+    if attribute in ("NAME", "ID", "ID_RE", "CELL_ID", "MEMBER_RE", "CELL_MEMBER"):
+        return getattr(ids(), attribute)
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+
+
 CHUNK = 1 << 20
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # Rounds an archive may hold: aggregation is built and benchmarked for 10,000 cells
@@ -117,7 +138,7 @@ def cellbench_version() -> str:
 
 def check_id(kind: str, value) -> str:
     """A machine id: the study schema's machine_id pattern, full match, not starting with "."."""
-    if not isinstance(value, str) or len(value) > MAX_ID or not ID_RE.fullmatch(value):
+    if not isinstance(value, str) or len(value) > MAX_ID or not ids().ID_RE.fullmatch(value):
         raise ArchiveError(
             MANIFEST, f"{kind} {str(value)[:80]!r} is not a plain name ([A-Za-z0-9_.-], not starting with '.')"
         )
@@ -292,8 +313,9 @@ def create(
 # (ids, sizes against the Limits, every round complete) before any payload is read; then each
 # member's tar header is checked against it before its bytes are read, and the bytes stream into
 # a temp dir (hashed, JSON parsed, metrics checked batch by batch and written again by our own
-# writer) that is renamed into place only when everything passed. Memory stays bounded by the manifest, one member header, one CHUNK, one
-# JSON member and one metrics batch, whatever the archive holds.
+# writer) that is renamed into place only when everything passed. Memory stays bounded by the
+# manifest, one member header, one CHUNK, one JSON member and one metrics batch, whatever the
+# archive holds.
 
 
 def _cap(name: str, limits: Limits) -> int:
@@ -330,7 +352,7 @@ def check_member(info: tarfile.TarInfo, limits: Limits) -> None:
         raise ArchiveError(
             name, "not a regular file (directory, sparse or special entry); archives hold regular files only"
         )
-    if name != MANIFEST and not MEMBER_RE.fullmatch(name):
+    if name != MANIFEST and not ids().MEMBER_RE.fullmatch(name):
         raise ArchiveError(name, "not a path a cellbench archive holds")
     if info.size > _cap(name, limits):
         raise ArchiveError(name, f"oversize member ({info.size} bytes, limit {_cap(name, limits)})")
@@ -365,7 +387,7 @@ def check_manifest(data: bytes, limits: Limits = Limits()) -> dict:
         _short_text(key, manifest.get(key))
     if not isinstance(manifest.get("members"), dict):
         raise ArchiveError(MANIFEST, "malformed: members must be a dict")
-    if not re.fullmatch(NAME, manifest["study"]):
+    if not re.fullmatch(ids().NAME, manifest["study"]):
         raise ArchiveError(MANIFEST, f"study {manifest['study']!r} is not a study name")
     if not isinstance(manifest.get("method_version"), int) or isinstance(manifest.get("method_version"), bool):
         raise ArchiveError(MANIFEST, "malformed: method_version must be an integer")
@@ -378,7 +400,7 @@ def check_manifest(data: bytes, limits: Limits = Limits()) -> dict:
         raise ArchiveError(MANIFEST, f"lists {len(listed)} members, more than {limits.members}")
     total = data_total = 0
     for rel, entry in listed.items():
-        if rel == MANIFEST or not MEMBER_RE.fullmatch(rel):
+        if rel == MANIFEST or not ids().MEMBER_RE.fullmatch(rel):
             raise ArchiveError(rel, "listed in MANIFEST.json but not a path a cellbench archive holds")
         if (
             not isinstance(entry, dict)
@@ -409,7 +431,7 @@ def _check_rounds(listed: dict, limits: Limits) -> None:
     three files or it is refused: a round with only its log would be a cell without results."""
     rounds: dict[tuple[str, str | None], set[str]] = {}
     for rel in listed:
-        if found := CELL_MEMBER.fullmatch(rel):
+        if found := ids().CELL_MEMBER.fullmatch(rel):
             rounds.setdefault((found[1], found[2]), set()).add(found[3])
     if not rounds:
         raise ArchiveError(MANIFEST, "lists no cells/<cell_id>/metrics.parquet")
@@ -430,7 +452,7 @@ def check_metrics(rel: str, path: Path, manifest: dict, limits: Limits, totals: 
     manifest names; within the row and size bounds. Read batch by batch, and written again by
     cellbench's own writer in place of the archive's bytes: the aggregate (polars) then reads a
     file pyarrow wrote from checked rows, never the archive's Parquet metadata. Returns its rows."""
-    cell_id, machine_id, study = CELL_MEMBER.fullmatch(rel)[1], manifest["machine_id"], manifest["study"]
+    cell_id, machine_id, study = ids().CELL_MEMBER.fullmatch(rel)[1], manifest["machine_id"], manifest["study"]
     rewritten = path.with_name(f".{path.name}.rewritten")
     try:
         # A file, not a buffer, and no threads: on a buffer, pyarrow 26's read_table goes through
@@ -489,7 +511,7 @@ def check_study(resolved: dict, manifest: dict, rows: dict[str, int]) -> None:
     if resolved.get("study") != manifest["study"] or not isinstance(cells, dict):
         raise ArchiveError("study/resolved.json", f"not the resolved study {manifest['study']!r}")
     for rel in manifest["members"]:
-        if not (found := CELL_MEMBER.fullmatch(rel)):
+        if not (found := ids().CELL_MEMBER.fullmatch(rel)):
             continue
         cell, k = found[1], int(found[2] or 1)
         sweep = cells[cell].get("sweep") if isinstance(cells.get(cell), dict) else None
