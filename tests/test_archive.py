@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
@@ -419,6 +420,16 @@ def repeated_rows(members, rows: int) -> list:
     )
 
 
+def dictionary_bomb(members, rows: int = 16_000, size: int = 64 * 1024) -> list:
+    """A 23 KB metrics file whose `error` column is one 64 KiB string repeated: 1 GiB decoded
+    (built from string views over one buffer, so making it costs no GiB either)."""
+    table = metrics_table(members).take([0] * rows)
+    view = struct.pack("<i4sii", size, b"xxxx", 0, 0)
+    array = pa.Array.from_buffers(pa.string_view(), rows, [None, pa.py_buffer(view * rows), pa.py_buffer(b"x" * size)])
+    data = parquet_bytes(set_column(table, "error", array))
+    return with_manifest(replace(members, "metrics.parquet", data), lambda x: None, rehash=True)
+
+
 def big_pax(members) -> list:
     info, data = members[first(members, "engine.log")]
     info = tarfile.TarInfo(info.name)
@@ -486,6 +497,11 @@ CLASSES = {
         "200k repeated rows": (lambda m: repeated_rows(m, 200_000), None, "200000 rows, more than 20000 in one round"),
         "more rows than the study's points x repeats": (lambda m: repeated_rows(m, 50), None,
                                                         "50 rows, more than the 4 points x repeats"),
+        "1 GiB of rows in a 23 KB dictionary": (dictionary_bomb, None, "unpacks to more than 134217728 bytes of rows"),
+        "metrics compressed with zstd": (
+            lambda m: with_manifest(replace(m, "metrics.parquet", parquet_bytes(metrics_table(m), compression="zstd")),
+                                    lambda x: None, rehash=True),
+            None, "compressed with ZSTD; cellbench writes SNAPPY"),
         "more members than allowed": (lambda m: m, archive.Limits(members=10), "more than 10"),
         "100,000 tiny listed members": (
             lambda m: with_manifest(m, lambda x: x["members"].update(
@@ -676,6 +692,7 @@ def test_hostile_archives_import_in_bounded_memory(valid, tmp_path):
         "listed-bomb": zero_bomb(members, 200 * archive.MiB),
         "rows": repeated_rows(members, 19_000),
         "deep-json": with_metrics(members, lambda t: column_of(t, "settings_json", [nested(1_000_000)])),
+        "dictionary-bomb": dictionary_bomb(members),
     }  # fmt: skip
     paths = [str(write_streamed(tmp_path / f"{name}.tar.gz", tamper)) for name, tamper in cases.items()]
     code = (

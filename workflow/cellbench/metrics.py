@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
@@ -279,6 +280,25 @@ def parse_json_cell(text: str, kind: type) -> None:
         raise SchemaError(f"JSON nested deeper than {MAX_JSON_DEPTH}")
 
 
+def decoded_bytes(batch: pa.RecordBatch) -> int:
+    """Bytes the batch takes once its dictionary-encoded columns are decoded (counted from the
+    dictionary's value lengths, without decoding: a 1 MiB string repeated 1,000 times is 1 GiB)."""
+    total = 0
+    for column in batch.columns:
+        if pa.types.is_dictionary(column.type):
+            lengths = pc.take(pc.binary_length(column.dictionary), column.indices)
+            total += (pc.sum(lengths).as_py() or 0) + 8 * len(column)
+        else:
+            total += column.nbytes
+    return total
+
+
+def check_required(batch: pa.RecordBatch) -> None:
+    for name in batch.schema.names:
+        if not COLUMNS[name][1] and batch.column(name).null_count:
+            raise SchemaError(f"column {name!r}: null in a required column")
+
+
 def check_batch(batch: pa.RecordBatch) -> None:
     """The values of stored rows: valid UTF-8, required columns never null, a known status and
     schema version, every JSON cell parsed. What passes always aggregates."""
@@ -286,17 +306,20 @@ def check_batch(batch: pa.RecordBatch) -> None:
         batch.validate(full=True)  # invalid UTF-8 in a string column, offsets out of range
     except pa.ArrowException as exc:
         raise SchemaError(f"malformed column data ({str(exc).splitlines()[0][:120]})") from None
+    check_required(batch)
     for name in batch.schema.names:
         column = batch.column(name)
-        if not COLUMNS[name][1] and column.null_count:
-            raise SchemaError(f"column {name!r}: null in a required column")
         if name in JSON_COLUMNS:
-            for row, text in enumerate(column.to_pylist()):
-                if text is not None:
-                    try:
-                        parse_json_cell(text, JSON_COLUMNS[name])
-                    except SchemaError as exc:
-                        raise SchemaError(f"column {name!r} row {row}: {exc}") from None
+            longest = pc.max(pc.binary_length(column)).as_py() or 0
+            if longest > MAX_JSON_CELL:
+                raise SchemaError(f"column {name!r}: JSON of {longest} bytes, more than {MAX_JSON_CELL}")
+            for start in range(0, len(column), 16):  # a few cells at a time as Python strings
+                for row, text in enumerate(column.slice(start, 16).to_pylist(), start):
+                    if text is not None:
+                        try:
+                            parse_json_cell(text, JSON_COLUMNS[name])
+                        except SchemaError as exc:
+                            raise SchemaError(f"column {name!r} row {row}: {exc}") from None
     bad = set(batch.column("status").to_pylist()) - set(STATUSES)
     if bad:
         raise SchemaError(f"column 'status': {sorted(bad)[0][:40]!r} is not one of {', '.join(STATUSES)}")
