@@ -34,7 +34,14 @@ def test_ratio_to_this_machine_which_comes_first():
     assert "| base | 1 × 128→64 | 10.0 | 25.0 | 2.50× (no interval) |" in markdown  # one round each
 
 
-@pytest.mark.parametrize("column", ["schema_version", "method_version"])
+def test_rows_of_another_schema_version_are_compared():
+    """A schema version only adds (nullable) columns: the figures mean the same."""
+    points = _points(_rows("base", "here", 1, [10.0]), _rows("base", "there", 1, [20.0]), schema_version={"there": 2})
+    there = _by_machine(machines.compare(points, local="here")).loc["there"]
+    assert there["compared"] and there["vs_reference"] == 2.0
+
+
+@pytest.mark.parametrize("column", ["method_version"])
 def test_rows_of_another_version_are_not_compared_and_the_table_says_why(column):
     points = _points(_rows("base", "here", 1, [10.0]), _rows("base", "there", 1, [20.0]), **{column: {"there": 2}})
     compared = machines.compare(points, local="here")

@@ -42,7 +42,10 @@ def test_schema_refuses_bad_rows():
 def good_and_old(tmp_path):
     good, old = tmp_path / "good.parquet", tmp_path / "old.parquet"
     metrics.write_parquet(good, metrics.to_table([_row()]))
-    table = metrics.to_table([_row(schema_version=0)]).replace_schema_metadata({"cellbench.schema_version": "0"})
+    newer = metrics.SCHEMA_VERSION + 1  # written by a later cellbench
+    table = metrics.to_table([_row(schema_version=newer)]).replace_schema_metadata(
+        {"cellbench.schema_version": str(newer)}
+    )
     pq.write_table(table, old)
     return good, old
 
@@ -58,8 +61,56 @@ def good_and_old(tmp_path):
 )
 def test_rows_of_another_schema_version_are_refused_naming_the_file(good_and_old, read):
     good, old = good_and_old
-    with pytest.raises(metrics.SchemaError, match=f"{old}: schema_version 0, this cellbench reads 1"):
+    newer = metrics.SCHEMA_VERSION + 1
+    expected = f"{old}: schema_version {newer} was written by a newer cellbench .* upgrade cellbench$"
+    with pytest.raises(metrics.SchemaError, match=expected):
         read([good, old])
+
+
+def test_a_version_that_never_existed_is_refused(tmp_path):
+    path = tmp_path / "zero.parquet"
+    table = metrics.to_table([_row(schema_version=0)])
+    pq.write_table(table.replace_schema_metadata({"cellbench.schema_version": "0"}), path)
+    with pytest.raises(metrics.SchemaError, match="schema_version '0' is not a schema version"):
+        metrics.read_metrics([path])
+
+
+def grown_history():
+    """The history with one more version adding a nullable column, as a later cellbench has it."""
+    return {**metrics.COLUMN_HISTORY, metrics.SCHEMA_VERSION + 1: {"joules": (metrics._F64, True, "energy")}}
+
+
+def grow(monkeypatch, history) -> None:
+    """Install a column history in metrics the way the module derives it at import."""
+    monkeypatch.setattr(metrics, "COLUMN_HISTORY", history)
+    for name, value in zip(("SCHEMA_VERSION", "COLUMNS", "SCHEMA"), metrics.derive(history), strict=True):
+        monkeypatch.setattr(metrics, name, value)
+
+
+def test_the_column_history_derives_the_schema_by_one_rule():
+    version, columns, schema = metrics.derive(metrics.COLUMN_HISTORY)
+    assert version == max(metrics.COLUMN_HISTORY) == metrics.SCHEMA_VERSION and columns == metrics.COLUMNS
+    assert schema.metadata[b"cellbench.schema_version"] == str(version).encode()
+    version, columns, _ = metrics.derive(grown_history())
+    assert version == metrics.SCHEMA_VERSION + 1 and list(columns)[-1] == "joules"
+    with pytest.raises(metrics.SchemaError, match="must be nullable"):
+        metrics.derive({**metrics.COLUMN_HISTORY, 2: {"joules": (metrics._F64, False, "energy")}})
+    with pytest.raises(metrics.SchemaError, match="steps of one"):
+        metrics.derive({**metrics.COLUMN_HISTORY, 3: {"joules": (metrics._F64, True, "energy")}})
+    with pytest.raises(metrics.SchemaError, match="added twice"):
+        metrics.derive({**metrics.COLUMN_HISTORY, 2: {"status": (metrics._STR, True, "again")}})
+
+
+def test_after_a_column_is_added_older_files_read_it_as_null_and_newer_rows_are_kept(tmp_path, monkeypatch):
+    old = tmp_path / "old.parquet"
+    metrics.write_parquet(old, metrics.to_table([_row()]))
+    grow(monkeypatch, grown_history())
+    new = tmp_path / "new.parquet"
+    metrics.write_parquet(new, metrics.to_table([_row(schema_version=metrics.SCHEMA_VERSION, joules=3.0)]))
+    for read in (metrics.read_metrics, lambda paths: metrics.combine_metrics(paths, tmp_path / "s.parquet")
+                 or metrics.read_metrics([tmp_path / "s.parquet"])):  # fmt: skip
+        frame = read([old, new])
+        assert frame["joules"].isna().tolist() == [True, False] and frame["schema_version"].tolist() == [1, 2]
 
 
 def test_combine_streams_every_row_into_one_file_and_a_refusal_keeps_the_old_one(tmp_path, good_and_old):

@@ -80,8 +80,8 @@ def load(ref: str, runs: Path | None = None) -> pd.DataFrame:
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
     """Per machine, cell and point measured in both: B / A with its interval and significance."""
-    for column, what in (("study", "studies"), ("schema_version", "schema versions"),
-                         ("method_version", "method versions")):  # fmt: skip
+    # Not schema_version: a schema version only adds columns, null in older rows (metrics.COLUMN_HISTORY).
+    for column, what in (("study", "studies"), ("method_version", "method versions")):
         found_a, found_b = set(a[column].dropna()), set(b[column].dropna())
         if found_a and found_b and found_a != found_b:
             raise CompareError(f"runs of different {what} ({', '.join(map(str, sorted(found_a)))} vs "

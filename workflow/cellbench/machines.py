@@ -2,8 +2,9 @@
 
 A cell id is the same on every machine (its hash covers only what is measured), so rows match
 by (cell_id, point). Ratios are taken against a reference machine: this machine when it
-measured the cell, else the first other one. Rows of a different schema_version or
-method_version are shown but not compared, with the reason; so are failed points.
+measured the cell, else the first other one. Rows of a different method_version are shown but
+not compared, with the reason; so are failed points. A different schema_version is compared: a
+schema version only adds columns (metrics.COLUMN_HISTORY), which read as null where missing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .tables import Table, fmt, fmt_point, fmt_ratio, listed, ratio_text
 
 MATCH = ["cell_id", *POINT]
 VERSIONS = ("schema_version", "method_version")
+NOT_COMPARABLE = ("method_version",)  # how a figure is measured; a schema version only adds columns
 COMPARED = [
     *MATCH, "cell_name", "machine_id", "reference_machine", "device_name", "status", "output_tok_s",
     "vs_reference", "vs_reference_low", "vs_reference_high", "significance", "compared", "note", *VERSIONS,
@@ -114,7 +116,7 @@ def _versus(rows: pd.DataFrame, ref: pd.DataFrame) -> tuple[pd.Series, pd.Series
     reasons = [
         (rows[version] != ref[version], f"not compared: {version} " + rows[version].astype(str) + " vs "
          + ref[version].astype(str) + " on " + ref["machine_id"].astype(str))
-        for version in VERSIONS
+        for version in NOT_COMPARABLE
     ]  # fmt: skip
     reasons += [
         ((rows["status"] != "ok") | rows["output_tok_s"].isna(),
@@ -208,7 +210,7 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
     out += [
         "",
         f"{only_one} cell point(s) measured on one machine only are in `summary.md`. "
-        "Rows of a different schema_version or method_version (how a figure is measured) are never compared.",
+        "Rows of a different method_version (how a figure is measured) are never compared.",
         "",
     ]
     return "\n".join(out)

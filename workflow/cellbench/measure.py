@@ -23,12 +23,12 @@ UNSUPPORTED = [
 _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception)|AssertionError)\b.*", re.MULTILINE)
 
 
+POINT_AXES = ("batch_size", "input_len", "output_len")
+
+
 def points(sweep: dict) -> list[dict]:
     """The sweep's points in a fixed order: batch size x input len x output len."""
-    return [
-        {"batch_size": b, "input_len": i, "output_len": o}
-        for b, i, o in itertools.product(sweep["batch_size"], sweep["input_len"], sweep["output_len"])
-    ]
+    return [dict(zip(POINT_AXES, point, strict=True)) for point in itertools.product(*(sweep[k] for k in POINT_AXES))]
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -1,9 +1,10 @@
 """The one Parquet schema of cellbench, and atomic writes.
 
 One row per measured repeat of a point (or one row per point that could not be measured, with
-`status` and `error`). `schema_version` changes when columns change meaning; `method_version`
-changes when the way a figure is measured changes (prompt shape, warm-up, timing boundaries),
-so rows of different methods are never compared as if they were alike.
+`status` and `error`). `schema_version` grows by one with each set of columns added
+(COLUMN_HISTORY; a column never changes meaning, older rows read new columns as null);
+`method_version` changes when the way a figure is measured changes (prompt shape, warm-up,
+timing boundaries), so rows of different methods are never compared as if they were alike.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
@@ -24,91 +26,117 @@ if TYPE_CHECKING:  # pandas and polars cost a third of a second to import; cells
     import pandas as pd
     import polars as pl
 
-SCHEMA_VERSION = 1
 METHOD_VERSION = 1
 STATUSES = ("ok", "failed", "timeout", "unsupported")
 
 _STR, _INT, _F64, _BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 
-# name -> (type, nullable, description)
-COLUMNS: dict[str, tuple[pa.DataType, bool, str]] = {
-    "schema_version": (_INT, False, "version of this column set"),
-    "method_version": (_INT, False, "version of the measurement method"),
-    "study": (_STR, False, "study name"),
-    "cell_id": (_STR, False, "readable name + hash of the resolved cell"),
-    "cell_name": (_STR, False, "readable part of cell_id"),
-    "machine_id": (_STR, False, "machine the row was measured on"),
-    "run_id": (_STR, False, "one execution of the cell"),
-    "status": (_STR, False, "ok | failed | timeout | unsupported"),
-    "error": (_STR, True, "one-line reason when status is not ok"),
-    "engine": (_STR, False, "inference engine"),
-    "engine_version": (_STR, True, "engine package version inside the image"),
-    "image": (_STR, False, "image name in the study"),
-    "image_id": (_STR, True, "docker image id the cell ran on"),
-    "device": (_STR, False, "cpu | rocm | cuda"),
-    "device_name": (_STR, True, "CPU model or GPU name"),
-    "model": (_STR, False, "model name in the study"),
-    "mode": (_STR, False, "offline | serve"),
-    "dtype": (_STR, False, "dtype requested"),
-    "quantization": (_STR, True, "quantization requested"),
-    "effective_dtype": (_STR, True, "dtype the engine used"),
-    "effective_quantization": (_STR, True, "quantization the engine used"),
-    "effective_eager": (_BOOL, True, "engine ran without graph capture / compile"),
-    "batch_size": (_INT, False, "requests per point"),
-    "input_len": (_INT, False, "prompt tokens per request"),
-    "output_len": (_INT, False, "output tokens per request"),
-    "repeat": (_INT, True, "repeat index; null on a row for a point never measured"),
-    "output_tok_s": (_F64, True, "generated tokens / wall seconds"),
-    "total_tok_s": (_F64, True, "(prompt + generated tokens) / wall seconds"),
-    "requests_s": (_F64, True, "requests / wall seconds"),
-    "duration_s": (_F64, True, "wall seconds of the point"),
-    "latency_p50_s": (_F64, True, "end-to-end request latency, median"),
-    "latency_p90_s": (_F64, True, "end-to-end request latency, 90th percentile"),
-    "latency_p99_s": (_F64, True, "end-to-end request latency, 99th percentile"),
-    "ttft_p50_s": (_F64, True, "time to first token, median"),
-    "ttft_p99_s": (_F64, True, "time to first token, 99th percentile"),
-    "tpot_p50_s": (_F64, True, "time per output token after the first, median"),
-    "tpot_p99_s": (_F64, True, "time per output token after the first, 99th percentile"),
-    "output_tokens": (_INT, True, "tokens generated in the point (checks fixed length)"),
-    "load_s": (_F64, True, "engine construction seconds (cell-level)"),
-    "peak_memory_mb": (_F64, True, "peak memory of the container (cell-level)"),
-    "started_at": (_STR, True, "UTC start of the cell run"),
-    "finished_at": (_STR, True, "UTC end of the cell run"),
-    "config_hash": (_STR, False, "hash of the study config"),
-    "git_sha": (_STR, True, "project commit"),
-    "settings_json": (_STR, False, "the resolved cell as JSON (requested settings)"),
-    "effective_json": (_STR, True, "engine settings as the engine resolved them, JSON"),
-    "host_load_max": (_F64, True, "highest 1-min load average of the host seen around the cell"),
-    "overrides_json": (_STR, True, "requested settings the engine did not use as asked, JSON list"),
-    "findings_json": (_STR, True, "known log signatures found in the cell's engine log, JSON list"),
-    "weight_bytes": (_INT, True, "model weight bytes as the engine holds them (roofline context)"),
-    "ttft_mean_s": (_F64, True, "time to first token, mean"),
-    "tpot_mean_s": (_F64, True, "time per output token after the first, mean"),
-    "itl_mean_s": (_F64, True, "inter-token latency (gap between streamed chunks), mean; serve mode"),
-    "itl_p50_s": (_F64, True, "inter-token latency, median; serve mode"),
-    "itl_p90_s": (_F64, True, "inter-token latency, 90th percentile; serve mode"),
-    "itl_p99_s": (_F64, True, "inter-token latency, 99th percentile; serve mode"),
-    # Rounds and the host's fitness (null in files written before rounds: "not measured").
-    "round": (_INT, True, "round of the cell (a fresh container and engine load), from 1"),
-    "canary_matmul_1t_gflops": (_F64, True, "host canary before the engine loaded: float32 matmul, 1 thread"),
-    "canary_matmul_all_gflops": (_F64, True, "host canary: float32 matmul, one process per CPU of the cell"),
-    "canary_memcpy_gb_s": (_F64, True, "host canary: memory copy, bytes read + written per second"),
-    "host_foreign_cpu": (_F64, True, "CPU cores used outside the cell's container during the repeat"),
-    "host_steal_cpu": (_F64, True, "CPU cores the hypervisor stole during the repeat"),
-    "versions_json": (_STR, True, "package versions inside the image (engine, torch, transformers, numpy), JSON"),
+# The column history: schema version -> the columns it added, name -> (type, nullable,
+# description). It is the one source of truth of the schema: COLUMNS, SCHEMA and SCHEMA_VERSION
+# are derived from it (pyperf keeps a history of its JSON format's versions the same way, beside
+# the code that reads them). The one rule: a new column goes into a new entry
+# SCHEMA_VERSION + 1, nullable, so files written before it read it as null ("not measured",
+# never 0); a file of a version newer than the last entry is refused (upgrade cellbench).
+# Version 1 grew before this history existed: its nullable columns may be absent from its files.
+COLUMN_HISTORY: dict[int, dict[str, tuple[pa.DataType, bool, str]]] = {
+    1: {
+        "schema_version": (_INT, False, "version of this column set"),
+        "method_version": (_INT, False, "version of the measurement method"),
+        "study": (_STR, False, "study name"),
+        "cell_id": (_STR, False, "readable name + hash of the resolved cell"),
+        "cell_name": (_STR, False, "readable part of cell_id"),
+        "machine_id": (_STR, False, "machine the row was measured on"),
+        "run_id": (_STR, False, "one execution of the cell"),
+        "status": (_STR, False, "ok | failed | timeout | unsupported"),
+        "error": (_STR, True, "one-line reason when status is not ok"),
+        "engine": (_STR, False, "inference engine"),
+        "engine_version": (_STR, True, "engine package version inside the image"),
+        "image": (_STR, False, "image name in the study"),
+        "image_id": (_STR, True, "docker image id the cell ran on"),
+        "device": (_STR, False, "cpu | rocm | cuda"),
+        "device_name": (_STR, True, "CPU model or GPU name"),
+        "model": (_STR, False, "model name in the study"),
+        "mode": (_STR, False, "offline | serve"),
+        "dtype": (_STR, False, "dtype requested"),
+        "quantization": (_STR, True, "quantization requested"),
+        "effective_dtype": (_STR, True, "dtype the engine used"),
+        "effective_quantization": (_STR, True, "quantization the engine used"),
+        "effective_eager": (_BOOL, True, "engine ran without graph capture / compile"),
+        "batch_size": (_INT, False, "requests per point"),
+        "input_len": (_INT, False, "prompt tokens per request"),
+        "output_len": (_INT, False, "output tokens per request"),
+        "repeat": (_INT, True, "repeat index; null on a row for a point never measured"),
+        "output_tok_s": (_F64, True, "generated tokens / wall seconds"),
+        "total_tok_s": (_F64, True, "(prompt + generated tokens) / wall seconds"),
+        "requests_s": (_F64, True, "requests / wall seconds"),
+        "duration_s": (_F64, True, "wall seconds of the point"),
+        "latency_p50_s": (_F64, True, "end-to-end request latency, median"),
+        "latency_p90_s": (_F64, True, "end-to-end request latency, 90th percentile"),
+        "latency_p99_s": (_F64, True, "end-to-end request latency, 99th percentile"),
+        "ttft_p50_s": (_F64, True, "time to first token, median"),
+        "ttft_p99_s": (_F64, True, "time to first token, 99th percentile"),
+        "tpot_p50_s": (_F64, True, "time per output token after the first, median"),
+        "tpot_p99_s": (_F64, True, "time per output token after the first, 99th percentile"),
+        "output_tokens": (_INT, True, "tokens generated in the point (checks fixed length)"),
+        "load_s": (_F64, True, "engine construction seconds (cell-level)"),
+        "peak_memory_mb": (_F64, True, "peak memory of the container (cell-level)"),
+        "started_at": (_STR, True, "UTC start of the cell run"),
+        "finished_at": (_STR, True, "UTC end of the cell run"),
+        "config_hash": (_STR, False, "hash of the study config"),
+        "git_sha": (_STR, True, "project commit"),
+        "settings_json": (_STR, False, "the resolved cell as JSON (requested settings)"),
+        "effective_json": (_STR, True, "engine settings as the engine resolved them, JSON"),
+        "host_load_max": (_F64, True, "highest 1-min load average of the host seen around the cell"),
+        "overrides_json": (_STR, True, "requested settings the engine did not use as asked, JSON list"),
+        "findings_json": (_STR, True, "known log signatures found in the cell's engine log, JSON list"),
+        "weight_bytes": (_INT, True, "model weight bytes as the engine holds them (roofline context)"),
+        "ttft_mean_s": (_F64, True, "time to first token, mean"),
+        "tpot_mean_s": (_F64, True, "time per output token after the first, mean"),
+        "itl_mean_s": (_F64, True, "inter-token latency (gap between streamed chunks), mean; serve mode"),
+        "itl_p50_s": (_F64, True, "inter-token latency, median; serve mode"),
+        "itl_p90_s": (_F64, True, "inter-token latency, 90th percentile; serve mode"),
+        "itl_p99_s": (_F64, True, "inter-token latency, 99th percentile; serve mode"),
+        # Rounds and the host's fitness (null in files written before rounds: "not measured").
+        "round": (_INT, True, "round of the cell (a fresh container and engine load), from 1"),
+        "canary_matmul_1t_gflops": (_F64, True, "host canary before the engine loaded: float32 matmul, 1 thread"),
+        "canary_matmul_all_gflops": (_F64, True, "host canary: float32 matmul, one process per CPU of the cell"),
+        "canary_memcpy_gb_s": (_F64, True, "host canary: memory copy, bytes read + written per second"),
+        "host_foreign_cpu": (_F64, True, "CPU cores used outside the cell's container during the repeat"),
+        "host_steal_cpu": (_F64, True, "CPU cores the hypervisor stole during the repeat"),
+        "versions_json": (_STR, True, "package versions inside the image (engine, torch, transformers, numpy), JSON"),
+    },
+    # 2: {"new_metric_s": (_F64, True, "what it measures")},  <- how the next column comes in
 }
-# Columns a file may lack: it was written before they existed, and they read as null. A missing
-# required column makes a file unreadable.
-OPTIONAL_COLUMNS = {name for name, (_, nullable, _) in COLUMNS.items() if nullable}
-
-SCHEMA = pa.schema(
-    [pa.field(name, typ, nullable=nullable) for name, (typ, nullable, _) in COLUMNS.items()],
-    metadata={"cellbench.schema_version": str(SCHEMA_VERSION)},
-)
+# Columns holding JSON, and the JSON type of their value: import parses every cell of them.
+JSON_COLUMNS = {"settings_json": dict, "effective_json": dict, "overrides_json": list, "findings_json": list,
+                "versions_json": dict}  # fmt: skip
 
 
 class SchemaError(ValueError):
     pass
+
+
+def derive(history: dict) -> tuple[int, dict[str, tuple[pa.DataType, bool, str]], pa.Schema]:
+    """(SCHEMA_VERSION, COLUMNS, SCHEMA) of a column history, checking its one rule."""
+    if sorted(history) != list(range(1, len(history) + 1)):
+        raise SchemaError(f"column history versions {sorted(history)} are not 1, 2, 3, ... in steps of one")
+    columns: dict[str, tuple[pa.DataType, bool, str]] = {}
+    for version, added in sorted(history.items()):
+        for name, (typ, nullable, description) in added.items():
+            if name in columns:
+                raise SchemaError(f"column history: {name} added twice")
+            if version > 1 and not nullable:
+                raise SchemaError(f"column history: {name} (version {version}) must be nullable: older files lack it")
+            columns[name] = (typ, nullable, description)
+    version = max(history)
+    schema = pa.schema(
+        [pa.field(name, typ, nullable=nullable) for name, (typ, nullable, _) in columns.items()],
+        metadata={"cellbench.schema_version": str(version)},
+    )
+    return version, columns, schema
+
+
+SCHEMA_VERSION, COLUMNS, SCHEMA = derive(COLUMN_HISTORY)
 
 
 def to_table(rows: Iterable[dict]) -> pa.Table:
@@ -183,7 +211,120 @@ def polars_schema() -> pl.Schema:
 def stored_schema_version(file: pq.ParquetFile) -> str:
     """The schema version a Parquet file declares in its key-value metadata (where pyarrow and
     polars writers both keep ours), or "?"."""
-    return (file.metadata.metadata or {}).get(b"cellbench.schema_version", b"?").decode(errors="replace")
+    return (file.metadata.metadata or {}).get(b"cellbench.schema_version", b"?").decode(errors="replace")[:20]
+
+
+def check_version(version) -> int:
+    """A stored schema version this cellbench reads (1 .. SCHEMA_VERSION), as an int."""
+    text = str(version)
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text[:6]) < 10**5:
+        raise SchemaError(f"schema_version {text[:20]!r} is not a schema version")
+    if int(text) > SCHEMA_VERSION:
+        raise SchemaError(
+            f"schema_version {int(text)} was written by a newer cellbench (this one reads up to "
+            f"{SCHEMA_VERSION}); upgrade cellbench"
+        )
+    return int(text)
+
+
+# Stored types a column may have besides its own: the three Arrow string layouts are one Parquet type.
+_SAME_TYPE = {pa.string(): (pa.large_string(), pa.string_view())}
+
+
+def check_file_schema(schema: pa.Schema, declared: str) -> int:
+    """The columns of a stored file against the history: refuse a newer version, an unknown
+    column, a required column missing, a column whose type is not the schema's (a number stored
+    as a string would break every aggregate); missing nullable columns read as null."""
+    version = check_version(declared)
+    unknown = [name for name in schema.names if name not in COLUMNS]
+    if unknown:
+        raise SchemaError(f"column {unknown[0][:64]!r} is not in schema version {version} or any earlier one")
+    if len(set(schema.names)) != len(schema.names):
+        raise SchemaError("a column appears twice")
+    missing = [name for name, (_, nullable, _) in COLUMNS.items() if not nullable and name not in schema.names]
+    if missing:
+        raise SchemaError(f"required column {missing[0]!r} is missing")
+    for field in schema:
+        want = COLUMNS[field.name][0]
+        if field.type != want and field.type not in _SAME_TYPE.get(want, ()):
+            raise SchemaError(f"column {field.name!r} is {field.type}, the schema says {want}")
+    return version
+
+
+MAX_JSON_DEPTH = 32  # the deepest JSON cellbench writes (a resolved cell) nests 4 levels
+MAX_JSON_CELL = 1 << 20  # characters of one JSON cell; a resolved cell's settings are ~2 KB
+
+
+def json_depth(value) -> int:
+    """How many levels of containers a parsed JSON value nests (a scalar 0, [] 1), without recursion."""
+    level, depth = [value], 0
+    while containers := [item for item in level if isinstance(item, dict | list)]:
+        depth += 1
+        level = [v for item in containers for v in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
+def parse_json_cell(text: str, kind: type) -> None:
+    """Refuse a JSON cell that is not JSON, nests deeper than MAX_JSON_DEPTH or is not `kind`."""
+    if len(text) > MAX_JSON_CELL:
+        raise SchemaError(f"JSON of {len(text)} characters, more than {MAX_JSON_CELL}")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise SchemaError(f"JSON nested deeper than {MAX_JSON_DEPTH}") from None
+    except ValueError as exc:
+        raise SchemaError(f"not JSON ({str(exc).splitlines()[0][:80]})") from None
+    if not isinstance(value, kind):
+        raise SchemaError(f"JSON {type(value).__name__}, expected a JSON {'object' if kind is dict else 'list'}")
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise SchemaError(f"JSON nested deeper than {MAX_JSON_DEPTH}")
+
+
+def decoded_bytes(batch: pa.RecordBatch) -> int:
+    """Bytes the batch takes once its dictionary-encoded columns are decoded (counted from the
+    dictionary's value lengths, without decoding: a 1 MiB string repeated 1,000 times is 1 GiB)."""
+    total = 0
+    for column in batch.columns:
+        if pa.types.is_dictionary(column.type):
+            lengths = pc.take(pc.binary_length(column.dictionary), column.indices)
+            total += (pc.sum(lengths).as_py() or 0) + 8 * len(column)
+        else:
+            total += column.nbytes
+    return total
+
+
+def check_required(batch: pa.RecordBatch) -> None:
+    for name in batch.schema.names:
+        if not COLUMNS[name][1] and batch.column(name).null_count:
+            raise SchemaError(f"column {name!r}: null in a required column")
+
+
+def check_batch(batch: pa.RecordBatch) -> None:
+    """The values of stored rows: valid UTF-8, required columns never null, a known status and
+    schema version, every JSON cell parsed. What passes always aggregates."""
+    try:
+        batch.validate(full=True)  # invalid UTF-8 in a string column, offsets out of range
+    except pa.ArrowException as exc:
+        raise SchemaError(f"malformed column data ({str(exc).splitlines()[0][:120]})") from None
+    check_required(batch)
+    for name in batch.schema.names:
+        column = batch.column(name)
+        if name in JSON_COLUMNS:
+            longest = pc.max(pc.binary_length(column)).as_py() or 0
+            if longest > MAX_JSON_CELL:
+                raise SchemaError(f"column {name!r}: JSON of {longest} bytes, more than {MAX_JSON_CELL}")
+            for start in range(0, len(column), 16):  # a few cells at a time as Python strings
+                for row, text in enumerate(column.slice(start, 16).to_pylist(), start):
+                    if text is not None:
+                        try:
+                            parse_json_cell(text, JSON_COLUMNS[name])
+                        except SchemaError as exc:
+                            raise SchemaError(f"column {name!r} row {row}: {exc}") from None
+    bad = set(batch.column("status").to_pylist()) - set(STATUSES)
+    if bad:
+        raise SchemaError(f"column 'status': {sorted(bad)[0][:40]!r} is not one of {', '.join(STATUSES)}")
+    for version in set(batch.column("schema_version").to_pylist()):
+        check_version(version)
 
 
 def _scan(paths: list[str], file_column: str | None = None) -> pl.LazyFrame:
@@ -222,9 +363,12 @@ def combine_metrics(paths: Iterable[str | Path], out: str | Path) -> None:
 
 
 def _wrong_version(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Rows of a schema version this cellbench does not read (older ones it reads: their missing
+    columns are null)."""
     import polars as pl
 
-    return frame.filter(pl.col("schema_version").ne_missing(SCHEMA_VERSION))
+    version = pl.col("schema_version")
+    return frame.filter(version.is_null() | (version < 1) | (version > SCHEMA_VERSION))
 
 
 def scan_metrics(paths: Iterable[str | Path]) -> pl.LazyFrame:
@@ -252,8 +396,10 @@ def _refuse_wrong_version(paths: list[str]) -> None:
 
 
 def _check_version(path, version) -> None:
-    if str(version) != str(SCHEMA_VERSION):
-        raise SchemaError(f"{path}: schema_version {version}, this cellbench reads {SCHEMA_VERSION}")
+    try:
+        check_version(version)
+    except SchemaError as exc:
+        raise SchemaError(f"{path}: {exc}") from None
 
 
 def _read_each(paths: list[str]) -> pa.Table:
