@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
 import pandas as pd  # noqa: E402
-from cellbench import config, containers, fidelity, images, metrics, models, paths, provenance, runner  # noqa: E402
+from cellbench import atomic, config, containers, fidelity, images, models, paths, provenance, runner  # noqa: E402
 
 POINTS = {
     # vLLM: the reference's 32 prompts are one cellbench batch of 32 (one generate call each).
@@ -81,7 +81,7 @@ def run_reference(cell: dict, manifest: dict, model_dir: Path, command: list[str
         log = Path(out) / "reference.log"
         code, timed_out = runner.run_container(argv, containers.container_name(cell["id"], run_id), log, 1800)
         text = log.read_text(errors="replace")
-    metrics.write_text_atomic(Path("results/fidelity") / f"{cell['name']}-reference-{run_id}.log", text)
+    atomic.write_text(Path("results/fidelity") / f"{cell['name']}-reference-{run_id}.log", text)
     if timed_out or code:
         raise RuntimeError(f"reference benchmark of {cell['name']} failed (exit {code}); see results/fidelity/")
     return text
@@ -147,9 +147,7 @@ def main() -> int:
     for engine, found in pairs.items():
         result = fidelity.against_reference(engine, [m for m, _ in found], [r for _, r in found])
         results.append({**result, "rounds": found, "commands": commands[engine]})
-    metrics.write_json_atomic(
-        Path("results/fidelity/fidelity.json"), {"machine_id": context["machine"], "results": results}
-    )
+    atomic.write_json(Path("results/fidelity/fidelity.json"), {"machine_id": context["machine"], "results": results})
     print(f"{'engine':9} {'figure':26} {'cellbench':>10} {'reference':>10} {'ratio':>7} {'95 % interval':22} goal")
     for r in results:
         figure = "output tok/s (batch 32)" if r["engine"] == "vllm" else "total tok/s (-pg 128,128)"

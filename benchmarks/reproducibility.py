@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
 import pandas as pd  # noqa: E402
-from cellbench import aggregate, config, metrics  # noqa: E402
+from cellbench import aggregate, atomic, config, metrics  # noqa: E402
 
 BURN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
@@ -121,7 +121,7 @@ def main() -> int:
         record["run1_s"] = json.loads((workdir / "run1.json").read_text())["run1_s"]
     else:
         record["run1_s"] = run_study(run1, configfile)
-        metrics.write_json_atomic(workdir / "run1.json", {"run1_s": record["run1_s"]})
+        atomic.write_json(workdir / "run1.json", {"run1_s": record["run1_s"]})
     if not args.analyze_only:
         record["host_between"] = host_state()
         burner = None
@@ -187,7 +187,7 @@ def main() -> int:
         print(f"  {' '.join(map(str, name))}: {first[name]} -> {second.get(name, 'no verdict')} ({said})")
     if wrong_in_2:
         print(f"run 2 stated {len(wrong_in_2)} verdict(s) against run 1's")
-    metrics.write_json_atomic(
+    atomic.write_json(
         workdir / "reproducibility.json",
         {**record, **summary, "outcome": {" ".join(map(str, k)): v for k, v in outcome.items()},
          "points": table.to_dict("records"), "statistics": settings},

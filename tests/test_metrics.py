@@ -3,7 +3,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from cellbench import metrics
+from cellbench import atomic, metrics
 
 
 def _row(**overrides):
@@ -152,13 +152,13 @@ def test_no_files_is_an_empty_table_in_the_schema(tmp_path):
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "x.json"
-    metrics.write_json_atomic(path, {"a": 1})
+    atomic.write_json(path, {"a": 1})
 
     def explode(tmp):
         Path(tmp).write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        metrics.write_atomic(path, explode)
+        atomic.write_with(path, explode)
     assert path.read_text().strip().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]

@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import config, measure, metrics, paths
+from . import atomic, config, measure, metrics, paths
 
 FORMAT = "cellbench-archive"
 FORMAT_VERSION = 1
@@ -278,7 +278,7 @@ def write_archive(target: Path, manifest: dict, members: dict[str, Path]) -> Non
                     tar.addfile(_tarinfo(rel, manifest["members"][rel]["bytes"], mtime), handle)
         os.chmod(tmp, 0o644)  # meant to be shared; mkstemp makes it private
 
-    metrics.write_atomic(target, write)
+    atomic.write_with(target, write)
 
 
 def create(

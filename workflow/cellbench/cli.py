@@ -13,6 +13,7 @@ from pathlib import Path
 # them: `run-cell` runs once per cell, and their import time would be paid by every cell.
 from . import (
     archive,
+    atomic,
     config,
     devices,
     doctor,
@@ -108,11 +109,11 @@ def cmd_report(args) -> int:
     found = expectations.verdicts(points, json.loads(args.expectations))
     sentences = expectations.ratio_sentences(points, args.baseline_name)
     tables, html_path = Path(args.tables), Path(args.html)
-    metrics.write_text_atomic(paths.diagnostics(tables), diagnostics.diagnostics_markdown(cells, args.study))
-    metrics.write_text_atomic(paths.verdicts(tables), verdicts.verdicts_markdown(found, sentences, points, args.study))
+    atomic.write_text(paths.diagnostics(tables), diagnostics.diagnostics_markdown(cells, args.study))
+    atomic.write_text(paths.verdicts(tables), verdicts.verdicts_markdown(found, sentences, points, args.study))
     drawn = plots.write_plots(points, Path(args.plots))
     page = report_html.page(args.study, args.baseline_name, points, found, sentences, cells, drawn, html_path)
-    metrics.write_text_atomic(html_path, page)
+    atomic.write_text(html_path, page)
     print(f"cellbench: report: {html_path}, {paths.diagnostics(tables)}, {paths.verdicts(tables)}")
     return 0
 

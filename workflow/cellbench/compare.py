@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import polars as pl
 
-from . import aggregate, metrics, paths, stats
+from . import aggregate, atomic, metrics, paths, stats
 from .aggregate import POINT
 from .tables import fmt
 
@@ -42,7 +42,7 @@ def snapshot(summary: Path, machine_id: str, runs: Path | None = None) -> Path |
         if last == executions:
             return None
     out = runs / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.parquet"
-    metrics.write_atomic(out, lambda tmp: rows.sink_parquet(tmp))
+    atomic.write_with(out, lambda tmp: rows.sink_parquet(tmp))
     return out
 
 

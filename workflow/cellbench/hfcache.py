@@ -16,7 +16,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .metrics import write_json_atomic
+from .atomic import write_json
 from .models import ModelError, file_hashes, replace_dir
 from .paths import MODEL_MANIFEST
 
@@ -113,7 +113,7 @@ def prepare(name: str, spec: dict, out_dir: Path, log_path: Path, environ: dict[
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir.parent))
     try:
-        write_json_atomic(tmp / MODEL_MANIFEST, manifest)
+        write_json(tmp / MODEL_MANIFEST, manifest)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import locks
-from .metrics import write_json_atomic
+from .atomic import write_json
 from .provenance import PROJECT_ROOT
 
 LOCAL_BASE = "cellbench/base:bookworm"
@@ -175,7 +175,7 @@ def build_image(name: str, spec: dict, manifest_path: Path, log_path: Path) -> d
             "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "build_log": str(log_path),
         }
-    write_json_atomic(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return manifest
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import contract, paths, report, stats
+from . import atomic, contract, paths, report, stats
 from .aggregate import POINT
-from .metrics import write_text_atomic
 from .tables import Table, fmt, fmt_point, fmt_ratio, listed, ratio_text
 
 MATCH = ["cell_id", *POINT]
@@ -226,6 +225,6 @@ def _ratio_text(entry) -> str:
 def write_tables(points: pd.DataFrame, local: str, tables_dir: Path) -> list[Path]:
     compared = compare(points, local)
     md, csv = paths.machines_markdown(tables_dir), paths.machines_csv(tables_dir)
-    write_text_atomic(md, machines_markdown(points, compared, local))
-    write_text_atomic(csv, report.csv_text(compared))
+    atomic.write_text(md, machines_markdown(points, compared, local))
+    atomic.write_text(csv, report.csv_text(compared))
     return [md, csv]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
+
+from . import atomic
 
 if TYPE_CHECKING:  # pandas and polars cost a third of a second to import; cells never need them
     import pandas as pd
@@ -171,34 +171,8 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} is not a metrics value")
 
 
-def atomic_path(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
-def write_atomic(path: str | Path, write) -> None:
-    """Call write(tmp_path) then rename over `path`: readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = atomic_path(path)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_json_atomic(path: str | Path, value) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-
-
 def write_parquet(path: str | Path, table: pa.Table) -> None:
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    atomic.write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def polars_schema() -> pl.Schema:
@@ -359,7 +333,7 @@ def combine_metrics(paths: Iterable[str | Path], out: str | Path) -> None:
         if not _wrong_version(pl.scan_parquet(tmp)).head(1).collect().is_empty():
             _refuse_wrong_version(paths)
 
-    write_atomic(out, write)
+    atomic.write_with(out, write)
 
 
 def _wrong_version(frame: pl.LazyFrame) -> pl.LazyFrame:

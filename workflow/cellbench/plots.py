@@ -11,14 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from . import paths  # noqa: E402
-from .metrics import write_atomic  # noqa: E402
+from .atomic import write_with  # noqa: E402
 
 PLOTS = paths.PLOTS
 
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import pandas as pd
 import polars as pl
 
-from . import aggregate, paths
-from .metrics import write_text_atomic
+from . import aggregate, atomic, paths
 from .tables import Mark, Stack, Table, fmt, fmt_point, fmt_ratio, listed, ratio_text
 
 
@@ -314,7 +313,7 @@ def write_tables(
     fastest = aggregate.fastest_per_point(points, confidence) if not points.empty else pd.DataFrame()
     md = paths.summary_markdown(tables_dir)
     csv = paths.summary_csv(tables_dir)
-    write_text_atomic(md, summary_markdown(points, fastest, study, baseline_name, confidence))
+    atomic.write_text(md, summary_markdown(points, fastest, study, baseline_name, confidence))
     dropped = ["effective_json", *aggregate.LIST_COLUMNS]
-    write_text_atomic(csv, csv_text(points.drop(columns=dropped, errors="ignore")))
+    atomic.write_text(csv, csv_text(points.drop(columns=dropped, errors="ignore")))
     return [md, csv]

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import (
+    atomic,
     containers,
     devices,
     diagnose,
@@ -316,7 +317,7 @@ def record_round(prepared: PreparedRound, ran: ContainerRun, *, study: str, conf
     staged = prepared.outputs()
     metrics_file, provenance_file, _engine_log = staged  # the run directory's copies, in that order
     metrics.write_parquet(metrics_file, table)
-    metrics.write_json_atomic(provenance_file, record)
+    atomic.write_json(provenance_file, record)
     paths.round_dir(cell["id"], prepared.round).mkdir(parents=True, exist_ok=True)
     _publish(staged)
     return record["status"]
