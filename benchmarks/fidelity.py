@@ -76,7 +76,7 @@ def run_reference(cell: dict, manifest: dict, model_dir: Path, command: list[str
     with tempfile.TemporaryDirectory(prefix=".reference-", dir=Path.cwd()) as out:
         argv = containers.docker_run_command(
             cell, run_id=run_id, image_ref=manifest["image_id"], model_dir=str(model_dir), out_dir=out,
-            scripts_dir=str(runner.SCRIPTS_DIR), command=command,
+            scripts_dir=str(paths.SCRIPTS_DIR), command=command,
         )  # fmt: skip
         log = Path(out) / "reference.log"
         code, timed_out = runner.run_container(argv, containers.container_name(cell["id"], run_id), log, 1800)

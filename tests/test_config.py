@@ -429,7 +429,7 @@ def _project(tmp_path: Path, monkeypatch) -> Path:
         (tmp_path / "containers" / name).mkdir(parents=True)
         (tmp_path / "containers" / name / "Dockerfile").write_text("FROM scratch\n")
     (tmp_path / "containers" / "sibling" / "requirements.lock").write_text("")
-    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(paths, "PROJECT_ROOT", tmp_path)
     return tmp_path
 
 

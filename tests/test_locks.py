@@ -5,7 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cellbench import config, images, locks
+from cellbench import config, images, locks, paths
 
 H1 = "sha256:" + "a" * 64
 H2 = "sha256:" + "b" * 64
@@ -85,7 +85,7 @@ def test_the_lock_file_is_named_and_must_sit_beside_its_requirements(tmp_path):
 
 @pytest.mark.parametrize("image", ["cpu", "llamacpp"])
 def test_the_committed_locks_meet_their_requirements(image):
-    locks.check_lock_file(config.PROJECT_ROOT / "containers" / image / "requirements.lock")
+    locks.check_lock_file(paths.PROJECT_ROOT / "containers" / image / "requirements.lock")
 
 
 def test_a_stale_lock_is_refused_by_validate(study, tmp_path, monkeypatch):
@@ -94,7 +94,7 @@ def test_a_stale_lock_is_refused_by_validate(study, tmp_path, monkeypatch):
     (context / "Dockerfile").write_text("FROM scratch\n")
     (context / "requirements.txt").write_text("torch==2.14.1\n")
     (context / "requirements.lock").write_text(LOCK)
-    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(paths, "PROJECT_ROOT", tmp_path)
     study["images"] = {"cpu": {**study["images"]["cpu"], "wheelhouse": "requirements.lock"}}
     study["images"]["llamacpp"] = {**study["images"]["cpu"]}
     with pytest.raises(config.ConfigError) as raised:
@@ -119,7 +119,7 @@ def test_build_image_refuses_a_stale_lock_before_anything_runs(tmp_path, monkeyp
     (context / "Dockerfile").write_text("FROM scratch\n")
     (context / "requirements.txt").write_text("gguf==0.19.0\n")
     (context / "requirements.lock").write_text(LOCK)
-    monkeypatch.setattr(images, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(paths, "PROJECT_ROOT", tmp_path)
     spec = {"context": "containers/cpu", "device": "cpu", "wheelhouse": "requirements.lock"}
     log = tmp_path / "logs" / "cpu.log"
     with pytest.raises(images.ImageError) as raised:

@@ -128,7 +128,7 @@ def cmd_rerun(args) -> int:
         return 2
     # Every round of the cell, interleaved with nothing else: the other cells' rounds stand.
     targets = [str(path) for path in paths.round_files({matches[0]["id"]: matches[0]})]
-    snakefile = str(provenance.PROJECT_ROOT / "Snakefile")
+    snakefile = str(paths.PROJECT_ROOT / "Snakefile")
     argv = [
         "snakemake",
         "--cores",

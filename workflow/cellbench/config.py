@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import contract, locks
+from . import contract, locks, paths
 
 if TYPE_CHECKING:
     import jsonschema
@@ -41,7 +41,6 @@ IDENTITY_KEYS = (
     "mode",
     "sweep",
 )
-PROJECT_ROOT = SCHEMA_PATH.parents[2]
 
 
 class ConfigError(ValueError):
@@ -682,7 +681,7 @@ def _inside(base: Path, label: str, value: str, key: str, expected: str) -> Path
 def _check_tree(folder: Path, key: str, label: str) -> None:
     """No file or folder in a build context links outside the project (its copy would take the
     target's content into the image)."""
-    root = PROJECT_ROOT.resolve()
+    root = paths.PROJECT_ROOT.resolve()
     for parent, dirs, files in os.walk(folder):
         for entry in [*dirs, *files]:
             path = Path(parent) / entry
@@ -700,8 +699,10 @@ def _check_paths(config: dict) -> None:
     package, revision, repo id, base tag) has a strict pattern in the schema."""
     for name, image in config["images"].items():
         key = f"images.{name}.context"
-        context = _inside(PROJECT_ROOT, "the project root", image["context"], key, "a folder under the project root")
-        if context == PROJECT_ROOT.resolve():
+        context = _inside(
+            paths.PROJECT_ROOT, "the project root", image["context"], key, "a folder under the project root"
+        )
+        if context == paths.PROJECT_ROOT.resolve():
             raise ConfigError(
                 f"config: {key}: {_quote(image['context'])} is the project root itself; expected a folder under it"
             )

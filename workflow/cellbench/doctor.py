@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import containers, devices, hfcache, images, models, runtimes
+from . import containers, devices, hfcache, images, models, paths, runtimes
 
 OK, WARN, FAIL = "✅", "⚠️", "❌"
 # Rough unpacked sizes of the engine images by device kind, to judge free disk before a build
@@ -102,7 +102,7 @@ def gather(study: dict | None, environ: dict[str, str], root: str = "/") -> dict
         facts["runtime"], facts["device_errors"] = "docker", [*facts["device_errors"], str(exc)]
     if study:
         for name, spec in study["images"].items():
-            context = images.PROJECT_ROOT / spec["context"]
+            context = paths.PROJECT_ROOT / spec["context"]
             dockerfile = context / "Dockerfile"
             base = spec.get("base") or (dockerfile.is_file() and images.declared_base(dockerfile.read_text())) or None
             present = bool(facts["docker_server"] and base and images.image_id(base))

@@ -17,9 +17,8 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import locks
+from . import locks, paths
 from .atomic import write_json
-from .provenance import PROJECT_ROOT
 
 LOCAL_BASE = "cellbench/base:bookworm"
 
@@ -82,7 +81,7 @@ def declared_base(dockerfile: str) -> str | None:
 def ensure_base(base: str, log) -> str:
     """Return the base image id, building the local base or pulling a named one if missing."""
     if base == LOCAL_BASE:
-        if _run(["bash", str(PROJECT_ROOT / "containers" / "base" / "build.sh"), base], log).returncode:
+        if _run(["bash", str(paths.PROJECT_ROOT / "containers" / "base" / "build.sh"), base], log).returncode:
             raise ImageError(f"building the local base image {base} failed; see the image log")
     elif image_id(base) is None:
         log.write(f"$ docker pull {base}\n")
@@ -125,7 +124,7 @@ def ensure_wheelhouse(lock: Path, log) -> Path:
 
 
 def build_image(name: str, spec: dict, manifest_path: Path, log_path: Path) -> dict:
-    context = PROJECT_ROOT / spec["context"]
+    context = paths.PROJECT_ROOT / spec["context"]
     if not (context / "Dockerfile").is_file():
         raise ImageError(f"images.{name}.context: no Dockerfile in {context}")
     lock = context / spec["wheelhouse"] if spec.get("wheelhouse") else None

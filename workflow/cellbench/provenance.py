@@ -10,10 +10,9 @@ import socket
 import subprocess
 from pathlib import Path
 
+from . import paths
 from .config import MACHINE_ID_ENV, check_machine_id
 from .contract import is_secret_name
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cpu_model() -> str:
@@ -46,10 +45,10 @@ def git_sha() -> str | None:
     """The project's commit, with '-dirty' when the work tree differs from it."""
     try:
         sha = subprocess.run(
-            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(paths.PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(paths.PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             check=True,

@@ -39,8 +39,6 @@ from . import (
     slots,
 )
 
-SCRIPTS_DIR = provenance.PROJECT_ROOT / "scripts"
-
 
 class Interrupted(Exception):
     pass
@@ -236,7 +234,7 @@ def run_round(prepared: PreparedRound) -> ContainerRun:
             image_ref=prepared.image_manifest["image_id"],
             model_dir=str(prepared.mount_dir),
             out_dir=str(work),
-            scripts_dir=str(SCRIPTS_DIR),
+            scripts_dir=str(paths.SCRIPTS_DIR),
             gpus=gpus,
             group_ids=devices.device_gids(nodes),
             runtime=runtime,
