@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import atomic, config, measure, metrics, paths
+from .digest import sha256_file
 
 FORMAT = "cellbench-archive"
 FORMAT_VERSION = 1
@@ -182,14 +183,6 @@ def _blocks(handle):
         yield block
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in _blocks(handle):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Creating an archive
 
@@ -252,7 +245,7 @@ def build_manifest(members: dict[str, Path], *, machine_id: str, created: dateti
         "created_at": created.isoformat(timespec="seconds"),
         "study": study,
         "members": {
-            rel: {"sha256": _sha256_file(path), "bytes": path.stat().st_size} for rel, path in sorted(members.items())
+            rel: {"sha256": sha256_file(path), "bytes": path.stat().st_size} for rel, path in sorted(members.items())
         },
     }
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import locks, paths
 from .atomic import write_json
+from .digest import sha256_file
 
 LOCAL_BASE = "cellbench/base:bookworm"
 
@@ -161,14 +162,14 @@ def build_image(name: str, spec: dict, manifest_path: Path, log_path: Path) -> d
             "image_id": image_id(tag),
             "device": spec["device"],
             "recipe_sha256": digest,
-            "dockerfile_sha256": hashlib.sha256((context / "Dockerfile").read_bytes()).hexdigest(),
+            "dockerfile_sha256": sha256_file(context / "Dockerfile"),
             "base": base,
             "base_image_id": base_id or None,
             # What the base tag pointed at when built: pin it with BASE_IMAGE=repo@sha256:... .
             "base_repo_digests": repo_digests(base) if base and base != LOCAL_BASE else [],
             "base_pinned_by_digest": pinned_by_digest(base),
             "build_args": build_args,
-            "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock else None,
+            "lock_sha256": sha256_file(lock) if lock else None,
             "packages": installed_packages(tag),
             "reused_existing_image": reused,
             "written_at": datetime.now(UTC).isoformat(timespec="seconds"),

