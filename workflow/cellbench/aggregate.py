@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from . import config, contract, effective, metrics, stats
 
-POINT = ["batch_size", "input_len", "output_len"]
+POINT = list(metrics.POINT)
 KEY = ["machine_id", "cell_id", *POINT]
 # Per-point columns taken from the first row of a point.
 POINT_COLUMNS = [

@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import atomic, config, measure, metrics, paths
+from . import atomic, config, metrics, paths
 from .digest import sha256_file
 
 FORMAT = "cellbench-archive"
@@ -519,9 +519,9 @@ def check_study(resolved: dict, manifest: dict, rows: dict[str, int]) -> None:
         cell, k = found[1], int(found[2] or 1)
         sweep = cells[cell].get("sweep") if isinstance(cells.get(cell), dict) else None
         per_round = rounds = None
-        if isinstance(sweep, dict) and all(isinstance(sweep.get(axis), list) for axis in measure.POINT_AXES):
+        if isinstance(sweep, dict) and all(isinstance(sweep.get(axis), list) for axis in metrics.POINT):
             # measure.points(sweep) is their product: counted, never built (the lists are the archive's)
-            per_round = math.prod(len(sweep[axis]) for axis in measure.POINT_AXES) * max(1, _int(sweep.get("repeats")))
+            per_round = math.prod(len(sweep[axis]) for axis in metrics.POINT) * max(1, _int(sweep.get("repeats")))
             rounds = _int(sweep.get("rounds", 1))  # studies resolved before rounds have one
         if per_round is None or rounds < 1:
             raise ArchiveError(rel, f"cell {cell} is not a cell of study/resolved.json (or its sweep is malformed)")

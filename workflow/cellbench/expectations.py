@@ -7,7 +7,8 @@ import re
 
 import pandas as pd
 
-POINT_KEYS = ("batch_size", "input_len", "output_len")
+from .metrics import POINT
+
 PASS, FAIL, MISSING = "✅", "❌", "— not measured"
 
 
@@ -26,7 +27,7 @@ def _selected(points: pd.DataFrame, expectation: dict) -> pd.DataFrame:
     if expectation.get("device"):  # a range written for one kind of GPU judges no other
         names = points["device_name"] if "device_name" in points else pd.Series("", index=points.index)
         keep &= names.map(lambda name: bool(re.search(expectation["device"], str(name or ""), re.IGNORECASE)))
-    for key in POINT_KEYS:
+    for key in POINT:
         if key in expectation:
             keep &= points[key] == expectation[key]
     return points[keep]
@@ -56,7 +57,7 @@ def verdicts(points: pd.DataFrame, expectations: list[dict]) -> list[dict]:
                     **base,
                     "machine_id": point["machine_id"],
                     "cell_name": point["cell_name"],
-                    **{key: int(point[key]) for key in POINT_KEYS},
+                    **{key: int(point[key]) for key in POINT},
                     "measured": value,
                     "status": point["status"],
                     "verdict": PASS if in_range(value, low, high) else FAIL,
@@ -92,7 +93,7 @@ def ratio_sentences(points: pd.DataFrame, baseline_name: str) -> list[str]:
         if cell == baseline_name:
             continue
         parts = []
-        for _, row in group.sort_values(list(POINT_KEYS)).iterrows():
+        for _, row in group.sort_values(list(POINT)).iterrows():
             if pd.isna(row["vs_baseline"]):
                 continue
             where = f"batch {row['batch_size']}"

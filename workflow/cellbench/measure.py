@@ -23,12 +23,11 @@ UNSUPPORTED = [
 _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception)|AssertionError)\b.*", re.MULTILINE)
 
 
-POINT_AXES = ("batch_size", "input_len", "output_len")
-
-
 def points(sweep: dict) -> list[dict]:
     """The sweep's points in a fixed order: batch size x input len x output len."""
-    return [dict(zip(POINT_AXES, point, strict=True)) for point in itertools.product(*(sweep[k] for k in POINT_AXES))]
+    return [
+        dict(zip(metrics.POINT, point, strict=True)) for point in itertools.product(*(sweep[k] for k in metrics.POINT))
+    ]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -173,12 +172,12 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
     rows = []
     measured: dict[tuple, int] = {}
     for point in raw.get("points", []):
-        key = (point["batch_size"], point["input_len"], point["output_len"])
+        key = tuple(point[k] for k in metrics.POINT)
         measured[key] = measured.get(key, 0) + 1
         rows.append(
             {
                 **base,
-                **{k: point[k] for k in ("batch_size", "input_len", "output_len", "repeat")},
+                **{k: point[k] for k in (*metrics.POINT, "repeat")},
                 **point_metrics(point),
                 "host_foreign_cpu": point.get("host_foreign_cpu"),
                 "host_steal_cpu": point.get("host_steal_cpu"),
@@ -187,7 +186,7 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
             }
         )
     for point in points(cell["sweep"]):
-        key = (point["batch_size"], point["input_len"], point["output_len"])
+        key = tuple(point[k] for k in metrics.POINT)
         if measured.get(key, 0) >= cell["sweep"]["repeats"]:
             continue
         rows.append(

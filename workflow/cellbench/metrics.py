@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # pandas and polars cost a third of a second to import; cells
     import polars as pl
 
 METHOD_VERSION = 1
+# The columns that name a point of a cell's sweep (one definition for every module).
+POINT = ("batch_size", "input_len", "output_len")
 STATUSES = ("ok", "failed", "timeout", "unsupported")
 
 _STR, _INT, _F64, _BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()

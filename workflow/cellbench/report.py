@@ -145,14 +145,14 @@ def short_points(points: pd.DataFrame) -> set[tuple]:
     MIN_ROUNDS trusted rounds: no fastest cell or difference is stated there."""
     ok = _compared_ok(points)
     ok = ok[ok["rounds"].fillna(0) < MIN_ROUNDS]
-    return set(ok[["machine_id", "batch_size", "input_len", "output_len"]].itertuples(index=False, name=None))
+    return set(ok[["machine_id", *aggregate.POINT]].itertuples(index=False, name=None))
 
 
 def fastest_table(fastest: pd.DataFrame, short: set[tuple]) -> Table:
     """The fastest cell at each point, or the tie; withheld at the points in `short`."""
     table = Table(["machine", "batch × in→out", "fastest", "output tok/s", "× baseline", "ahead of runner-up by"])
     for _, row in fastest.iterrows():
-        if (row["machine_id"], row["batch_size"], row["input_len"], row["output_len"]) in short:
+        if (row["machine_id"], *(row[k] for k in aggregate.POINT)) in short:
             table.add([row["machine_id"], fmt_point(row), "withheld (see above)", "—", "—", "—"])
             continue
         if isinstance(row["fastest"], str):
