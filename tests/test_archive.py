@@ -640,7 +640,7 @@ def test_after_a_column_is_added_the_old_archive_imports_with_it_null(tmp_path, 
     assert metrics.SCHEMA_VERSION == 2
     assert archive.import_archive(FIXTURE, tmp_path / "results", LOCAL)[0] == "imported"
     files, points = aggregate_imported(tmp_path / "results")
-    frame = metrics.read_metrics(files)
+    frame = metrics.scan_metrics(files).collect().to_pandas()
     assert "joules" in frame.columns and frame["joules"].isna().all() and len(frame) == 16
     assert set(frame["schema_version"]) == {1} and points["output_tok_s"].notna().all()
 

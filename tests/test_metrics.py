@@ -22,7 +22,7 @@ def test_round_trip_keeps_types_and_version(tmp_path):
     path = tmp_path / "m.parquet"
     metrics.write_parquet(path, metrics.to_table([_row(), _row(repeat=1, output_tok_s=13.5)]))
     assert pq.read_schema(path).metadata[b"cellbench.schema_version"] == str(metrics.SCHEMA_VERSION).encode()
-    frame = metrics.read_metrics([path])
+    frame = metrics.scan_metrics([path]).collect().to_pandas()
     assert list(frame.columns) == list(metrics.COLUMNS)
     assert frame["output_tok_s"].tolist() == [12.5, 13.5]
     assert frame["schema_version"].unique().tolist() == [metrics.SCHEMA_VERSION]
@@ -53,7 +53,7 @@ def good_and_old(tmp_path):
 @pytest.mark.parametrize(
     "read",
     [
-        metrics.read_metrics,
+        lambda paths: metrics.scan_metrics(paths).collect().to_pandas(),
         lambda paths: metrics._read_each([str(p) for p in paths]),
         lambda paths: metrics.combine_metrics(paths, paths[0].parent / "summary.parquet"),
     ],
@@ -72,7 +72,7 @@ def test_a_version_that_never_existed_is_refused(tmp_path):
     table = metrics.to_table([_row(schema_version=0)])
     pq.write_table(table.replace_schema_metadata({"cellbench.schema_version": "0"}), path)
     with pytest.raises(metrics.SchemaError, match="schema_version '0' is not a schema version"):
-        metrics.read_metrics([path])
+        metrics.scan_metrics([path]).collect().to_pandas()
 
 
 def grown_history():
@@ -107,8 +107,9 @@ def test_after_a_column_is_added_older_files_read_it_as_null_and_newer_rows_are_
     grow(monkeypatch, grown_history())
     new = tmp_path / "new.parquet"
     metrics.write_parquet(new, metrics.to_table([_row(schema_version=metrics.SCHEMA_VERSION, joules=3.0)]))
-    for read in (metrics.read_metrics, lambda paths: metrics.combine_metrics(paths, tmp_path / "s.parquet")
-                 or metrics.read_metrics([tmp_path / "s.parquet"])):  # fmt: skip
+    for read in (lambda paths: metrics.scan_metrics(paths).collect().to_pandas(),
+                 lambda paths: metrics.combine_metrics(paths, tmp_path / "s.parquet")
+                 or metrics.scan_metrics([tmp_path / "s.parquet"]).collect().to_pandas()):  # fmt: skip
         frame = read([old, new])
         assert frame["joules"].isna().tolist() == [True, False] and frame["schema_version"].tolist() == [1, 2]
 
@@ -120,7 +121,7 @@ def test_combine_streams_every_row_into_one_file_and_a_refusal_keeps_the_old_one
     summary = tmp_path / "summary.parquet"
     metrics.combine_metrics([good, other], summary)
     assert pq.ParquetFile(summary).metadata.metadata[b"cellbench.schema_version"] == b"1"
-    frame = metrics.read_metrics([summary])
+    frame = metrics.scan_metrics([summary]).collect().to_pandas()
     assert list(frame.columns) == list(metrics.COLUMNS) and frame["output_tok_s"].tolist() == [12.5, 20.0]
     before = summary.read_bytes()
     with pytest.raises(metrics.SchemaError):
@@ -131,7 +132,7 @@ def test_combine_streams_every_row_into_one_file_and_a_refusal_keeps_the_old_one
 def test_a_file_from_before_a_column_was_added_reads_it_as_nulls(tmp_path):
     path = tmp_path / "older.parquet"
     pq.write_table(metrics.to_table([_row()]).drop_columns(["itl_p99_s", "host_load_max"]), path)
-    frame = metrics.read_metrics([path])
+    frame = metrics.scan_metrics([path]).collect().to_pandas()
     assert list(frame.columns) == list(metrics.COLUMNS)
     assert frame["itl_p99_s"].isna().all() and frame["output_tok_s"].tolist() == [12.5]
 
@@ -141,11 +142,11 @@ def test_a_file_that_is_not_metrics_is_named(tmp_path):
     metrics.write_parquet(good, metrics.to_table([_row()]))
     junk.write_text("not parquet")
     with pytest.raises(metrics.SchemaError, match=f"{junk}: not a cellbench metrics file"):
-        metrics.read_metrics([good, junk])
+        metrics.scan_metrics([good, junk]).collect().to_pandas()
 
 
 def test_no_files_is_an_empty_table_in_the_schema(tmp_path):
-    assert list(metrics.read_metrics([]).columns) == list(metrics.COLUMNS)
+    assert list(metrics.scan_metrics([]).collect().to_pandas().columns) == list(metrics.COLUMNS)
     metrics.combine_metrics([], tmp_path / "summary.parquet")
     assert pq.read_schema(tmp_path / "summary.parquet") == metrics.SCHEMA
 

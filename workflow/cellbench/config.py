@@ -499,12 +499,6 @@ def _check_references(config: dict, cells: list[dict]) -> None:
             if cell[key] not in config[table]:
                 known = ", ".join(sorted(config[table]))
                 raise ConfigError(f"{where}: {key} {cell[key]!r} is not in {table} ({known})")
-        for name in cell["env"]:
-            if contract.is_secret_name(name):
-                raise ConfigError(
-                    f"{where}: env.{name} looks like a secret; export it in the shell instead, "
-                    "cellbench passes it to the container without writing it down"
-                )
         _check_engine(cell, config["models"][cell["model"]], where)
         if cell["name"] in seen:
             raise ConfigError(f"{where}: two cells resolve to the same name")

@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 from . import atomic
 
 if TYPE_CHECKING:  # pandas and polars cost a third of a second to import; cells never need them
-    import pandas as pd
     import polars as pl
 
 METHOD_VERSION = 1
@@ -395,8 +394,3 @@ def _read_each(paths: list[str]) -> pa.Table:
         except (OSError, pa.ArrowException) as exc:
             raise SchemaError(f"{path}: not a cellbench metrics file ({exc})") from None
     return pa.concat_tables(tables)
-
-
-def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Concatenate metrics files as pandas; refuse files of another schema version."""
-    return scan_metrics(paths).collect().to_pandas()

@@ -56,15 +56,6 @@ def bandwidth(device_name: str | None, study_table: dict[str, float] | None = No
     return None
 
 
-def bytes_per_token(weight_bytes: float, batch_size: int) -> float:
-    return weight_bytes / batch_size
-
-
-def bound_tok_s(weight_bytes: float, batch_size: int, bandwidth_gb_s: float) -> float:
-    """Decode tokens/s if every step only read the weights at full bandwidth."""
-    return bandwidth_gb_s * 1e9 / bytes_per_token(weight_bytes, batch_size)
-
-
 def decode_fraction(weight_bytes: float | None, tpot_s: float | None, bandwidth_gb_s: float | None) -> float | None:
     """Fraction of the bandwidth bound a point's decode reached (None if a figure is missing)."""
     if not weight_bytes or not tpot_s or not bandwidth_gb_s or tpot_s <= 0:
