@@ -136,28 +136,22 @@ def tables_dir(results: Path = RESULTS) -> Path:
     return results / "tables"
 
 
-def summary_markdown(tables: Path | None = None) -> Path:
-    return (tables or tables_dir()) / "summary.md"
+def _table_file(name: str):
+    """A file of the tables folder: f(tables=None) -> tables_dir() / name, or the given folder's."""
+
+    def path(tables: Path | None = None) -> Path:
+        return (tables or tables_dir()) / name
+
+    path.__doc__ = f"tables/{name} (of tables_dir() unless a folder is given)"
+    return path
 
 
-def summary_csv(tables: Path | None = None) -> Path:
-    return (tables or tables_dir()) / "summary.csv"
-
-
-def machines_markdown(tables: Path | None = None) -> Path:
-    return (tables or tables_dir()) / "machines.md"
-
-
-def machines_csv(tables: Path | None = None) -> Path:
-    return (tables or tables_dir()) / "machines.csv"
-
-
-def diagnostics(tables: Path | None = None) -> Path:
-    return (tables or tables_dir()) / "diagnostics.md"
-
-
-def verdicts(tables: Path | None = None) -> Path:
-    return (tables or tables_dir()) / "verdicts.md"
+summary_markdown = _table_file("summary.md")
+summary_csv = _table_file("summary.csv")
+machines_markdown = _table_file("machines.md")
+machines_csv = _table_file("machines.csv")
+diagnostics = _table_file("diagnostics.md")
+verdicts = _table_file("verdicts.md")
 
 
 def plots_dir(results: Path = RESULTS) -> Path:

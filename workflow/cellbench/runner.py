@@ -205,18 +205,9 @@ def prepare_round(
     (work / "cell.json").write_text(json.dumps(cell_json, indent=1))
     archive = paths.image_archive(image_manifest["name"])
     image_source = runtimes.ensure_image(runtime, image_manifest["image_id"], archive)
-    return PreparedRound(
-        cell=cell,
-        round=round,
-        runtime=runtime,
-        image_manifest=image_manifest,
-        model_dir=model_dir,
-        model_manifest=model_manifest,
-        mount_dir=mount_dir,
-        run_id=run_id,
-        work=work,
-        image_source=image_source,
-    )
+    return PreparedRound(cell=cell, round=round, runtime=runtime, image_manifest=image_manifest, model_dir=model_dir,
+                         model_manifest=model_manifest, mount_dir=mount_dir, run_id=run_id, work=work,
+                         image_source=image_source)  # fmt: skip
 
 
 def run_round(prepared: PreparedRound) -> ContainerRun:
@@ -258,16 +249,8 @@ def run_round(prepared: PreparedRound) -> ContainerRun:
         raise RunnerError(f"{runtime} could not run the container: {lines[-1] if lines else 'exit 125'}")
     if (raw or {}).get("status") != "ok" and "No space left on device" in log_text:
         raise OSError(errno.ENOSPC, "no space left on device", str(work))
-    return ContainerRun(
-        argv=argv,
-        code=code,
-        timed_out=timed_out,
-        wall_s=wall_s,
-        host_load_max=host_load_max,
-        gpus=gpus,
-        raw=raw,
-        log_text=log_text,
-    )
+    return ContainerRun(argv=argv, code=code, timed_out=timed_out, wall_s=wall_s, host_load_max=host_load_max,
+                        gpus=gpus, raw=raw, log_text=log_text)  # fmt: skip
 
 
 def record_round(prepared: PreparedRound, ran: ContainerRun, *, study: str, config_hash: str, machine: str) -> str:
