@@ -193,24 +193,25 @@ def plan_members(study: dict, resolved: dict, results: Path) -> tuple[dict[str, 
     members: dict[str, Path] = {}
     missing = []
     images, models = set(), set()
+    member = Path()  # an archive member's path: the results layout relative to its root
     for cell_id, cell in sorted(resolved["cells"].items()):
         # Every round of the cell that finished (a round is its three files or nothing).
-        rounds = [f"cells/{cell_id}/{paths.ROUND_DIR.format(round=k)}" for k in range(1, cell["sweep"]["rounds"] + 1)]
+        rounds = [paths.round_dir(cell_id, k, member) for k in range(1, cell["sweep"]["rounds"] + 1)]
         rounds = [rel for rel in rounds if all((results / rel / name).is_file() for name in CELL_FILES)]
         if not rounds:
             missing.append(cell_id)
             continue
         for rel in rounds:
             for name in CELL_FILES:
-                members[f"{rel}/{name}"] = results / rel / name
+                members[(rel / name).as_posix()] = results / rel / name
         images.add(cell["image"])
         models.add(cell["model"])
     for model in sorted(models):
-        members[f"models/{model}/manifest.json"] = results / "models" / model / "manifest.json"
+        members[paths.model_manifest(model, member).as_posix()] = paths.model_manifest(model, results)
         if study["models"][model].get("prepare_image"):
             images.add(study["models"][model]["prepare_image"])
     for image in sorted(images):
-        members[f"images/{image}.json"] = results / "images" / f"{image}.json"
+        members[paths.image_manifest(image, member).as_posix()] = paths.image_manifest(image, results)
     absent = [rel for rel, path in members.items() if not path.is_file()]
     if absent:
         raise ArchiveError(absent[0], f"expected at {members[absent[0]]} but it is missing; run snakemake first")
@@ -668,7 +669,7 @@ def verify(archive: Path, limits: Limits = Limits()) -> dict:
 
 
 def destination(results: Path, manifest: dict) -> Path:
-    return results / "imported" / manifest["machine_id"] / manifest["archive_id"]
+    return paths.imported_archive(manifest["machine_id"], manifest["archive_id"], results)
 
 
 def _existing(path: Path) -> Path:
@@ -689,7 +690,7 @@ def import_archive(archive: Path, results: Path, local_machine: str, limits: Lim
         if manifest["machine_id"] == local_machine:
             raise ArchiveError(
                 str(archive),
-                f"comes from this machine ({local_machine}); its cells are already in results/cells "
+                f"comes from this machine ({local_machine}); its cells are already in {results / paths.CELLS_DIR} "
                 "(import on another machine, or set CELLBENCH_MACHINE_ID)",
             )
         target = destination(results, manifest)
