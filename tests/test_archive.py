@@ -171,9 +171,9 @@ HOSTILE = {
         "unknown format_version 99",
     ),
     "unknown schema version": (
-        lambda m: with_manifest(m, lambda x: x.update(schema_version=2)),
+        lambda m: with_manifest(m, lambda x: x.update(schema_version=metrics.SCHEMA_VERSION + 1)),
         None,
-        "unknown schema_version 2",
+        f"unknown schema_version {metrics.SCHEMA_VERSION + 1}",
     ),
     "not a cellbench archive format": (lambda m: with_manifest(m, lambda x: x.update(format="zip")), None, "format"),
     "machine id that walks up": (lambda m: with_manifest(m, lambda x: x.update(machine_id="..")), None, "machine_id"),
@@ -465,8 +465,9 @@ CLASSES = {
         "unknown column": (lambda m: with_metrics(m, lambda t: t.append_column("colour", pa.array(["red"] * len(t)))),
                            None, "column 'colour' is not in schema version"),
         "metrics of a newer schema version": (
-            lambda m: with_metrics(m, lambda t: t.replace_schema_metadata({"cellbench.schema_version": "2"})), None,
-            "written by a newer cellbench (this one reads up to 1); upgrade cellbench"),
+            lambda m: with_metrics(m, lambda t: t.replace_schema_metadata(
+                {"cellbench.schema_version": str(metrics.SCHEMA_VERSION + 1)})), None,
+            f"written by a newer cellbench (this one reads up to {metrics.SCHEMA_VERSION}); upgrade cellbench"),
         "rows of a newer schema version": (
             lambda m: with_metrics(m, lambda t: column_of(t, "schema_version", [7], pa.int64())), None,
             "upgrade cellbench"),
@@ -584,7 +585,8 @@ def test_hostile_class_is_refused_in_one_line_and_nothing_is_written(case, valid
 
 def test_cli_refusal_of_a_newer_schema_says_upgrade(valid, importer, tmp_path, capsys, monkeypatch):
     hostile = write_members(
-        tmp_path / "h.tar.gz", with_manifest(read_members(valid), lambda x: x.update(schema_version=2))
+        tmp_path / "h.tar.gz",
+        with_manifest(read_members(valid), lambda x: x.update(schema_version=metrics.SCHEMA_VERSION + 1)),
     )
     monkeypatch.chdir(importer)
     assert cli.main(["import", str(hostile), "--machine-id", LOCAL]) == 2
@@ -623,15 +625,17 @@ def test_archive_of_schema_version_1_imports_and_aggregates(tmp_path):
 def test_after_a_column_is_added_the_old_archive_imports_with_it_null(tmp_path, monkeypatch):
     """A later cellbench adds a nullable column (a new entry of the column history): the archive
     written before it imports, and the column reads as null ("not measured"), never 0."""
-    grown = {**metrics.COLUMN_HISTORY, metrics.SCHEMA_VERSION + 1: {"joules": (pa.float64(), True, "energy")}}
+    before = metrics.SCHEMA_VERSION
+    grown = {**metrics.COLUMN_HISTORY, before + 1: {"joules": (pa.float64(), True, "energy")}}
     monkeypatch.setattr(metrics, "COLUMN_HISTORY", grown)
     for name, value in zip(("SCHEMA_VERSION", "COLUMNS", "SCHEMA"), metrics.derive(grown), strict=True):
         monkeypatch.setattr(metrics, name, value)
-    assert metrics.SCHEMA_VERSION == 2
+    assert before + 1 == metrics.SCHEMA_VERSION
     assert archive.import_archive(FIXTURE, tmp_path / "results", LOCAL)[0] == "imported"
     files, points = aggregate_imported(tmp_path / "results")
     frame = metrics.scan_metrics(files).collect().to_pandas()
     assert "joules" in frame.columns and frame["joules"].isna().all() and len(frame) == 16
+    assert frame["device_arch"].isna().all()  # version 2's column, which the version-1 fixture lacks too
     assert set(frame["schema_version"]) == {1} and points["output_tok_s"].notna().all()
 
 

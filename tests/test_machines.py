@@ -157,3 +157,10 @@ def test_machine_ratio_has_an_unpaired_interval_and_names_version_differences():
         row["output_tok_s"] = value
     wide = _by_machine(machines.compare(_points(here, there), local="here")).loc["there"]
     assert wide["significance"] == "same"
+
+
+def test_the_machines_table_names_each_device_with_its_gpu_architecture():
+    rows = pd.DataFrame({"device_name": ["NVIDIA H200", "NVIDIA H200", "AMD EPYC", None],
+                         "device_arch": ["sm_90", "sm_90", None, None]})  # fmt: skip
+    assert machines.device_text(rows) == "AMD EPYC, NVIDIA H200 (sm_90)"
+    assert machines.device_text(rows.iloc[3:]) == "—"

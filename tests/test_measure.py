@@ -110,3 +110,13 @@ def test_error_from_log_prefers_known_signatures():
 def test_points_order():
     sweep = {"batch_size": [1, 8], "input_len": [128], "output_len": [32, 64]}
     assert [(p["batch_size"], p["output_len"]) for p in measure.points(sweep)] == [(1, 32), (1, 64), (8, 32), (8, 64)]
+
+
+def test_device_arch_is_the_gpu_s_and_null_on_cpu(study):
+    cell = _cell(study)
+    raw = {"points": [_point(1, 0)], "load_s": 3.0, "effective": {},
+           "provenance": {"gpu": {"torch": {"device_name": "NVIDIA H200", "arch": "sm_90"}}}}  # fmt: skip
+    assert measure.rows_for_cell(cell, raw, CONTEXT, status="ok", error=None)[0]["device_arch"] is None  # a CPU cell
+    gpu = {**cell, "device": "cuda"}
+    row = measure.rows_for_cell(gpu, raw, CONTEXT, status="ok", error=None)[0]
+    assert (row["device_name"], row["device_arch"]) == ("NVIDIA H200", "sm_90")

@@ -94,16 +94,23 @@ def test_the_column_history_derives_the_schema_by_one_rule():
     version, columns, _ = metrics.derive(grown_history())
     assert version == metrics.SCHEMA_VERSION + 1 and list(columns)[-1] == "joules"
     with pytest.raises(metrics.SchemaError, match="must be nullable"):
-        metrics.derive({**metrics.COLUMN_HISTORY, 2: {"joules": (metrics._F64, False, "energy")}})
+        metrics.derive(
+            {**metrics.COLUMN_HISTORY, metrics.SCHEMA_VERSION + 1: {"joules": (metrics._F64, False, "energy")}}
+        )
     with pytest.raises(metrics.SchemaError, match="steps of one"):
-        metrics.derive({**metrics.COLUMN_HISTORY, 3: {"joules": (metrics._F64, True, "energy")}})
+        metrics.derive(
+            {**metrics.COLUMN_HISTORY, metrics.SCHEMA_VERSION + 2: {"joules": (metrics._F64, True, "energy")}}
+        )
     with pytest.raises(metrics.SchemaError, match="added twice"):
-        metrics.derive({**metrics.COLUMN_HISTORY, 2: {"status": (metrics._STR, True, "again")}})
+        metrics.derive(
+            {**metrics.COLUMN_HISTORY, metrics.SCHEMA_VERSION + 1: {"status": (metrics._STR, True, "again")}}
+        )
 
 
 def test_after_a_column_is_added_older_files_read_it_as_null_and_newer_rows_are_kept(tmp_path, monkeypatch):
     old = tmp_path / "old.parquet"
     metrics.write_parquet(old, metrics.to_table([_row()]))
+    before = metrics.SCHEMA_VERSION
     grow(monkeypatch, grown_history())
     new = tmp_path / "new.parquet"
     metrics.write_parquet(new, metrics.to_table([_row(schema_version=metrics.SCHEMA_VERSION, joules=3.0)]))
@@ -111,7 +118,10 @@ def test_after_a_column_is_added_older_files_read_it_as_null_and_newer_rows_are_
                  lambda paths: metrics.combine_metrics(paths, tmp_path / "s.parquet")
                  or metrics.scan_metrics([tmp_path / "s.parquet"]).collect().to_pandas()):  # fmt: skip
         frame = read([old, new])
-        assert frame["joules"].isna().tolist() == [True, False] and frame["schema_version"].tolist() == [1, 2]
+        assert frame["joules"].isna().tolist() == [True, False] and frame["schema_version"].tolist() == [
+            before,
+            before + 1,
+        ]
 
 
 def test_combine_streams_every_row_into_one_file_and_a_refusal_keeps_the_old_one(tmp_path, good_and_old):
@@ -120,7 +130,9 @@ def test_combine_streams_every_row_into_one_file_and_a_refusal_keeps_the_old_one
     metrics.write_parquet(other, metrics.to_table([_row(cell_id="d-0123456789", output_tok_s=20.0)]))
     summary = tmp_path / "summary.parquet"
     metrics.combine_metrics([good, other], summary)
-    assert pq.ParquetFile(summary).metadata.metadata[b"cellbench.schema_version"] == b"1"
+    assert (
+        pq.ParquetFile(summary).metadata.metadata[b"cellbench.schema_version"] == str(metrics.SCHEMA_VERSION).encode()
+    )
     frame = metrics.scan_metrics([summary]).collect().to_pandas()
     assert list(frame.columns) == list(metrics.COLUMNS) and frame["output_tok_s"].tolist() == [12.5, 20.0]
     before = summary.read_bytes()

@@ -16,7 +16,7 @@ KEY = ["machine_id", "cell_id", *POINT]
 POINT_COLUMNS = [
     "study", "cell_name", "engine", "image", "model", "dtype", "quantization", "status", "error",
     "effective_dtype", "effective_quantization", "effective_eager", "effective_json", "load_s",
-    "peak_memory_mb", "device_name", "schema_version", "method_version", "host_load_max",
+    "peak_memory_mb", "device_name", "device_arch", "schema_version", "method_version", "host_load_max",
     "overrides_json", "findings_json", "weight_bytes", "versions_json",
 ]  # fmt: skip
 # Serving figures averaged over repeats where the rows have them (serve-mode cells).

@@ -28,6 +28,15 @@ COMPARED = [
 ]  # fmt: skip
 
 
+def device_text(rows: pd.DataFrame) -> str:
+    """'NVIDIA H200 (sm_90)': each device a machine's rows ran on, with its GPU architecture."""
+    names = set()
+    for name, arch in rows[["device_name", "device_arch"]].drop_duplicates().itertuples(index=False):
+        if isinstance(name, str):
+            names.add(f"{name} ({arch})" if isinstance(arch, str) else name)
+    return ", ".join(sorted(names)) or "—"
+
+
 def imported_metrics(results: Path = paths.RESULTS) -> list[str]:
     """Imported metrics files to aggregate: per machine and cell, only the newest archive's
     (archive ids are UTC stamps), so a machine that shared twice is not counted twice."""
@@ -158,7 +167,7 @@ def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) 
         table.add(
             [
                 machine + (" (this machine)" if machine == local else ""),
-                ", ".join(sorted(mine["device_name"].dropna().astype(str).unique())) or "—",
+                device_text(mine),
                 mine["cell_id"].nunique(),
                 fmt(canary),
                 fmt_ratio(canary / reference_canary) if canary and reference_canary else "—",

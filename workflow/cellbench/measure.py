@@ -147,6 +147,9 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
         "image_id": context.get("image_id"),
         "device": cell["device"],
         "device_name": _device_name(cell["device"], raw.get("provenance", {})),
+        "device_arch": None
+        if cell["device"] == "cpu"
+        else devices.gpu_summary(raw.get("provenance", {}).get("gpu", {})).get("arch"),
         "model": cell["model"],
         "mode": cell["mode"],
         "dtype": cell["dtype"],

@@ -106,7 +106,8 @@ COLUMN_HISTORY: dict[int, dict[str, tuple[pa.DataType, bool, str]]] = {
         "host_steal_cpu": (_F64, True, "CPU cores the hypervisor stole during the repeat"),
         "versions_json": (_STR, True, "package versions inside the image (engine, torch, transformers, numpy), JSON"),
     },
-    # 2: {"new_metric_s": (_F64, True, "what it measures")},  <- how the next column comes in
+    2: {"device_arch": (_STR, True, "GPU architecture the cell ran on (gfx942, sm_90); null on CPU")},
+    # 3: {"new_metric_s": (_F64, True, "what it measures")},  <- how the next column comes in
 }
 # Columns holding JSON, and the JSON type of their value: import parses every cell of them.
 JSON_COLUMNS = {"settings_json": dict, "effective_json": dict, "overrides_json": list, "findings_json": list,
