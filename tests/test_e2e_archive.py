@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from cellbench import archive, cli
+from cellbench import archive, cli, metrics
 from test_e2e import ROOT, tiny_study
 
 pytestmark = pytest.mark.e2e
@@ -76,7 +76,8 @@ def test_archive_holds_results_and_manifests_not_weights(machines):
     )
     assert not [n for n in names if n.endswith((".safetensors", ".gguf"))]
     assert manifest["machine_id"] == "machine-a" and manifest["format_version"] == 1
-    assert manifest["schema_version"] == 1 and manifest["git_sha"] and manifest["cellbench_version"]
+    assert manifest["schema_version"] == metrics.SCHEMA_VERSION
+    assert manifest["git_sha"] and manifest["cellbench_version"]
     size = manifest["members"][f"cells/{cell_dir.name}/round-1/metrics.parquet"]["bytes"]
     assert size == (cell_dir / "round-1" / "metrics.parquet").stat().st_size
 
