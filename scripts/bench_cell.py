@@ -79,7 +79,8 @@ def selected_env(requested=(), environ=None) -> dict:
 # which /proc/<pid>/environ (the environment at exec) would not show.
 # argv: wrapper OUT_FILE REQUESTED_JSON MODULE [server args...]
 SERVER_ENV_WRAPPER = """
-import json, os, runpy, sys, threading, time
+import json, runpy, sys, threading, time
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import bench_cell
 out, requested, module = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
@@ -88,9 +89,7 @@ def dump():
     while True:
         env = bench_cell.selected_env(requested)
         if env != last:
-            with open(out + ".tmp", "w") as f:
-                json.dump(env, f)
-            os.replace(out + ".tmp", out)
+            bench_cell.write_json(Path(out), env)
             last = env
         time.sleep(0.2)
 threading.Thread(target=dump, daemon=True).start()
@@ -412,7 +411,8 @@ class LlamaCppEngine:
         # The requested args under the study's names, as llama.cpp resolved those it reports.
         engine_args = {}
         for name in self.requested:
-            value = resolved.get(self.aliases.get(name, name), getattr(params, self.aliases.get(name, name), None))
+            own = self.aliases.get(name, name)
+            value = resolved.get(own, getattr(params, own, None))
             if isinstance(value, str | int | float | bool):
                 engine_args[name] = value
         return {
@@ -559,7 +559,6 @@ class VllmServer:
             args += ["--quantization", cell["quantization"]]
         args += contract.cli_flags(cell["engine_args"])
         print(f"$ {sys.executable} -m {self.MODULE} " + " ".join(args), flush=True)
-        self.requested_env = cell["env"]
         self.env_file = str(Path(os.environ.get("HOME", "/tmp")) / f"server-env-{os.getpid()}.json")
         argv = server_env_argv(self.env_file, cell["env"], self.MODULE, args)
         self.log: list[str] = []
@@ -597,7 +596,7 @@ class VllmServer:
         # "same as" never claims two serve cells agree on one).
         # env: the server process's once it answers (its platform has set what it sets), never
         # this client's; None (unknown) when the wrapper wrote none. Read here, after load_s.
-        env = read_server_env(self.env_file) if getattr(self, "env_file", None) else None
+        env = read_server_env(self.env_file)
         found = {"engine": "vllm", "mode": "serve", "engine_args": {}, "env": env}
         patterns = {
             "dtype": r"dtype=torch\.(\w+)",

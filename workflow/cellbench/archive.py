@@ -48,8 +48,7 @@ def _body(pattern: str) -> str:
     return pattern[1:-1]
 
 
-MAX_ID = 128
-CELL_FILES = ("metrics.parquet", "provenance.json", "engine.log")
+CELL_FILES = paths.ROUND_FILES  # a round is these three files, whole or not at all
 
 
 @functools.cache
@@ -139,7 +138,7 @@ def cellbench_version() -> str:
 
 def check_id(kind: str, value) -> str:
     """A machine id: the study schema's machine_id pattern, full match, not starting with "."."""
-    if not isinstance(value, str) or len(value) > MAX_ID or not ids().ID_RE.fullmatch(value):
+    if not isinstance(value, str) or len(value) > config.MAX_ID or not ids().ID_RE.fullmatch(value):
         raise ArchiveError(
             MANIFEST, f"{kind} {str(value)[:80]!r} is not a plain name ([A-Za-z0-9_.-], not starting with '.')"
         )

@@ -16,13 +16,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import contract, locks, paths
+from . import atomic, contract, locks, paths
 
 if TYPE_CHECKING:
     import jsonschema
@@ -65,7 +64,7 @@ MAX_STRING = 4096  # bytes of any string in a study (UTF-8)
 MAX_TEXT = 16384  # bytes of prose: `description` and an expectation's `source`
 TEXT_KEYS = ("description", "source")
 MAX_ARGV_JSON = 32768  # bytes of one value given to a rule's command line as JSON
-MAX_ID = 128  # bytes of a cell id: it names the cell's folder (and the archive's ID pattern)
+MAX_ID = 128  # bytes of a cell id (it names the cell's folder) and of any id an archive carries
 MACHINE_ID_ENV = "CELLBENCH_MACHINE_ID"
 
 
@@ -774,15 +773,7 @@ def write_study_record(path: Path, config: dict, resolved: dict) -> bool:
             return False
     except (OSError, UnicodeDecodeError):
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, text)
     return True
 
 

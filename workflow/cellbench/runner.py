@@ -144,13 +144,8 @@ class PreparedRound:
 
     def outputs(self) -> dict[Path, Path]:
         """Each file of the round as written in the run directory -> where it is published."""
-        cell_id = self.cell["id"]
-        published = (
-            paths.cell_metrics(cell_id, self.round),
-            paths.cell_provenance(cell_id, self.round),
-            paths.cell_log(cell_id, self.round),
-        )
-        return {self.work / path.name: path for path in published}
+        folder = paths.round_dir(self.cell["id"], self.round)
+        return {self.work / name: folder / name for name in paths.ROUND_FILES}  # metrics, provenance, log
 
 
 @dataclasses.dataclass(frozen=True)
