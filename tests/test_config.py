@@ -356,8 +356,8 @@ def _tables_made(workdir: Path, when: float) -> None:
 
     for rel in ("results/summary.parquet", "results/tables/summary.md", "results/tables/summary.csv",
                 "results/tables/machines.md", "results/tables/machines.csv", "results/tables/diagnostics.md",
-                "results/tables/verdicts.md", "results/report/index.html", "results/plots/throughput.png",
-                "results/plots/latency.png", "results/plots/machines.png"):  # fmt: skip
+                "results/tables/verdicts.md", "results/report/index.html",
+                *(f"results/plots/{name}" for name in paths.PLOTS)):  # fmt: skip
         (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
         (workdir / rel).write_text("made earlier")
         os.utime(workdir / rel, (when, when))

@@ -8,7 +8,7 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 
-from . import config, contract, effective, metrics, stats
+from . import config, contract, effective, metrics, quality, stats
 
 POINT = list(metrics.POINT)
 KEY = ["machine_id", "cell_id", *POINT]
@@ -26,14 +26,19 @@ CV_FLAG = 0.05  # a point whose repeats spread more than this is flagged, not tr
 
 
 def cell_points(
-    rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame, baseline_id: str, statistics: dict | None = None
+    rows: pl.LazyFrame | pl.DataFrame | pa.Table | pd.DataFrame,
+    baseline_id: str,
+    statistics: dict | None = None,
+    quality_tolerance: dict | None = None,
 ) -> pd.DataFrame:
     """Per machine, cell and point: output tok/s as the mean of round means with its interval,
     the spread between and within rounds, the min/max/CV of the repeats, and the ratio to the
     baseline cell on the same machine and point with its interval and significance. Rounds the
-    host canary or sentinel flagged are left out (kept as rows in summary.parquet).
+    host canary or sentinel flagged are left out (kept as rows in summary.parquet). Each point
+    carries its cell's quality against the same machine's baseline (cellbench.quality).
     Computed lazily with polars, which reads only the columns used; returned as pandas."""
     settings = config.statistics({"statistics": statistics or {}})  # the schema's defaults fill the rest
+    tolerance = quality.tolerance({"quality_tolerance": quality_tolerance})
     frame = _lazy(rows)
     # In the schema's types; columns a row does not carry (added to the schema later) read as null.
     schema, names = metrics.polars_schema(), frame.collect_schema().names()
@@ -105,9 +110,10 @@ def cell_points(
         .unique(["machine_id", "cell_id"], keep="first", maintain_order=True)
         .select("machine_id", "cell_id", "settings_json", "effective_json")
     )
-    table, cells = pl.collect_all([table, cells])
+    table, cells, measured = pl.collect_all([table, cells, quality_rows(frame)])
     if table.is_empty():
         return pd.DataFrame()
+    table = table.join(assessed_quality(measured, baseline_id, tolerance), on=["machine_id", "cell_id"], how="left")
     # Described once per distinct record: a cell repeats its record at every point.
     described = {value: describe_effective(value) for value in table["effective_json"].drop_nulls().unique()}
     marks = effective.same_as_rows(cells.iter_rows(named=True), baseline_id)
@@ -125,6 +131,31 @@ def cell_points(
         .join(same_as, on=["machine_id", "cell_id"], how="left", maintain_order="left")
         .to_pandas()
     )
+
+
+def quality_rows(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Per machine and cell, its quality figures: from the first row that has them (every row of
+    round 1 does, whatever the host did then: quality is not a timing figure)."""
+    return (
+        frame.filter(pl.col("quality_status").is_not_null())
+        .sort("round", "repeat", nulls_last=True, maintain_order=True)
+        .unique(["machine_id", "cell_id"], keep="first", maintain_order=True)
+        .select("machine_id", "cell_id", "settings_json", *quality.COLUMNS)
+    )
+
+
+_POLARS = {float: pl.Float64, int: pl.Int64, str: pl.String}
+
+
+def assessed_quality(measured: pl.DataFrame, baseline_id: str, tolerance: dict) -> pl.DataFrame:
+    """The measured cells' quality figures and verdicts (cellbench.quality.assess), without the
+    greedy texts (kilobytes that every point would repeat). Cells absent here read as null:
+    not measured."""
+    schema = {"machine_id": pl.String, "cell_id": pl.String}
+    schema |= {c: t for c, t in measured.schema.items() if c in quality.COLUMNS and c != "quality_greedy_json"}
+    schema |= {c: _POLARS[t] for c, t in quality.ASSESSED.items()}
+    judged = quality.assess(measured.to_dicts(), baseline_id, tolerance)
+    return pl.DataFrame([{c: row[c] for c in schema} for row in judged], schema=schema)
 
 
 CANARY = ["canary_matmul_1t_gflops", "canary_matmul_all_gflops", "canary_memcpy_gb_s"]
@@ -332,29 +363,42 @@ def round_dict(row) -> dict[int, float]:
 
 
 def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
-    """Per machine and point: the fastest ok cell, named only when it is significantly faster
-    than the runner-up (else the tie: every cell not significantly slower than the best), with
-    the margin over the runner-up and its interval."""
+    """Per machine and point: the fastest ok cell whose quality did not diverge, named only when
+    it is significantly faster than the runner-up (else the tie: every cell not significantly
+    slower than the best), with the margin over the runner-up and its interval; `excluded` lists
+    the cells faster than it that diverged in quality, (name, speed ratio to it, reason)."""
     # Only the columns used: each group's sort would otherwise move all of them (0.5 s at 10,000 cells).
-    columns = ["machine_id", *POINT, "cell_name", "output_tok_s", "vs_baseline", *LIST_COLUMNS]
+    judged = [c for c in ("quality_verdict", "quality_reason") if c in points]
+    columns = ["machine_id", *POINT, "cell_name", "output_tok_s", "vs_baseline", *LIST_COLUMNS, *judged]
     ok = points.loc[(points["status"] == "ok") & points["output_tok_s"].notna(), columns]
     rows = []
     for key, group in ok.groupby(["machine_id", *POINT]):
-        means = {row["cell_name"]: round_dict(row) for row in group.to_dict("records")}
-        leaders, margin, runner_up = stats.rank(means, confidence)
-        best = group.set_index("cell_name").loc[leaders[0]]
-        rows.append(
-            {
-                **dict(zip(["machine_id", *POINT], key, strict=True)),
-                "fastest": leaders[0] if len(leaders) == 1 else None,
-                "tied": leaders if len(leaders) > 1 else [],
-                "output_tok_s": best["output_tok_s"],
-                "vs_baseline": best["vs_baseline"],
-                "runner_up": runner_up,
-                "margin": None if margin is None else margin.estimate,
-                "margin_low": None if margin is None else margin.low,
-                "margin_high": None if margin is None else margin.high,
-                "cells": len(group),
-            }
-        )
+        out = group["quality_verdict"].map(quality.excluded) if judged else pd.Series(False, index=group.index)
+        kept, dropped = group[~out], group[out]
+        row = {
+            **dict(zip(["machine_id", *POINT], key, strict=True)),
+            "fastest": None, "tied": [], "output_tok_s": None, "vs_baseline": None, "runner_up": None,
+            "margin": None, "margin_low": None, "margin_high": None, "cells": len(group),
+        }  # fmt: skip
+        if not kept.empty:
+            means = {r["cell_name"]: round_dict(r) for r in kept.to_dict("records")}
+            leaders, margin, runner_up = stats.rank(means, confidence)
+            best = kept.set_index("cell_name").loc[leaders[0]]
+            row.update(
+                fastest=leaders[0] if len(leaders) == 1 else None,
+                tied=leaders if len(leaders) > 1 else [],
+                output_tok_s=best["output_tok_s"],
+                vs_baseline=best["vs_baseline"],
+                runner_up=runner_up,
+                margin=None if margin is None else margin.estimate,
+                margin_low=None if margin is None else margin.low,
+                margin_high=None if margin is None else margin.high,
+            )
+        best_speed = row["output_tok_s"]
+        faster = dropped if best_speed is None else dropped[dropped["output_tok_s"] > best_speed]
+        row["excluded"] = [
+            (r["cell_name"], None if best_speed is None else r["output_tok_s"] / best_speed, r["quality_reason"])
+            for r in faster.sort_values("output_tok_s", ascending=False).to_dict("records")
+        ]
+        rows.append(row)
     return pd.DataFrame(rows)

@@ -71,13 +71,22 @@ def cmd_run_cell(args) -> int:
     return runner.main_run_cell(args)
 
 
+def _quality_tolerance(args) -> dict:
+    """The study's quality tolerances, from its record (results/study.json) when given."""
+    from . import quality
+
+    record = json.loads(Path(args.study_file).read_text()) if getattr(args, "study_file", None) else None
+    return quality.tolerance(record)
+
+
 def _points(args):
     """summary.parquet -> the point table (cellbench.aggregate.cell_points): once per command."""
     from . import aggregate
 
     statistics = json.loads(args.statistics) if args.statistics else None
-    points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id, statistics)
-    return points, statistics
+    tolerance = _quality_tolerance(args)
+    points = aggregate.cell_points(metrics.scan_metrics([args.summary]), args.baseline_id, statistics, tolerance)
+    return points, statistics, tolerance
 
 
 def cmd_aggregate(args) -> int:
@@ -87,9 +96,9 @@ def cmd_aggregate(args) -> int:
     if args.study_file:  # the study's own rounds, from the file: a list on the command line has a size limit
         files = [str(path) for path in paths.study_round_files(Path(args.study_file))] + files
     metrics.combine_metrics(files, args.summary)
-    points, statistics = _points(args)
+    points, statistics, tolerance = _points(args)
     confidence = config.statistics({"statistics": statistics or {}})["confidence"]
-    written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables), confidence)
+    written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables), confidence, tolerance)
     written += machines.write_tables(points, args.machine_id, Path(args.tables))
     print("cellbench: tables: " + ", ".join(str(p) for p in written))
     run = compare.snapshot(Path(args.summary), args.machine_id or provenance.machine_id(None))
@@ -103,16 +112,19 @@ def cmd_report(args) -> int:
     # matplotlib only where plots are drawn
     from . import diagnostics, expectations, plots, report_html, verdicts
 
-    points, _ = _points(args)
+    points, _, tolerance = _points(args)
     points = verdicts.with_roofline(points, json.loads(args.bandwidth)) if not points.empty else points
     cells = diagnostics.cells(points)
     found = expectations.verdicts(points, json.loads(args.expectations))
     sentences = expectations.ratio_sentences(points, args.baseline_name)
     tables, html_path = Path(args.tables), Path(args.html)
     atomic.write_text(paths.diagnostics(tables), diagnostics.diagnostics_markdown(cells, args.study))
-    atomic.write_text(paths.verdicts(tables), verdicts.verdicts_markdown(found, sentences, points, args.study))
+    verdicts_md = verdicts.verdicts_markdown(found, sentences, points, args.study, tolerance)
+    atomic.write_text(paths.verdicts(tables), verdicts_md)
     drawn = plots.write_plots(points, Path(args.plots))
-    page = report_html.page(args.study, args.baseline_name, points, found, sentences, cells, drawn, html_path)
+    page = report_html.page(
+        args.study, args.baseline_name, points, found, sentences, cells, drawn, html_path, tolerance
+    )
     atomic.write_text(html_path, page)
     print(f"cellbench: report: {html_path}, {paths.diagnostics(tables)}, {paths.verdicts(tables)}")
     return 0
@@ -336,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expectations", default="[]", help="the study's expectations as JSON")
     p.add_argument("--bandwidth", default="{}", help="the study's bandwidth_gb_s as JSON")
     p.add_argument("--statistics", default=None, help="the study's statistics settings as JSON")
+    p.add_argument("--study-file", default=None, help=f"{paths.study_file()}: its quality tolerances")
     p.set_defaults(func=cmd_report)
     return parser
 

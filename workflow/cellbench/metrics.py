@@ -107,11 +107,22 @@ COLUMN_HISTORY: dict[int, dict[str, tuple[pa.DataType, bool, str]]] = {
         "versions_json": (_STR, True, "package versions inside the image (engine, torch, transformers, numpy), JSON"),
     },
     2: {"device_arch": (_STR, True, "GPU architecture the cell ran on (gfx942, sm_90); null on CPU")},
-    # 3: {"new_metric_s": (_F64, True, "what it measures")},  <- how the next column comes in
+    # Quality of the cell's engine load, on every row of its round 1 (null elsewhere: not measured).
+    3: {
+        "quality_status": (_STR, True, "ok | failed | unsupported | off"),
+        "quality_error": (_STR, True, "one-line reason when quality_status is not ok"),
+        "quality_s": (_F64, True, "seconds of the quality step"),
+        "quality_nll": (_F64, True, "mean negative log-likelihood per scored token of the reference text, nats"),
+        "quality_nll_tokens": (_INT, True, "tokens of the reference text scored"),
+        "quality_bits_per_byte": (_F64, True, "total NLL / ln 2 / UTF-8 bytes of the reference text"),
+        "quality_greedy_json": (_STR, True, "greedy continuations of the fixed prompts, JSON list of text"),
+        "quality_method_version": (_INT, True, "version of the quality method"),
+    },
+    # 4: {"new_metric_s": (_F64, True, "what it measures")},  <- how the next column comes in
 }
 # Columns holding JSON, and the JSON type of their value: import parses every cell of them.
 JSON_COLUMNS = {"settings_json": dict, "effective_json": dict, "overrides_json": list, "findings_json": list,
-                "versions_json": dict}  # fmt: skip
+                "versions_json": dict, "quality_greedy_json": list}  # fmt: skip
 
 
 class SchemaError(ValueError):

@@ -159,7 +159,7 @@ def plots_dir(results: Path = RESULTS) -> Path:
 
 
 # The plots the explain step draws, in order.
-PLOTS = ("throughput.png", "latency.png", "machines.png")
+PLOTS = ("throughput.png", "latency.png", "machines.png", "quality.png")
 
 
 def plot(name: str, plots: Path | None = None) -> Path:

@@ -10,8 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from . import paths  # noqa: E402
+from . import paths, quality  # noqa: E402
 from .atomic import write_with  # noqa: E402
+from .metrics import POINT  # noqa: E402
 
 PLOTS = paths.PLOTS
 
@@ -100,6 +101,53 @@ def _machines(ax, ok: pd.DataFrame) -> None:
     ax.legend(fontsize=8)
 
 
+QUALITY_PANELS = 6  # points drawn side by side; more would be unreadable (the table has them all)
+
+
+def _speed_vs_quality(ax, ok: pd.DataFrame) -> None:
+    """Output tok/s against bits per byte, one marker per cell, the Pareto front joined."""
+    front = quality.pareto_front(list(zip(ok["output_tok_s"], ok["quality_bits_per_byte"], strict=True)))
+    ok = ok.assign(_front=front)
+    for row in ok.itertuples():
+        diverged = row.quality_verdict == quality.DIVERGED
+        ax.scatter(
+            row.quality_bits_per_byte,
+            row.output_tok_s,
+            marker="x" if diverged else "o",
+            color="#b00020" if diverged else ("#0a7a2f" if row._front else "#777777"),
+            zorder=3,
+        )
+        ax.annotate(row.cell_name, (row.quality_bits_per_byte, row.output_tok_s), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    line = ok[ok["_front"]].sort_values("quality_bits_per_byte")
+    ax.plot(line["quality_bits_per_byte"], line["output_tok_s"], color="#0a7a2f", alpha=0.6, label="Pareto front")
+    ax.set_xlabel("bits per byte of the reference text (lower is better)")
+    ax.set_ylabel("output tokens / s")
+    ax.grid(alpha=0.3)
+
+
+def speed_vs_quality(points: pd.DataFrame, path: Path) -> None:
+    """Per machine and point (the first QUALITY_PANELS), speed against quality, Pareto front
+    marked; a note instead when no cell measured quality."""
+    ok = _ok(points)
+    if not ok.empty and "quality_bits_per_byte" in ok:
+        ok = ok[ok["quality_bits_per_byte"].notna()]
+    groups = list(ok.groupby(["machine_id", *POINT])) if not ok.empty else []
+    shown = groups[:QUALITY_PANELS]
+    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(max(4.5 * len(shown), 8), 4.5), squeeze=False)
+    if not shown:
+        _empty(axes[0][0], "no cell measured quality")
+    several = ok["machine_id"].nunique() > 1 if not ok.empty else False
+    for ax, ((machine, batch, inp, out), group) in zip(axes[0], shown, strict=False):
+        _speed_vs_quality(ax, group)
+        ax.set_title(f"{machine + ': ' if several else ''}batch {batch}, {inp}→{out}", fontsize=9)
+    if len(groups) > len(shown):
+        fig.suptitle(f"Speed vs quality: the first {len(shown)} of {len(groups)} points", fontsize=10)
+    elif shown:
+        fig.suptitle("Speed vs quality (green line: Pareto front; ×: quality diverged)", fontsize=10)
+    _save(fig, path)
+
+
 def throughput(points: pd.DataFrame, path: Path) -> None:
     """Output tok/s against batch size, one line per machine x cell (x prompt shape)."""
     _figure(points, path, _throughput)
@@ -117,7 +165,7 @@ def machines(points: pd.DataFrame, path: Path) -> None:
 
 def write_plots(points: pd.DataFrame, plots_dir: Path) -> list[Path]:
     written = []
-    for name, draw in zip(PLOTS, (throughput, latency, machines), strict=True):
+    for name, draw in zip(PLOTS, (throughput, latency, machines, speed_vs_quality), strict=True):
         draw(points, paths.plot(name, plots_dir))
         written.append(paths.plot(name, plots_dir))
     return written

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import polars as pl
 
-from . import aggregate, atomic, paths
+from . import aggregate, atomic, paths, quality
 from .tables import Mark, Stack, Table, fmt, fmt_point, fmt_ratio, listed, ratio_text
 
 
@@ -148,8 +148,18 @@ def short_points(points: pd.DataFrame) -> set[tuple]:
     return set(ok[["machine_id", *aggregate.POINT]].itertuples(index=False, name=None))
 
 
+def excluded_notes(row) -> list[str]:
+    """Why a cell faster than the one named was not named: its quality diverged."""
+    notes = []
+    for cell, ratio, reason in row.get("excluded") or []:
+        faster = f"was faster ({fmt_ratio(ratio)})" if ratio is not None else "was measured"
+        notes.append(f"`{cell}` {faster} but excluded: quality ❌ diverged ({reason})")
+    return notes
+
+
 def fastest_table(fastest: pd.DataFrame, short: set[tuple]) -> Table:
-    """The fastest cell at each point, or the tie; withheld at the points in `short`."""
+    """The fastest cell at each point, or the tie; withheld at the points in `short`. A cell whose
+    quality diverged is never named; the cell says so when one was faster."""
     table = Table(["machine", "batch × in→out", "fastest", "output tok/s", "× baseline", "ahead of runner-up by"])
     for _, row in fastest.iterrows():
         if (row["machine_id"], *(row[k] for k in aggregate.POINT)) in short:
@@ -161,9 +171,14 @@ def fastest_table(fastest: pd.DataFrame, short: set[tuple]) -> Table:
             if isinstance(row["runner_up"], str):
                 interval = f"[{fmt(row['margin_low'], '.2f')}, {fmt(row['margin_high'], '.2f')}]"
                 margin = f"{fmt_ratio(row['margin'])} {interval} {row['runner_up']}"
-        else:
+        elif len(row["tied"]):
             name = "tie: " + ", ".join(row["tied"])
             margin = "≈ no significant difference"
+        else:
+            name, margin = "none: every cell's quality diverged", "—"
+        notes = excluded_notes(row)
+        if notes:
+            name = Stack((name, *notes))
         table.add(
             [row["machine_id"], fmt_point(row), name, fmt(row["output_tok_s"]), fmt_ratio(row["vs_baseline"]), margin]
         )
@@ -187,6 +202,113 @@ def point_cells(row) -> list[str]:
     return [row["machine_id"], row["cell_name"], row["status"], fmt_point(row), fmt(row["output_tok_s"])]
 
 
+QUALITY_STYLE = {quality.OK: "pass-text", quality.DRIFT: "same", quality.DIVERGED: "fail-text"}
+
+
+def quality_cell(row) -> str | Mark:
+    """The per-point quality cell: verdict, exact-match share and Δ NLL (cellbench.quality.label)."""
+    text = quality.label(row)
+    style = QUALITY_STYLE.get(row.get("quality_verdict"))
+    return Mark(style, text) if style else text
+
+
+def quality_verdict_text(row) -> str | Mark:
+    """'✅ within tolerance', '⚠ drift', '❌ diverged', 'baseline', or why there is no verdict."""
+    verdict = row.get("quality_verdict")
+    if verdict in quality.SYMBOL:
+        return Mark(QUALITY_STYLE[verdict], f"{quality.SYMBOL[verdict]} {quality.WORDS[verdict]}")
+    return quality.label(row)
+
+
+def _first_divergence(row) -> str:
+    prompts = row.get("quality_prompts")
+    if pd.isna(prompts):
+        return "—"
+    if not row.get("quality_diverging"):
+        return "none diverged"
+    return f"{fmt(row['quality_first_divergence'])} ({int(row['quality_diverging'])} of {int(prompts)} diverge)"
+
+
+def _delta_nll(row) -> str:
+    if pd.notna(row.get("quality_delta_nll")):
+        return f"{row['quality_delta_nll']:+.4f}"
+    return "— (tokenizations differ)" if pd.notna(row.get("quality_delta_bpb")) else "—"
+
+
+def quality_table(points: pd.DataFrame) -> tuple[Table, list[str]]:
+    """One row per machine and cell: its quality figures against its machine's baseline."""
+    cells, cut = listed(points.drop_duplicates(["machine_id", "cell_id"]), "cells")
+    table = Table(
+        ["machine", "cell", "quality", "bits/byte", "NLL/token (tokens)", "Δ bits/byte", "Δ NLL/token",
+         "exact match", "common prefix, words", "first divergence, word", "quality s", "why"],
+        numeric=frozenset({3, 4, 5, 6, 7, 8, 10}),
+    )  # fmt: skip
+    for row in cells.to_dict("records"):
+        prompts, diverging = row.get("quality_prompts"), row.get("quality_diverging")
+        exact = (
+            "—" if pd.isna(prompts) else f"{row['quality_exact_share']:.0%} ({int(prompts - diverging)}/{int(prompts)})"
+        )
+        nll = fmt(row.get("quality_nll"), ".4f")
+        if pd.notna(row.get("quality_nll_tokens")):
+            nll += f" ({int(row['quality_nll_tokens']):,})"
+        delta = row.get("quality_delta_bpb")
+        table.add(
+            [
+                row["machine_id"],
+                row["cell_name"],
+                quality_verdict_text(row),
+                fmt(row.get("quality_bits_per_byte"), ".4f"),
+                nll,
+                "—" if pd.isna(delta) else quality.percent(delta),
+                _delta_nll(row),
+                exact,
+                fmt(row.get("quality_prefix_words")),
+                _first_divergence(row),
+                fmt(row.get("quality_s")),
+                row.get("quality_reason") or "—",
+            ],
+            bad=row.get("quality_verdict") == quality.DIVERGED,
+        )  # fmt: skip
+    return table, cut
+
+
+def _span(values: pd.Series, spec: str = ",") -> str | None:
+    """'64', or '60–64' when the cells differ; None when none has the figure."""
+    values = values.dropna()
+    if values.empty:
+        return None
+    low, high = format(int(values.min()), spec), format(int(values.max()), spec)
+    return low if low == high else f"{low}–{high}"
+
+
+def quality_method(points: pd.DataFrame, tolerance: dict) -> str:
+    """The method in one line: texts, prompts × tokens, words compared, bits per byte, tolerances."""
+    cells = points.drop_duplicates(["machine_id", "cell_id"])
+    prompts, tokens, words = (_span(cells[c]) for c in ("quality_prompts", "quality_tokens", "quality_words"))
+    size = quality.reference_bytes()
+    versions = _span(cells["quality_method_version"], "d")
+    shape = f"{prompts or 'the'} prompts" + (f" × {tokens} tokens" if tokens else "")
+    return (
+        f"Method{f' v{versions}' if versions else ''}: each cell scores the reference text (Shakespeare, "
+        f"Coriolanus 1.1{f', {size:,} UTF-8 bytes' if size else ''}) and continues {shape} (Romeo and "
+        "Juliet) greedily, in the same engine load as its speed points. Bits per byte = total NLL / ln 2 / the "
+        "text's bytes, comparable across tokenizers; Δ NLL/token only between cells that scored the same tokens. "
+        "Continuations are compared with the baseline's on the same machine as whitespace-split words, never "
+        f"token ids{f' ({words} words compared per cell)' if words else ''}. "
+        f"✅ |Δ bits/byte| ≤ {tolerance['drift']:.0%} and exact match ≥ {tolerance['agreement_drift']:.0%}; "
+        f"❌ Δ bits/byte > +{tolerance['diverged']:.0%} (never named fastest); ⚠ otherwise."
+    )
+
+
+def quality_markdown(points: pd.DataFrame, tolerance: dict) -> list[str]:
+    """The "Quality vs baseline" section: the table and its method, or why there is none."""
+    out = ["", "## Quality vs baseline", ""]
+    if points.empty or "quality_status" not in points or points["quality_status"].isna().all():
+        return out + ["No cell measured quality (results from before quality was measured, or `quality: false`)."]
+    table, cut = quality_table(points)
+    return out + [table.markdown(), *cut, "", quality_method(points, tolerance)]
+
+
 def points_table(points: pd.DataFrame, baseline_name: str, confidence: float) -> tuple[Table, list[str]]:
     """Every cell and point: figures, interval, rounds, spread, ratio to the baseline."""
     shown, cut = listed(points, "cell points")
@@ -198,11 +320,12 @@ def points_table(points: pd.DataFrame, baseline_name: str, confidence: float) ->
             "CV between / within rounds",
             "repeats min–max, CV",
             "× baseline [interval]",
+            "quality vs baseline",
             "p50 latency s ±CV",
             "load s",
             "engine actually ran",
         ],  # fmt: skip
-        numeric=frozenset({4, 5, 9, 10, 11}),
+        numeric=frozenset({4, 5, 9, 11, 12}),
     )
     for row in shown.to_dict("records"):  # iterrows builds a Series per row: minutes at 10,000 cells
         ratio = "baseline" if row["cell_name"] == baseline_name else ratio_text(row)
@@ -214,6 +337,7 @@ def points_table(points: pd.DataFrame, baseline_name: str, confidence: float) ->
                 _round_spread(row),
                 _spread(row),
                 ratio,
+                quality_cell(row),
                 _latency(row),
                 fmt(row["load_s"]),
                 engine_ran(row),
@@ -241,7 +365,12 @@ def failed_table(cells: pd.DataFrame) -> tuple[Table, list[str]]:
 
 
 def summary_markdown(
-    points: pd.DataFrame, fastest: pd.DataFrame, study: str, baseline_name: str, confidence: float = 0.95
+    points: pd.DataFrame,
+    fastest: pd.DataFrame,
+    study: str,
+    baseline_name: str,
+    confidence: float = 0.95,
+    tolerance: dict | None = None,
 ) -> str:
     out = [f"# cellbench — {study}", ""]
     machines = sorted(points["machine_id"].unique()) if not points.empty else []
@@ -275,10 +404,12 @@ def summary_markdown(
         out.append(
             "A cell is named fastest only when it is significantly faster than the runner-up (the "
             f"{confidence:.0%} interval of their ratio, paired by round, lies above 1); otherwise the "
-            "cells not significantly slower than the best are listed as a tie."
+            "cells not significantly slower than the best are listed as a tie. A cell whose quality diverged "
+            "from the baseline's (❌ below) is never named."
         )
         out.append("")
         out.append(fastest_table(fastest, short_points(points) if not points.empty else set()).markdown())
+    out += quality_markdown(points, quality.tolerance({"quality_tolerance": tolerance}))
     out += host_lines(points)
     out += ["", "## Every cell and point", ""]
     table, cut = points_table(points, baseline_name, confidence)
@@ -316,12 +447,17 @@ def csv_text(frame: pd.DataFrame) -> str:
 
 
 def write_tables(
-    points: pd.DataFrame, study: str, baseline_name: str, tables_dir: Path, confidence: float = 0.95
+    points: pd.DataFrame,
+    study: str,
+    baseline_name: str,
+    tables_dir: Path,
+    confidence: float = 0.95,
+    tolerance: dict | None = None,
 ) -> list[Path]:
     fastest = aggregate.fastest_per_point(points, confidence) if not points.empty else pd.DataFrame()
     md = paths.summary_markdown(tables_dir)
     csv = paths.summary_csv(tables_dir)
-    atomic.write_text(md, summary_markdown(points, fastest, study, baseline_name, confidence))
+    atomic.write_text(md, summary_markdown(points, fastest, study, baseline_name, confidence, tolerance))
     dropped = ["effective_json", *aggregate.LIST_COLUMNS]
     atomic.write_text(csv, csv_text(points.drop(columns=dropped, errors="ignore")))
     return [md, csv]

@@ -14,8 +14,8 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from . import diagnostics, paths
-from .report import POINT_HEADERS, engine_ran, point_cells
+from . import diagnostics, paths, quality
+from .report import POINT_HEADERS, engine_ran, point_cells, quality_cell, quality_method, quality_table
 from .tables import Table, fmt, ratio_text
 from .verdicts import verdict_table
 
@@ -36,13 +36,14 @@ def points_table(points: pd.DataFrame) -> Table:
             *POINT_HEADERS,
             "95 % interval",
             "× baseline [interval]",
+            "quality vs baseline",
             "p50 latency s",
             "TPOT p50 ms",
             "of bandwidth bound",
             "load s",
             "engine actually ran",
         ],  # fmt: skip
-        numeric=frozenset(range(4, 11)),
+        numeric=frozenset({4, 5, 6, 8, 9, 10, 11}),
     )
     for _, r in points.iterrows():
         bound = r.get("bound_fraction")
@@ -51,6 +52,7 @@ def points_table(points: pd.DataFrame) -> Table:
                 *point_cells(r),
                 fmt(r.get("output_tok_s_low")) + "–" + fmt(r.get("output_tok_s_high")),
                 ratio_text(r),
+                quality_cell(r),
                 fmt(r["latency_p50_s"], ".3f"),
                 fmt(r["tpot_p50_s"] * 1e3 if pd.notna(r["tpot_p50_s"]) else None, ".2f"),
                 f"{bound:.1%}" if bound is not None and pd.notna(bound) else "—",
@@ -71,13 +73,16 @@ def page(
     cells: list[dict],
     plots: list[Path],
     html_path: Path,
+    tolerance: dict | None = None,
 ) -> str:
     machines = sorted(points["machine_id"].unique()) if not points.empty else []
+    measured = not points.empty and points["quality_status"].notna().any()
+    tolerance = quality.tolerance({"quality_tolerance": tolerance})
     shown = [
         (os.path.relpath(plot, html_path.parent), plot.stem)
         for plot in plots
-        # machine-by-machine bars say nothing with one machine
-        if not (plot.name == "machines.png" and len(machines) < 2)
+        # machine-by-machine bars say nothing with one machine, speed vs quality nothing without quality
+        if not (plot.name == "machines.png" and len(machines) < 2) and not (plot.name == "quality.png" and not measured)
     ]
     return (
         environment()
@@ -90,6 +95,8 @@ def page(
             verdicts=verdict_table(verdicts) if verdicts else None,
             sentences=sentences,
             points=points_table(points),
+            quality=quality_table(points)[0] if measured else None,
+            quality_method=quality_method(points, tolerance) if measured else "",
             diagnostics=diagnostics.table(cells),
             plots=shown,
             summary_path=str(paths.summary()),

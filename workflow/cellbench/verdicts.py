@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import roofline
+from . import quality, report, roofline
 from .expectations import FAIL, PASS
 from .tables import Mark, Table, fmt, fmt_point
 
@@ -78,13 +78,16 @@ def roofline_table(known: pd.DataFrame) -> Table:
     return table
 
 
-def verdicts_markdown(verdicts: list[dict], sentences: list[str], points: pd.DataFrame, study: str) -> str:
+def verdicts_markdown(
+    verdicts: list[dict], sentences: list[str], points: pd.DataFrame, study: str, tolerance: dict | None = None
+) -> str:
     out = [f"# cellbench — {study}: verdicts", ""]
     out += ["## Expectations", ""]
     if verdicts:
         out.append(verdict_table(verdicts).markdown())
     else:
         out.append("The study declares no expectations (`expectations:` in the study file).")
+    out += report.quality_markdown(points, quality.tolerance({"quality_tolerance": tolerance}))
     out += ["", "## Ratios to the baseline", ""]
     out += [f"- {s}." for s in sentences] or ["No cell besides the baseline was measured."]
     out += ["", "## Decode against the memory-bandwidth bound", ""]

@@ -25,6 +25,11 @@ rule report:
             caption="../report/machines.rst",
             category="Plots",
         ),
+        quality=report(
+            paths.plot("quality.png"),
+            caption="../report/quality.rst",
+            category="Plots",
+        ),
     log:
         paths.step_log("report"),
     params:
@@ -40,4 +45,4 @@ rule report:
         "--expectations {params.expectations:q} --bandwidth {params.bandwidth:q} "
         # Spelled into the command (not params), so the rule's code is the same text as ever.
         f"--tables {paths.tables_dir()} --plots {paths.plots_dir()} "
-        "--html {output.html} > {log} 2>&1"
+        "--study-file {input.study} --html {output.html} > {log} 2>&1"
