@@ -3,6 +3,7 @@ several machines, rounds (flagged, failed, too few), failed cells, serve-mode fi
 overrides, expectations and the roofline. Regenerate after a deliberate change with
 CELLBENCH_UPDATE_GOLDEN=1 python3 -m pytest tests/test_tables_golden.py."""
 
+import json
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import test_aggregate
 import test_report_page
 import test_spread
 import test_stats
-from cellbench import aggregate, diagnose, diagnostics, expectations, machines, report, tables, verdicts
+from cellbench import aggregate, diagnose, diagnostics, expectations, machines, quality, report, tables, verdicts
 
 GOLDEN = Path(__file__).parent / "golden" / "tables"
 EXPECTATIONS = [
@@ -54,6 +55,38 @@ def _rows() -> pd.DataFrame:
     frame.loc[frame["machine_id"] == "m1", "weight_bytes"] = 1e8
     frame.loc[frame["cell_name"] == "pipe|cell", "host_load_max"] = 99.0  # a busy host
     frame.loc[(frame["cell_name"] == "fast") & (frame["machine_id"] == "m2"), "error"] = "engine <died> & a|b"
+    return _with_quality(frame)
+
+
+TEXTS = ["to be or not", "the rose smells sweet", "Romeo, Romeo", "good night"]
+# Quality on round 1 of a cell (as a cell writes it): the baseline, a cell identical to it, one on
+# another tokenizer that drifts, one whose model is corrupted (and fastest), one failed, one off.
+QUALITY = {
+    ("m1", "base"): {"quality_bits_per_byte": 1.0, "quality_nll": 2.0},
+    ("m1", "a&b <x>"): {"quality_bits_per_byte": 1.004, "quality_nll": 2.008},
+    ("m1", "pipe|cell"): {"quality_bits_per_byte": 1.05, "quality_nll": 2.2, "quality_nll_tokens": 2700,
+                          "quality_greedy_json": json.dumps(["to be or", "the rose smells", "Romeo, Juliet", "good"])},
+    ("m1", "fast"): {"quality_bits_per_byte": 4.1, "quality_nll": 8.2,
+                     "quality_greedy_json": json.dumps(["the the the"] * 4)},
+    ("m2", "base"): {"quality_status": "unsupported", "quality_error": "engine cannot return prompt log-probabilities",
+                     "quality_s": 0.4, **dict.fromkeys(("quality_bits_per_byte", "quality_nll", "quality_nll_tokens",
+                                                        "quality_greedy_json"))},
+    ("amd-1", "awq"): {"quality_status": "off", **dict.fromkeys(("quality_bits_per_byte", "quality_nll", "quality_s",
+                                                                  "quality_nll_tokens", "quality_greedy_json"))},
+}  # fmt: skip
+
+
+def _with_quality(frame: pd.DataFrame) -> pd.DataFrame:
+    for column in quality.COLUMNS:
+        frame[column] = pd.Series([None] * len(frame), dtype=object, index=frame.index)
+    for (machine, cell), values in QUALITY.items():
+        where = (frame["machine_id"] == machine) & (frame["cell_name"] == cell) & (frame["round"].fillna(1) == 1)
+        values = {
+            "quality_status": "ok", "quality_error": None, "quality_s": 11.5, "quality_nll_tokens": 2851,
+            "quality_greedy_json": json.dumps(TEXTS), "quality_method_version": 1, **values,
+        }  # fmt: skip
+        for column, value in values.items():
+            frame.loc[where, column] = value
     return frame
 
 

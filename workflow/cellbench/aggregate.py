@@ -113,7 +113,9 @@ def cell_points(
     table, cells, measured = pl.collect_all([table, cells, quality_rows(frame)])
     if table.is_empty():
         return pd.DataFrame()
-    table = table.join(assessed_quality(measured, baseline_id, tolerance), on=["machine_id", "cell_id"], how="left")
+    table = table.join(
+        assessed_quality(measured, baseline_id, tolerance), on=["machine_id", "cell_id"], how="left"
+    ).with_columns(pl.col("quality_reason").fill_null("not measured"))  # cells none of whose rows has quality
     # Described once per distinct record: a cell repeats its record at every point.
     described = {value: describe_effective(value) for value in table["effective_json"].drop_nulls().unique()}
     marks = effective.same_as_rows(cells.iter_rows(named=True), baseline_id)
@@ -379,6 +381,7 @@ def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CO
             **dict(zip(["machine_id", *POINT], key, strict=True)),
             "fastest": None, "tied": [], "output_tok_s": None, "vs_baseline": None, "runner_up": None,
             "margin": None, "margin_low": None, "margin_high": None, "cells": len(group),
+            "quality_excluded": len(dropped),
         }  # fmt: skip
         if not kept.empty:
             means = {r["cell_name"]: round_dict(r) for r in kept.to_dict("records")}

@@ -140,9 +140,9 @@ def nll_delta(cell: dict, base: dict) -> float | None:
 
 
 def percent(share: float) -> str:
-    """'+310 %', '+3.1 %', '-0.4 %'."""
+    """'+310%', '+3.1%', '-0.4%' (as the tables write shares)."""
     value = share * 100
-    return f"{value:+.0f} %" if abs(value) >= 10 else f"{value:+.1f} %"
+    return f"{value:+.0f}%" if abs(value) >= 10 else f"{value:+.1f}%"
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def label(row) -> str:
-    """The per-point table's quality cell: '✅ 100 % · Δ NLL +0.000', 'baseline', 'not measured'."""
+    """The per-point table's quality cell: '✅ 100% · Δ NLL +0.000', 'baseline', 'not measured'."""
     mark = row.get("quality_verdict")
     if mark == BASELINE:
         return "baseline"

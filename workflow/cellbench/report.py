@@ -167,7 +167,7 @@ def fastest_table(fastest: pd.DataFrame, short: set[tuple]) -> Table:
             continue
         if isinstance(row["fastest"], str):
             name = Mark("strong", row["fastest"])
-            margin = "only cell"
+            margin = "only cell" if not row.get("quality_excluded") else "only cell whose quality did not diverge"
             if isinstance(row["runner_up"], str):
                 interval = f"[{fmt(row['margin_low'], '.2f')}, {fmt(row['margin_high'], '.2f')}]"
                 margin = f"{fmt_ratio(row['margin'])} {interval} {row['runner_up']}"
