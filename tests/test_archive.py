@@ -620,6 +620,9 @@ def test_archive_of_schema_version_1_imports_and_aggregates(tmp_path):
     assert len(files) == 8 and len(points) == 4
     assert (points["status"] == "ok").all() and points["output_tok_s"].notna().all()
     assert set(points["machine_id"]) == {"fixture-machine"}
+    # Written before quality was measured: no figure, no verdict, never 0.
+    assert points["quality_bits_per_byte"].isna().all() and points["quality_verdict"].isna().all()
+    assert set(points["quality_reason"]) == {"not measured"}
 
 
 def test_after_a_column_is_added_the_old_archive_imports_with_it_null(tmp_path, monkeypatch):

@@ -208,3 +208,17 @@ def test_summary_shows_the_quality_column_table_and_method(points):
     assert "| ❌ 0% · Δ NLL +6.200 |" in text and "| not measured |" in text
     assert "| m1 | corrupt | ❌ diverged | 4.1000 | 8.2000 (2,851) | +310% | +6.2000 | 0% (0/4) |" in text
     assert "compared with the baseline's on the same machine as whitespace-split words" in text
+
+
+def test_plot_and_page_show_quality_only_where_measured(points, tmp_path):
+    import matplotlib.image
+    from cellbench import plots, report_html
+
+    drawn = plots.write_plots(points, tmp_path / "plots")
+    assert matplotlib.image.imread(tmp_path / "plots" / "quality.png").std() > 0
+    page = report_html.page("s", "base", points, [], [], [], drawn, tmp_path / "report" / "index.html")
+    assert "../plots/quality.png" in page and "<h2 id=quality>" in page
+    assert '<span class="fail-text">❌ diverged</span>' in page and "whitespace-split words" in page
+    unmeasured = points[points["cell_name"] == "old"]
+    page = report_html.page("s", "base", unmeasured, [], [], [], drawn, tmp_path / "report" / "index.html")
+    assert "quality.png" not in page and "No cell measured quality." in page

@@ -105,21 +105,25 @@ QUALITY_PANELS = 6  # points drawn side by side; more would be unreadable (the t
 
 
 def _speed_vs_quality(ax, ok: pd.DataFrame) -> None:
-    """Output tok/s against bits per byte, one marker per cell, the Pareto front joined."""
-    front = quality.pareto_front(list(zip(ok["output_tok_s"], ok["quality_bits_per_byte"], strict=True)))
-    ok = ok.assign(_front=front)
+    """Output tok/s against bits per byte, one marker per cell, the Pareto front joined: over the
+    cells whose quality did not diverge (a fast garbage model is no trade-off)."""
+    kept = ok[ok["quality_verdict"] != quality.DIVERGED]
+    front = quality.pareto_front(list(zip(kept["output_tok_s"], kept["quality_bits_per_byte"], strict=True)))
+    on_front = pd.Series(False, index=ok.index)
+    on_front[kept.index] = front
+    ok = ok.assign(on_front=on_front)
     for row in ok.itertuples():
         diverged = row.quality_verdict == quality.DIVERGED
         ax.scatter(
             row.quality_bits_per_byte,
             row.output_tok_s,
             marker="x" if diverged else "o",
-            color="#b00020" if diverged else ("#0a7a2f" if row._front else "#777777"),
+            color="#b00020" if diverged else ("#0a7a2f" if row.on_front else "#777777"),
             zorder=3,
         )
         ax.annotate(row.cell_name, (row.quality_bits_per_byte, row.output_tok_s), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")  # fmt: skip
-    line = ok[ok["_front"]].sort_values("quality_bits_per_byte")
+    line = ok[ok["on_front"]].sort_values("quality_bits_per_byte")
     ax.plot(line["quality_bits_per_byte"], line["output_tok_s"], color="#0a7a2f", alpha=0.6, label="Pareto front")
     ax.set_xlabel("bits per byte of the reference text (lower is better)")
     ax.set_ylabel("output tokens / s")
