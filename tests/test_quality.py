@@ -145,7 +145,7 @@ def test_pareto_front_by_hand():
 
 
 def test_cell_settings_name_the_tokens_per_prompt():
-    assert quality.greedy_tokens(json.dumps({"quality": {"prompts": 64, "tokens": 32}})) == 32
+    assert quality.greedy_tokens(json.dumps({"quality": {"prompts": 64, "max_tokens": 32}})) == 32
     assert quality.greedy_tokens(json.dumps({"quality": False})) is None
     assert quality.greedy_tokens(None) is None
 

@@ -274,14 +274,14 @@ def label(row) -> str:
 
 
 def greedy_tokens(settings_json) -> int | None:
-    """Tokens each prompt was continued for: the cell's `quality.tokens` as it recorded its
+    """Tokens each prompt was continued for: the cell's `quality.max_tokens` as it recorded its
     settings, or None where it did not."""
     try:
         settings = json.loads(settings_json) if isinstance(settings_json, str) else {}
     except ValueError:
         return None
     given = settings.get("quality") if isinstance(settings, dict) else None
-    tokens = given.get("tokens") if isinstance(given, dict) else None
+    tokens = given.get("max_tokens") if isinstance(given, dict) else None
     return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
 
 
