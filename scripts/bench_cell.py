@@ -279,6 +279,53 @@ def resolved_args(vllm_config, names) -> dict:
     return found
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one line; a multi-line message (pydantic's) names its cause on the second line."""
+    message = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' '.join(message[:2])}".strip()[:500]
+
+
+class QualityUnsupported(Exception):
+    """The engine cannot give what the quality step needs (e.g. prompt log-probabilities)."""
+
+
+def check_fits(tokens: int, max_len, what: str) -> None:
+    """A chunk (or prompt and its continuation) longer than the engine's context fails the quality
+    step by name instead of being cut silently."""
+    if max_len and tokens > max_len:
+        raise ValueError(f"{what} of {tokens} tokens exceeds the context of {max_len}; lower quality.chunk_chars")
+
+
+def nll_of_logits(logits, ids) -> float:
+    """Sum of -log p of ids[1:] given the rows of logits before them (row i predicts ids[i + 1]),
+    log-softmax in float64 with numpy."""
+    import numpy as np
+
+    rows = np.asarray(logits[: len(ids) - 1], dtype=np.float64)
+    top = rows.max(axis=1)
+    log_sum = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+    return float((log_sum - rows[np.arange(len(rows)), np.asarray(ids[1:])]).sum())
+
+
+def measure_quality(engine, texts: dict) -> dict:
+    """The quality step (contract: cellbench.quality_texts): the engine's quality(texts), timed;
+    any failure becomes a status and a one-line reason, never the cell's failure."""
+    start = time.perf_counter()
+    result = {"status": "ok", "error": None, "greedy": [], "greedy_tokens": 0, "nll_sum": None, "nll_tokens": 0,
+              "method": None}  # fmt: skip
+    try:
+        if not hasattr(engine, "quality"):
+            raise QualityUnsupported(f"{type(engine).__name__} has no quality step")
+        result.update(engine.quality(texts))
+    except QualityUnsupported as exc:
+        result.update(status="unsupported", error=str(exc)[:500])
+    except Exception as exc:  # noqa: BLE001 - the speed rows stand whatever the quality step does
+        result.update(status="failed", error=one_line(exc))
+        print(traceback.format_exc(), file=sys.stderr)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
 class VllmEngine:
     """vLLM offline engine: one LLM object, generate() per point."""
 
@@ -344,6 +391,27 @@ class VllmEngine:
                 }
             )
         return requests
+
+    def quality(self, texts: dict) -> dict:
+        from vllm import SamplingParams
+
+        greedy = SamplingParams(temperature=0.0, max_tokens=texts["max_tokens"])
+        outputs = self.llm.generate(texts["prompts"], greedy, use_tqdm=False)
+        # max_tokens=1: only the prompt's log-probabilities are wanted; 0 asks for the prompt token's own.
+        scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        nll_sum, nll_tokens = 0.0, 0
+        for scored in self.llm.generate(texts["chunks"], scoring, use_tqdm=False):
+            ids, logprobs = scored.prompt_token_ids, scored.prompt_logprobs
+            for position in range(1, len(ids)):  # position 0 has no log-probability
+                nll_sum -= logprobs[position][ids[position]].logprob
+                nll_tokens += 1
+        return {
+            "greedy": [output.outputs[0].text for output in outputs],
+            "greedy_tokens": sum(len(output.outputs[0].token_ids) for output in outputs),
+            "nll_sum": nll_sum,
+            "nll_tokens": nll_tokens,
+            "method": "vllm offline: greedy temperature 0; NLL from prompt_logprobs=0 per chunk",
+        }
 
 
 def _enum_name(value) -> str | None:
@@ -447,6 +515,50 @@ class LlamaCppEngine:
             )
         return requests
 
+    def quality(self, texts: dict) -> dict:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        vocab = self.llm._model.vocab
+        greedy, greedy_tokens = [], 0
+        for prompt in texts["prompts"]:
+            ids = self.llm.tokenize(prompt.encode(), add_bos=True)  # BOS only where the GGUF asks for one
+            check_fits(len(ids) + texts["max_tokens"], self.llm.n_ctx(), "a prompt and its continuation")
+            self.llm.reset()
+            out = []
+            for token in self.llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    break
+                out.append(token)
+                if len(out) == texts["max_tokens"]:
+                    break
+            greedy.append(self.llm.detokenize(out).decode("utf-8", errors="replace"))
+            greedy_tokens += len(out)
+        # Only a Llama made with logits_all keeps a row of logits per position; the measured engine
+        # stays as the speed points had it, and a second one on the same GGUF (mmap: its weights
+        # are shared) scores the chunks, with the same context and batch sizes.
+        scorer = Llama(model_path=self.llm.model_path, n_gpu_layers=0, verbose=False, logits_all=True,
+                       **{**self.args, "n_ctx": self.llm.n_ctx(), "n_batch": self.llm.n_batch})  # fmt: skip
+        nll_sum, nll_tokens = 0.0, 0
+        try:
+            for chunk in texts["chunks"]:
+                ids = scorer.tokenize(chunk.encode(), add_bos=True)
+                check_fits(len(ids), scorer.n_ctx(), "a reference chunk")
+                scorer.reset()
+                scorer.eval(ids)
+                nll_sum += nll_of_logits(scorer.scores, ids)
+                nll_tokens += len(ids) - 1
+        finally:
+            scorer.close()
+        return {
+            "greedy": greedy,
+            "greedy_tokens": greedy_tokens,
+            "nll_sum": nll_sum,
+            "nll_tokens": nll_tokens,
+            "method": "llama.cpp: greedy temp 0 top_k 1; NLL from a second Llama on the GGUF with logits_all=True, "
+            "log-softmax in numpy float64",
+        }
+
 
 class TransformersEngine:
     """Hugging Face transformers `generate` on the prepared safetensors: a plain reference (eager
@@ -480,7 +592,7 @@ class TransformersEngine:
         options = {"attn_implementation": cell["engine_args"]["attn_implementation"]} if (
             "attn_implementation" in cell["engine_args"]) else {}  # fmt: skip
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(path)
         self.vocab_size = len(tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
         self.max_model_len = cell["engine_args"].get("max_model_len")
@@ -535,6 +647,39 @@ class TransformersEngine:
             for prompt in prompts
         ]
 
+    def quality(self, texts: dict) -> dict:
+        torch = self.torch
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        greedy, greedy_tokens = [], 0
+        with torch.inference_mode():
+            for prompt in texts["prompts"]:  # one at a time: no padding to tell apart from the text
+                ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+                check_fits(ids.shape[1] + texts["max_tokens"], self.max_model_len, "a prompt and its continuation")
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                    repetition_penalty=1.0, max_new_tokens=texts["max_tokens"],
+                    pad_token_id=next(iter(eos), None),
+                )[0, ids.shape[1] :].tolist()  # fmt: skip
+                out = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]  # stop at EOS
+                greedy.append(self.tokenizer.decode(out, skip_special_tokens=True))
+                greedy_tokens += len(out)
+            nll_sum, nll_tokens = 0.0, 0
+            for chunk in texts["chunks"]:
+                ids = self.tokenizer(chunk, return_tensors="pt").input_ids
+                check_fits(ids.shape[1], self.max_model_len, "a reference chunk")
+                logits = self.model(input_ids=ids).logits[0].float()
+                nll_sum += nll_of_logits(logits.numpy(), ids[0].tolist())
+                nll_tokens += ids.shape[1] - 1
+        return {
+            "greedy": greedy,
+            "greedy_tokens": greedy_tokens,
+            "nll_sum": nll_sum,
+            "nll_tokens": nll_tokens,
+            "method": "transformers: generate(do_sample=False); NLL from forward-pass logits, "
+            "log-softmax in numpy float64",
+        }
+
 
 class VllmServer:
     """vLLM's OpenAI-compatible server on 127.0.0.1 inside this container (still --network none),
@@ -572,7 +717,7 @@ class VllmServer:
             time.sleep(0.5)
         self.request_rate = cell["serve"].get("request_rate")
         self.seed = cell["sweep"]["seed"]
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.vocab_size = len(tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
 
@@ -639,6 +784,39 @@ class VllmServer:
             if chunk.get("usage"):
                 record["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
                 record["output_tokens"] = chunk["usage"]["completion_tokens"]
+
+    def _complete(self, body: dict) -> dict:
+        """One non-streamed /v1/completions request; its JSON answer."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.PORT, timeout=600)
+        connection.request("POST", "/v1/completions", json.dumps({"model": self.model_path, **body}),
+                           {"Content-Type": "application/json"})  # fmt: skip
+        response = connection.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"vLLM server answered {response.status}: {data[:300]!r}")
+        return json.loads(data)
+
+    def quality(self, texts: dict) -> dict:
+        answer = self._complete({"prompt": texts["prompts"], "max_tokens": texts["max_tokens"], "temperature": 0.0})
+        choices = sorted(answer["choices"], key=lambda choice: choice["index"])
+        nll_sum, nll_tokens = 0.0, 0
+        for chunk in texts["chunks"]:
+            # Token ids in, so the scored ids are known; prompt_logprobs is vLLM's own parameter.
+            ids = self.tokenizer(chunk).input_ids
+            scored = self._complete({"prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0})
+            logprobs = scored["choices"][0].get("prompt_logprobs")
+            if not logprobs:
+                raise QualityUnsupported("the vLLM server returned no prompt_logprobs")
+            for position in range(1, len(ids)):
+                nll_sum -= logprobs[position][str(ids[position])]["logprob"]
+                nll_tokens += 1
+        return {
+            "greedy": [choice["text"] for choice in choices],
+            "greedy_tokens": answer["usage"]["completion_tokens"],
+            "nll_sum": nll_sum,
+            "nll_tokens": nll_tokens,
+            "method": "vllm server /v1/completions: temperature 0; NLL from prompt_logprobs=0 on token-id prompts",
+        }
 
     def generate(self, prompts: list[list[int]], output_len: int) -> list[dict]:
         rng = random.Random(f"{self.seed}:arrivals:{len(prompts)}:{output_len}")
@@ -719,14 +897,16 @@ def main(cell_path: str) -> int:
                 host = host_share(sample, cpu_sample())
                 raw["points"].append({**point, "repeat": repeat, "wall_s": wall, "requests": requests, **host})
                 write_json(raw_path, raw)
+        # Quality: after every speed point, outside their timed regions, on the same engine load.
+        if cell.get("quality_texts"):
+            raw["quality"] = measure_quality(engine, cell["quality_texts"])
+            write_json(raw_path, raw)
         if hasattr(engine, "close"):
             engine.close()
         raw["status"] = "ok"
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data for the host
         raw["status"] = "failed"
-        # One line; a multi-line message (pydantic's) names its cause on the second line.
-        message = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        raw["error"] = f"{type(exc).__name__}: {' '.join(message[:2])}".strip()[:500]
+        raw["error"] = one_line(exc)
         raw["traceback"] = traceback.format_exc()[-8000:]
         print(raw["traceback"], file=sys.stderr)
     # After the measurements: asking torch about the GPU initializes it in this process.

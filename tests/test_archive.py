@@ -639,7 +639,30 @@ def test_after_a_column_is_added_the_old_archive_imports_with_it_null(tmp_path, 
     frame = metrics.scan_metrics(files).collect().to_pandas()
     assert "joules" in frame.columns and frame["joules"].isna().all() and len(frame) == 16
     assert frame["device_arch"].isna().all()  # version 2's column, which the version-1 fixture lacks too
+    assert frame["quality_status"].isna().all() and frame["quality_bits_per_byte"].isna().all()  # version 3's
     assert set(frame["schema_version"]) == {1} and points["output_tok_s"].notna().all()
+
+
+def as_schema_version_2(members) -> list:
+    """The archive as cellbench wrote it at schema version 2: no quality columns, version 2 in
+    its rows, its files' metadata and its manifest."""
+    out = []
+    for info, data in members:
+        if info.name.endswith("metrics.parquet"):
+            table = pq.ParquetFile(pa.BufferReader(data)).read().drop_columns(list(metrics.COLUMN_HISTORY[3]))
+            table = column_of(table, "schema_version", [2], pa.int64())
+            data = parquet_bytes(table.replace_schema_metadata({"cellbench.schema_version": "2"}))
+        out.append((info, data))
+    return with_manifest(out, lambda x: x.update(schema_version=2), rehash=True)
+
+
+def test_an_archive_of_schema_version_2_imports_with_quality_not_measured(valid, importer, tmp_path):
+    older = write_members(tmp_path / "v2.tar.gz", as_schema_version_2(read_members(valid)))
+    outcome, target = archive.import_archive(older, importer / "results", LOCAL)
+    assert outcome == "imported"
+    frame = metrics.scan_metrics(sorted(target.glob("cells/*/round-*/metrics.parquet"))).collect().to_pandas()
+    assert set(frame["schema_version"]) == {2} and len(frame) > 0
+    assert frame[list(metrics.COLUMN_HISTORY[3])].isna().all().all()  # not measured, never 0
 
 
 def flat_layout(members) -> list:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import os
@@ -144,6 +145,43 @@ def test_llamacpp_and_serve_cells(study):
     assert config.cell_hash(offline) == config.cell_hash(cells["modes-offline"])
     served = dict(cells["served"], serve={"request_rate": 9})
     assert config.cell_hash(served) != config.cell_hash(cells["served"])
+
+
+def test_quality_is_on_by_default_and_part_of_the_id_only_when_on(study):
+    study["cells"] += [
+        {"name": "off", "quality": False},
+        {"name": "few", "quality": {"prompts": 8}},
+    ]
+    cells = {c["name"]: c for c in config.resolve(study)["cells"].values()}
+    assert cells["llamacpp"]["quality"] == {"prompts": 32, "max_tokens": 32, "chunk_chars": 1200}
+    assert cells["few"]["quality"] == {"prompts": 8, "max_tokens": 32, "chunk_chars": 1200}
+    # Off: the id a study had before quality existed (the identity without the key).
+    off = cells["off"]
+    identity = {key: off[key] for key in config.IDENTITY_KEYS}
+    identity["sweep"] = {k: v for k, v in off["sweep"].items() if k != "rounds"}
+    old = hashlib.sha256(config.canonical_json(identity).encode()).hexdigest()[:10]
+    assert off["quality"] is False and off["id"] == f"off-{old}"
+    assert config.cell_hash(dict(off, quality={"prompts": 32, "max_tokens": 32, "chunk_chars": 1200})) != old
+    assert config.cell_hash(dict(cells["few"], quality={**cells["few"]["quality"], "prompts": 9})) != config.cell_hash(
+        cells["few"]
+    )
+
+
+def test_quality_defaults_fill_a_group_that_turns_it_on(study):
+    study["defaults"]["quality"] = False
+    study["cells"] = [{"name": "on", "quality": {"max_tokens": 5}}, {"name": "plain"}]
+    study["baseline"] = "on"
+    cells = {c["name"]: c for c in config.resolve(study)["cells"].values()}
+    assert cells["on"]["quality"] == {"prompts": 32, "max_tokens": 5, "chunk_chars": 1200}
+    assert cells["plain"]["quality"] is False
+
+
+def test_quality_tolerance_defaults_reach_the_study_record(study):
+    resolved = config.resolve(study)
+    assert resolved["quality_tolerance"] == {"drift": 0.02, "diverged": 0.25, "agreement_drift": 0.5}
+    study["quality_tolerance"] = {"diverged": 0.5}
+    record = config.study_record(study, config.resolve(study))
+    assert record["quality_tolerance"] == {"drift": 0.02, "diverged": 0.5, "agreement_drift": 0.5}
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ def tiny_study(**cells) -> dict:
         "batch_size": [1, 2], "input_len": [16], "output_len": [8], "repeats": 2, "warmup": 1, "seed": 0,
     }  # fmt: skip
     study["defaults"]["timeout_s"] = 300
+    study["defaults"]["quality"] = False  # measured in test_e2e_engines; minutes per vLLM cell here
     study["cells"] = [{"name": name, **settings} for name, settings in cells.items()]
     study["baseline"] = next(iter(cells))
     return study

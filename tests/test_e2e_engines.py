@@ -1,5 +1,7 @@
 """llama.cpp and serve-mode cells through Snakemake in real containers: the llama.cpp image
-(llama-cpp-python compiled from source), real vLLM's OpenAI server, the real model."""
+(llama-cpp-python compiled from source), real vLLM's OpenAI server, the real model. Every cell
+also measures its quality (greedy continuations, NLL of the reference text) after its points,
+and one transformers cell runs a copy of the model with a tensor zeroed (tests/corrupt_model.py)."""
 
 import json
 import os
@@ -9,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from cellbench import contract
+from cellbench import contract, paths
+from corrupt_model import corrupted_hub, hub_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,6 +25,8 @@ CELLS = [
     {"name": "served", "mode": "serve", "dtype": "bfloat16", "engine_args": {"enforce_eager": True}},
     # Added through the engine contract alone (its class, its declaration): a plain reference.
     {"name": "hf", "engine": "transformers", "dtype": "bfloat16"},
+    # The same engine on the model with its final norm zeroed: as fast, and its quality far off.
+    {"name": "hf-corrupted", "engine": "transformers", "dtype": "bfloat16", "model": "corrupted"},
 ]
 
 
@@ -34,6 +39,9 @@ def tiny_study(cells: list[dict]) -> dict:
         "batch_size": [1, 2], "input_len": [16], "output_len": [8], "repeats": 2, "warmup": 1, "seed": 0,
     }  # fmt: skip
     study["defaults"]["timeout_s"] = 600
+    # Chunks of the reference text that fit max_model_len 256 in tokens (about 170 each); few
+    # prompts and tokens: a bf16 transformers decode step takes a fifth of a second on this CPU.
+    study["defaults"]["quality"] = {"prompts": 8, "max_tokens": 8, "chunk_chars": 600}
     study["cells"] = cells
     study["baseline"] = cells[0]["name"]
     return study
@@ -42,10 +50,18 @@ def tiny_study(cells: list[dict]) -> dict:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("engines")
-    (workdir / "study.yaml").write_text(yaml.safe_dump(tiny_study(CELLS)))
+    study = tiny_study(CELLS)
+    study["models"]["corrupted"] = hub_model()
+    (workdir / "study.yaml").write_text(yaml.safe_dump(study))
+    hub = workdir / "hub"
+    env = {**os.environ, "CELLBENCH_MACHINE_ID": "e2e", "HF_HUB_CACHE": str(hub)}
     argv = ["snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
             "--configfile", str(workdir / "study.yaml")]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CELLBENCH_MACHINE_ID": "e2e"})
+    # The corrupted copy is made from the prepared model, so the model is prepared first.
+    done = subprocess.run([*argv, str(paths.model_manifest("smollm2-135m"))], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    corrupted_hub(workdir / paths.model_dir("smollm2-135m"), hub)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return workdir
 
@@ -107,3 +123,41 @@ def test_tables_compare_the_engines(finished):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert left.stdout.split() == []
+
+
+@pytest.mark.parametrize("name", ["llamacpp", "hf", "served"])
+def test_each_engine_measures_quality_once_after_its_points(finished, name):
+    rows = _rows(finished, name)
+    assert set(rows["status"]) == {"ok"}, rows["quality_error"].iloc[0]  # speed rows as before
+    assert set(rows["quality_status"]) == {"ok"}, rows["quality_error"].iloc[0]
+    greedy = json.loads(rows["quality_greedy_json"].iloc[0])
+    assert len(greedy) == 8 and sum(bool(text.strip()) for text in greedy) >= 7
+    assert rows["quality_nll_tokens"].iloc[0] > 2000 and rows["quality_s"].iloc[0] > 0
+    # A small model on Shakespeare: about 1-2 bits per byte (uniform over its vocabulary: ~4.4).
+    assert 0.5 < rows["quality_bits_per_byte"].iloc[0] < 3
+    assert rows["quality_method_version"].iloc[0] == 1
+
+
+def test_a_cell_that_failed_to_load_has_no_quality_but_says_why(finished):
+    rows = _rows(finished, "llamacpp-q8")
+    assert set(rows["quality_status"]) == {"failed"} and rows["quality_bits_per_byte"].isna().all()
+    assert rows["quality_error"].iloc[0].startswith("quality step not reached: ")
+
+
+def test_the_corrupted_model_runs_but_its_quality_is_far_off(finished):
+    good, bad = _rows(finished, "hf"), _rows(finished, "hf-corrupted")
+    assert set(bad["status"]) == {"ok"} and set(bad["quality_status"]) == {"ok"}  # its speed rows stand
+    assert bad["quality_bits_per_byte"].iloc[0] > 2 * good["quality_bits_per_byte"].iloc[0]
+    assert json.loads(bad["quality_greedy_json"].iloc[0]) != json.loads(good["quality_greedy_json"].iloc[0])
+
+
+def test_the_corrupted_cell_is_marked_diverged_and_never_named_fastest(finished):
+    md = (finished / "results" / "tables" / "summary.md").read_text()
+    quality = md.split("## Quality vs baseline", 1)[1].split("\n## ", 1)[0]
+    (row,) = [line for line in quality.splitlines() if line.startswith("| e2e | hf-corrupted |")]
+    assert "❌ diverged" in row
+    (good,) = [line for line in quality.splitlines() if line.startswith("| e2e | hf |")]
+    assert "❌" not in good
+    fastest = md.split("## Fastest", 1)[1].split("\n## ", 1)[0]
+    assert "| **hf-corrupted**" not in fastest
+    assert len(_rows(finished, "hf-corrupted")) == 4  # its speed rows are kept

@@ -38,6 +38,7 @@ def finished(tmp_path_factory):
     study = tiny_study(CELLS)
     study["study"] = "tiny-rounds"
     study["defaults"]["sweep"].update(batch_size=[1], rounds=2)
+    study["defaults"]["quality"] = False  # measured in test_e2e_engines
     (workdir / "study.yaml").write_text(yaml.safe_dump(study))
     snakemake(workdir)
     return workdir

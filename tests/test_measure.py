@@ -1,5 +1,8 @@
 """Metric computation from recorded timings, checked against figures computed by hand."""
 
+import json
+import math
+
 import pytest
 from cellbench import config, measure, metrics
 
@@ -120,3 +123,50 @@ def test_device_arch_is_the_gpu_s_and_null_on_cpu(study):
     gpu = {**cell, "device": "cuda"}
     row = measure.rows_for_cell(gpu, raw, CONTEXT, status="ok", error=None)[0]
     assert (row["device_name"], row["device_arch"]) == ("NVIDIA H200", "sm_90")
+
+
+QUALITY_OK = {"status": "ok", "error": None, "seconds": 12.5, "greedy": ["a", "b c"], "greedy_tokens": 5,
+              "nll_sum": 10071 * math.log(2) * 2, "nll_tokens": 2851, "method": "test"}  # fmt: skip
+
+
+def test_quality_figures_are_on_every_row_of_the_measured_round(study):
+    cell = _cell(study)
+    raw = {"points": [_point(1, 0), _point(1, 1), _point(4, 0), _point(4, 1)], "quality": QUALITY_OK}
+    rows = measure.rows_for_cell(cell, raw, {**CONTEXT, "round": 1}, status="ok", error=None)
+    # The default chunks hold 10,089 bytes of the passage less 9 blank lines between 10 chunks.
+    for row in rows:
+        assert row["quality_status"] == "ok" and row["quality_error"] is None and row["quality_s"] == 12.5
+        assert row["quality_bits_per_byte"] == pytest.approx(2.0)  # 2 bits per byte, by construction
+        assert row["quality_nll"] == pytest.approx(10071 * math.log(2) * 2 / 2851)
+        assert row["quality_nll_tokens"] == 2851 and row["quality_method_version"] == 1
+        assert json.loads(row["quality_greedy_json"]) == ["a", "b c"]
+    table = metrics.to_table(rows)
+    assert table.column("quality_nll_tokens").to_pylist() == [2851] * 4
+    # The same record on round 2 is not that round's: null, "not measured".
+    later = measure.rows_for_cell(cell, raw, {**CONTEXT, "round": 2}, status="ok", error=None)
+    assert {row[name] for row in later for name in measure.QUALITY_COLUMNS} == {None}
+
+
+def test_quality_off_failed_or_not_reached_is_a_status_and_the_speed_rows_stand(study):
+    cell = _cell(study)
+    points = [_point(1, 0), _point(1, 1), _point(4, 0), _point(4, 1)]
+    context = {**CONTEXT, "round": 1}
+    off = measure.rows_for_cell({**cell, "quality": False}, {"points": points}, context, status="ok", error=None)
+    assert {(r["quality_status"], r["quality_method_version"], r["quality_bits_per_byte"]) for r in off} == {
+        ("off", None, None)
+    }
+    failed = {"status": "unsupported", "error": "no prompt logprobs", "seconds": 0.1}
+    rows = measure.rows_for_cell(cell, {"points": points, "quality": failed}, context, status="ok", error=None)
+    assert {(r["status"], r["quality_status"], r["quality_error"]) for r in rows} == {
+        ("ok", "unsupported", "no prompt logprobs")
+    }
+    assert {r["quality_bits_per_byte"] for r in rows} == {None}
+    bare = {**QUALITY_OK, "nll_tokens": 0}
+    rows = measure.rows_for_cell(cell, {"points": points, "quality": bare}, context, status="ok", error=None)
+    assert rows[0]["quality_status"] == "failed" and "without its figures" in rows[0]["quality_error"]
+    rows = measure.rows_for_cell(cell, {"points": points[:1], "error": "RuntimeError: boom"}, context,
+                                 status="failed", error="RuntimeError: boom")  # fmt: skip
+    assert {(r["quality_status"], r["quality_error"]) for r in rows} == {
+        ("failed", "quality step not reached: RuntimeError: boom")
+    }
+    metrics.to_table(rows)

@@ -5,7 +5,7 @@ import json
 
 import pandas as pd
 import pytest
-from cellbench import config, containers, lifecycle, measure, paths, runner, runtimes
+from cellbench import config, containers, lifecycle, measure, paths, quality_texts, runner, runtimes
 
 CRASH_LOG = (
     "INFO loading\n"
@@ -44,7 +44,7 @@ def test_container_that_never_reported():
     assert runner._outcome(None, 137, False, 60, "")[1].startswith("container killed (exit 137")
 
 
-def _fake_round(tmp_path, monkeypatch, study, raw, code, log_text):
+def _fake_round(tmp_path, monkeypatch, study, raw, code, log_text, round=2):
     """run_cell of the default study's llama.cpp cell with docker replaced by a function that
     leaves `raw` and `log_text` in the run directory and exits with `code`."""
     monkeypatch.chdir(tmp_path)
@@ -68,7 +68,7 @@ def _fake_round(tmp_path, monkeypatch, study, raw, code, log_text):
     monkeypatch.setattr(runner, "new_run_id", lambda: "RUN")
     run = lambda: runner.run_cell(  # noqa: E731
         cell, study="s", config_hash="h", machine="m", image_manifest={"name": "llamacpp", "image_id": "sha256:0"},
-        model_dir=model_dir, round=2,
+        model_dir=model_dir, round=round,
     )  # fmt: skip
     return cell, run, seen
 
@@ -85,6 +85,7 @@ def test_a_round_publishes_its_three_files_and_removes_its_run_directory(tmp_pat
     assert run() == "ok"
     assert seen["work"] == paths.run_dir(cell["id"], "RUN") and not seen["work"].exists()
     assert seen["cell_json"]["model_gguf"] == "m.gguf" and seen["cell_json"]["points"] == measure.points(cell["sweep"])
+    assert seen["cell_json"]["quality_texts"] is None  # quality is measured on round 1 only
     files = sorted(p.relative_to(paths.cell_dir(cell["id"])) for p in paths.cell_dir(cell["id"]).rglob("*"))
     assert [str(p) for p in files] == ["round-2", *(f"round-2/{name}" for name in sorted(paths.ROUND_FILES))]
     rows = pd.read_parquet(paths.cell_metrics(cell["id"], 2))
@@ -93,6 +94,18 @@ def test_a_round_publishes_its_three_files_and_removes_its_run_directory(tmp_pat
     record = json.loads(paths.cell_provenance(cell["id"], 2).read_text())
     assert (record["status"], record["exit_code"], record["image_source"]) == ("ok", 0, "local")
     assert paths.cell_log(cell["id"], 2).read_text() == "engine ok\n"
+
+
+def test_round_1_carries_the_quality_texts_and_its_rows_the_quality_figures(tmp_path, monkeypatch, study):
+    raw = {"status": "ok", "effective": {"env": {}}, "provenance": {"versions": {}}, "points": [],
+           "quality": {"status": "failed", "error": "ValueError: chunk over n_ctx", "seconds": 1.5}}  # fmt: skip
+    cell, run, seen = _fake_round(tmp_path, monkeypatch, study, raw, 0, "", round=1)
+    run()
+    assert seen["cell_json"]["quality_texts"] == quality_texts.cell_entry(cell["quality"], 1)
+    assert len(seen["cell_json"]["quality_texts"]["prompts"]) == 32
+    rows = pd.read_parquet(paths.cell_metrics(cell["id"], 1))
+    assert set(rows["quality_status"]) == {"failed"} and set(rows["quality_s"]) == {1.5}
+    assert set(rows["quality_error"]) == {"ValueError: chunk over n_ctx"}
 
 
 def test_a_round_the_runtime_could_not_run_writes_nothing(tmp_path, monkeypatch, study):

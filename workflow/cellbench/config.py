@@ -2,8 +2,9 @@
 
 A cell is a plain dict. Its id is a readable name plus a short hash of the canonical JSON of
 everything that decides what is measured (image name, model, engine, dtype, quantization,
-engine args, env, mode, sweep). Nothing machine-specific (timeouts, CPU pinning, memory limits,
-image digests) goes into the hash, so the same study gives the same ids on every machine.
+engine args, env, mode, sweep; the serve settings of a serve cell, the quality settings when
+quality is on). Nothing machine-specific (timeouts, CPU pinning, memory limits, image digests)
+goes into the hash, so the same study gives the same ids on every machine.
 """
 
 from __future__ import annotations
@@ -326,6 +327,11 @@ def validate(config: dict) -> None:
         raise ConfigError(
             f"config: {_key_path(error)}: {what} {_quote(error.instance)} is not valid; expected {expected}"
         ) from None
+    # A `not` says what is refused ("True should not be valid under ..."); the description says
+    # what is expected (quality: false or an object).
+    if error.validator == "not" and error.schema.get("description"):
+        expected = " ".join(error.schema["description"].split()).split(":")[0]  # its first clause
+        raise ConfigError(f"config: {_key_path(error)}: {_quote(error.instance)} is not valid; expected {expected}")
     # jsonschema's messages quote the whole instance (a long string, a big mapping): cut it.
     message = error.message.replace(repr(error.instance), _quote(error.instance))
     raise ConfigError(f"config: {_key_path(error)}: {message}") from None
@@ -452,6 +458,8 @@ def cell_hash(cell: dict) -> str:
     identity["sweep"] = {k: v for k, v in cell["sweep"].items() if k not in NOT_IDENTITY_SWEEP}
     if cell["mode"] == "serve":  # client settings matter only to a serving cell
         identity["serve"] = cell["serve"]
+    if cell["quality"] is not False:  # so a study with quality off keeps the ids it had before
+        identity["quality"] = cell["quality"]
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:10]
 
 
@@ -472,6 +480,8 @@ def expand_cells(config: dict) -> list[dict]:
             for key, value in zip(axes, values, strict=True):
                 _set_axis(cell, key, value)
                 labels.append(_axis_label(key, value))
+            if cell["quality"] is not False:  # a group's {prompts: 40} over `quality: false` defaults
+                cell["quality"] = {**quality_defaults(), **cell["quality"]}
             cell["name"] = slugify("-".join(labels))
             cell["group"] = group["name"]
             cell["device"] = config["images"].get(cell.get("image"), {}).get("device")
@@ -758,6 +768,7 @@ def study_record(config: dict, resolved: dict) -> dict:
         "config_hash": resolved["config_hash"],
         "baseline": resolved["baseline"],
         "statistics": resolved["statistics"],
+        "quality_tolerance": resolved["quality_tolerance"],
         "cells": {cell_id: cell["sweep"]["rounds"] for cell_id, cell in sorted(resolved["cells"].items())},
         "config": config,
     }
@@ -775,6 +786,24 @@ def write_study_record(path: Path, config: dict, resolved: dict) -> bool:
         pass
     atomic.write_text(path, text)
     return True
+
+
+def quality_defaults() -> dict:
+    """The quality step's settings when a study turns it on without giving them all."""
+    return copy.deepcopy(load_schema()["$defs"]["cell_settings"]["properties"]["quality"]["default"])
+
+
+def quality_tolerance(config: dict) -> dict:
+    """The study's `quality_tolerance` over the schema's defaults; drift may not exceed diverged."""
+    props = load_schema()["properties"]["quality_tolerance"]["properties"]
+    given = config.get("quality_tolerance") or {}
+    tolerance = {key: given.get(key, prop["default"]) for key, prop in props.items()}
+    if tolerance["drift"] > tolerance["diverged"]:
+        raise ConfigError(
+            f"config: quality_tolerance.drift: {tolerance['drift']} is above diverged ({tolerance['diverged']}); "
+            "a cell drifts before it diverges"
+        )
+    return tolerance
 
 
 def statistics(config: dict) -> dict:
@@ -801,4 +830,5 @@ def resolve(config: dict) -> dict:
         "cells": {cell["id"]: cell for cell in cells},
         "baseline": by_name[config["baseline"]]["id"],
         "statistics": statistics(config),
+        "quality_tolerance": quality_tolerance(config),
     }

@@ -11,7 +11,7 @@ import json
 import math
 import re
 
-from . import contract, devices, metrics
+from . import config, contract, devices, metrics, quality_texts
 
 # (pattern in the engine log or error, status): a cell asked for what the engine cannot do.
 UNSUPPORTED = [
@@ -171,6 +171,7 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
         if raw.get("provenance", {}).get("versions")
         else None,
         **canary_columns(raw.get("canary")),
+        **quality_columns(cell, raw, context.get("round")),
     }
     rows = []
     measured: dict[tuple, int] = {}
@@ -202,6 +203,53 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
             }
         )
     return rows
+
+
+QUALITY_COLUMNS = ("quality_status", "quality_error", "quality_s", "quality_nll", "quality_nll_tokens",
+                   "quality_bits_per_byte", "quality_greedy_json", "quality_method_version")  # fmt: skip
+
+
+def quality_columns(cell: dict, raw: dict, round: int | None) -> dict:
+    """The quality step's columns (contract: cellbench.quality_texts), for every row of the round
+    that measured it; null on other rounds ("not measured", never 0)."""
+    columns = dict.fromkeys(QUALITY_COLUMNS)
+    quality = cell.get("quality", False)  # settings of cells resolved before quality existed lack it
+    if round != quality_texts.MEASURED_ROUND:
+        return columns
+    if not quality:
+        return {**columns, "quality_status": "off"}
+    found = raw.get("quality")
+    if not isinstance(found, dict):
+        # The container ended (failed, timed out) before its quality step: measured nothing.
+        why = raw.get("error") or "the container ended before it"
+        return {**columns, "quality_status": "failed", "quality_error": f"quality step not reached: {why}"[:500],
+                "quality_method_version": quality_texts.QUALITY_METHOD_VERSION}  # fmt: skip
+    status = found.get("status") if found.get("status") in ("ok", "failed", "unsupported") else "failed"
+    columns.update(
+        quality_status=status,
+        quality_error=found.get("error") if status != "ok" else None,
+        quality_s=found.get("seconds"),
+        quality_method_version=quality_texts.QUALITY_METHOD_VERSION,
+    )
+    figures = (found.get("nll_sum"), found.get("nll_tokens"), found.get("greedy"))
+    if status == "ok" and not (
+        isinstance(figures[0], int | float) and config.is_int(figures[1]) and figures[1] > 0
+        and isinstance(figures[2], list) and all(isinstance(text, str) for text in figures[2])
+    ):  # fmt: skip
+        status = "failed"
+        columns.update(quality_status=status, quality_error="the quality step reported ok without its figures")
+    if status == "ok":
+        nll_sum, tokens = found["nll_sum"], found["nll_tokens"]
+        scored_bytes = quality_texts.reference_bytes(
+            quality_texts.split_chunks(quality_texts.load_reference(), quality["chunk_chars"])
+        )
+        columns.update(
+            quality_nll=nll_sum / tokens,
+            quality_nll_tokens=tokens,
+            quality_bits_per_byte=nll_sum / math.log(2) / scored_bytes,
+            quality_greedy_json=json.dumps(found["greedy"]),
+        )
+    return columns
 
 
 def canary_columns(canary: dict | None) -> dict:

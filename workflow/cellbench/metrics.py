@@ -107,16 +107,19 @@ COLUMN_HISTORY: dict[int, dict[str, tuple[pa.DataType, bool, str]]] = {
         "versions_json": (_STR, True, "package versions inside the image (engine, torch, transformers, numpy), JSON"),
     },
     2: {"device_arch": (_STR, True, "GPU architecture the cell ran on (gfx942, sm_90); null on CPU")},
-    # Quality of the cell's engine load, on every row of its round 1 (null elsewhere: not measured).
+    # Quality next to speed (cellbench.quality_texts states the contract): on every row of the
+    # round that measured it (round 1), null elsewhere. Quality has its own method version;
+    # METHOD_VERSION stays, as speed is measured as before (bumping it would make every older
+    # speed row incomparable).
     3: {
-        "quality_status": (_STR, True, "ok | failed | unsupported | off"),
+        "quality_status": (_STR, True, "ok | failed | unsupported | off; null: not measured in this round"),
         "quality_error": (_STR, True, "one-line reason when quality_status is not ok"),
-        "quality_s": (_F64, True, "seconds of the quality step"),
+        "quality_s": (_F64, True, "seconds of the quality step (after the speed points, untimed by them)"),
         "quality_nll": (_F64, True, "mean negative log-likelihood per scored token of the reference text, nats"),
-        "quality_nll_tokens": (_INT, True, "tokens of the reference text scored"),
-        "quality_bits_per_byte": (_F64, True, "total NLL / ln 2 / UTF-8 bytes of the reference text"),
-        "quality_greedy_json": (_STR, True, "greedy continuations of the fixed prompts, JSON list of text"),
-        "quality_method_version": (_INT, True, "version of the quality method"),
+        "quality_nll_tokens": (_INT, True, "tokens of the reference text scored (the engine's own tokenizer)"),
+        "quality_bits_per_byte": (_F64, True, "NLL of the reference text in bits per UTF-8 byte (tokenizer-free)"),
+        "quality_greedy_json": (_STR, True, "greedy continuations of the quality prompts, JSON list of texts"),
+        "quality_method_version": (_INT, True, "version of the quality texts and method"),
     },
     # 4: {"new_metric_s": (_F64, True, "what it measures")},  <- how the next column comes in
 }

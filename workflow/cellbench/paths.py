@@ -44,6 +44,10 @@ from pathlib import Path
 # The checkout: Snakefile, scripts/, containers/ (the code, not the results).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS_DIR = PROJECT_ROOT / "scripts"
+# The quality texts shipped with the package (their source: data/quality/SOURCE.md).
+QUALITY_DIR = Path(__file__).resolve().with_name("data") / "quality"
+QUALITY_REFERENCE = QUALITY_DIR / "reference.txt"  # the passage every cell scores (NLL)
+QUALITY_PROMPTS = QUALITY_DIR / "prompts.json"  # the prompts every cell continues greedily
 
 RESULTS = Path("results")
 LOGS = RESULTS / "logs"

@@ -34,6 +34,7 @@ from . import (
     metrics,
     paths,
     provenance,
+    quality_texts,
     roofline,
     runtimes,
     slots,
@@ -196,7 +197,9 @@ def prepare_round(
     mount_dir, model_path = model_mount(model_dir, model_manifest)
     # The GGUF's file name comes from the prepared model's manifest (llama.cpp loads /model/<gguf>).
     gguf = model_manifest.get("gguf")
-    cell_json = {**cell, "points": measure.points(cell["sweep"]), "model_path": model_path, "model_gguf": gguf}
+    cell_json = {**cell, "points": measure.points(cell["sweep"]), "model_path": model_path, "model_gguf": gguf,
+                 # The quality step's texts, on the one round that measures it (else null).
+                 "quality_texts": quality_texts.cell_entry(cell.get("quality", False), round)}  # fmt: skip
     (work / "cell.json").write_text(json.dumps(cell_json, indent=1))
     archive = paths.image_archive(image_manifest["name"])
     image_source = runtimes.ensure_image(runtime, image_manifest["image_id"], archive)
