@@ -48,7 +48,9 @@ def study() -> dict:
     base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     sweep = {"batch_size": [1], "input_len": [16], "output_len": [8], "repeats": 1, "warmup": 1, "seed": 0}
     base.update(study="faults", baseline="late")
-    base["defaults"].update(engine_args={"enforce_eager": True, "max_model_len": 512}, sweep=sweep, timeout_s=600, quality=False)
+    base["defaults"].update(
+        engine_args={"enforce_eager": True, "max_model_len": 512}, sweep=sweep, timeout_s=600, quality=False
+    )
     base["cells"] = [
         {"name": "late", "dtype": "bfloat16"},
         # vLLM refuses a context longer than the model's 8192 positions while it loads.
