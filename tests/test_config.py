@@ -178,10 +178,10 @@ def test_quality_defaults_fill_a_group_that_turns_it_on(study):
 
 def test_quality_tolerance_defaults_reach_the_study_record(study):
     resolved = config.resolve(study)
-    assert resolved["quality_tolerance"] == {"drift": 0.02, "diverged": 0.25, "agreement_drift": 0.5}
+    assert resolved["quality_tolerance"] == {"drift": 0.02, "diverged": 0.25, "agreement_drift": 0.25}
     study["quality_tolerance"] = {"diverged": 0.5}
     record = config.study_record(study, config.resolve(study))
-    assert record["quality_tolerance"] == {"drift": 0.02, "diverged": 0.5, "agreement_drift": 0.5}
+    assert record["quality_tolerance"] == {"drift": 0.02, "diverged": 0.5, "agreement_drift": 0.25}
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 import test_aggregate
 from cellbench import aggregate, quality, report
 
-TOL = quality.DEFAULT_TOLERANCE
+TOL = quality.tolerance(None)
 TEXTS = ["to be or not", "the rose smells sweet", "Romeo, Romeo", "good night"]
 
 
@@ -77,11 +77,11 @@ def _agreed(share: float) -> quality.Agreement:
     ("rel", "share", "expected", "reason"),
     [
         (0.01, 0.9, quality.OK, "bits/byte +1.0%, exact match 90%"),
-        (0.02, 0.5, quality.OK, "bits/byte +2.0%, exact match 50%"),  # both bounds inclusive
+        (0.02, 0.25, quality.OK, "bits/byte +2.0%, exact match 25%"),  # both bounds inclusive
         (-0.03, 0.9, quality.DRIFT, "bits/byte -3.0%, beyond ±2%"),  # better is still not the same model
         (0.10, 0.9, quality.DRIFT, "bits/byte +10%, beyond ±2%"),
-        (0.0, 0.4, quality.DRIFT, "exact match 40%, below 50%"),
-        (0.25, 0.0, quality.DRIFT, "bits/byte +25%, beyond ±2%; exact match 0%, below 50%"),
+        (0.0, 0.2, quality.DRIFT, "exact match 20%, below 25%"),
+        (0.25, 0.0, quality.DRIFT, "bits/byte +25%, beyond ±2%; exact match 0%, below 25%"),
         (3.1, 0.0, quality.DIVERGED, "bits/byte +310%, more than +25%"),
     ],
 )

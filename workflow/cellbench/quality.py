@@ -22,10 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA = Path(__file__).with_name("data") / "quality"
-# The study's `quality_tolerance`, key by key over these defaults (the study schema holds the same
-# defaults; this is the one place the host reads them). A fp32-vs-bf16 pair stays within `drift`,
-# a corrupted model is far beyond `diverged`.
-DEFAULT_TOLERANCE = {"drift": 0.02, "diverged": 0.25, "agreement_drift": 0.5}
 # The columns a cell writes (null where quality was not measured, never 0).
 COLUMNS = [
     "quality_status", "quality_error", "quality_s", "quality_nll", "quality_nll_tokens", "quality_bits_per_byte",
@@ -39,9 +35,11 @@ WORDS = {OK: "within tolerance", DRIFT: "drift", DIVERGED: "diverged"}
 def tolerance(study: dict | None) -> dict:
     """The quality tolerances of a study record (results/study.json) or study config, over the
     defaults. The record may hold them at its top level (resolved) or in its `config`."""
+    from . import config  # the defaults live in the study schema only
+
     study = study or {}
     given = study.get("quality_tolerance") or (study.get("config") or {}).get("quality_tolerance") or {}
-    return {key: given.get(key, default) for key, default in DEFAULT_TOLERANCE.items()}
+    return config.quality_tolerance({"quality_tolerance": given})
 
 
 class NotComparable(ValueError):
