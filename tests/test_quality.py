@@ -69,8 +69,8 @@ def test_deltas_by_hand():
 
 
 def _agreed(share: float) -> quality.Agreement:
-    exact = round(share * 10)
-    return quality.Agreement(prompts=10, exact=exact, mean_prefix_words=5.0, mean_first_divergence=None, words=100)
+    exact = round(share * 20)
+    return quality.Agreement(prompts=20, exact=exact, mean_prefix_words=5.0, mean_first_divergence=None, words=100)
 
 
 @pytest.mark.parametrize(
