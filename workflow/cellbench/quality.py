@@ -19,14 +19,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-DATA = Path(__file__).with_name("data") / "quality"
-# The columns a cell writes (null where quality was not measured, never 0).
-COLUMNS = [
-    "quality_status", "quality_error", "quality_s", "quality_nll", "quality_nll_tokens", "quality_bits_per_byte",
-    "quality_greedy_json", "quality_method_version",
-]  # fmt: skip
+from . import metrics, paths
+
+# The columns a cell writes (null where quality was not measured, never 0): schema version 3.
+COLUMNS = list(metrics.COLUMN_HISTORY[3])
 BASELINE, OK, DRIFT, DIVERGED = "baseline", "ok", "drift", "diverged"
 SYMBOL = {OK: "✅", DRIFT: "⚠", DIVERGED: "❌"}
 WORDS = {OK: "within tolerance", DRIFT: "drift", DIVERGED: "diverged"}
@@ -286,6 +283,6 @@ def greedy_tokens(settings_json) -> int | None:
 def reference_bytes() -> int | None:
     """UTF-8 bytes of the reference text (the divisor of bits per byte)."""
     try:
-        return len((DATA / "reference.txt").read_bytes())
+        return len(paths.QUALITY_REFERENCE.read_bytes())
     except OSError:
         return None
