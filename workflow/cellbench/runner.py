@@ -33,6 +33,7 @@ from . import (
     measure,
     metrics,
     paths,
+    progress,
     provenance,
     roofline,
     runtimes,
@@ -231,7 +232,9 @@ def run_round(prepared: PreparedRound) -> ContainerRun:
         work.chmod(0o777)
         load_before = os.getloadavg()[0]
         started = time.time()
-        code, timed_out = run_container(argv, name, engine_log, cell["timeout_s"])
+        # A line per finished repeat while it runs, read from raw.json as the container rewrites it.
+        with progress.Follower(work / "raw.json", cell, prepared.round):
+            code, timed_out = run_container(argv, name, engine_log, cell["timeout_s"])
         wall_s = time.time() - started
         # Like pyperf's metadata: a busy host is recorded, so a reader can discount the figure.
         host_load_max = max(load_before, os.getloadavg()[0])
@@ -399,4 +402,7 @@ def main_run_cell(args) -> int:
         print(f"cellbench: cell {cell['id']}: no space left on the device of {where}; nothing written", file=sys.stderr)
         return 1
     print(f"cellbench: cell {cell['id']}: {status}", file=sys.stderr)
+    line = progress.study_progress()
+    if line:
+        progress.emit(line)
     return 0
