@@ -344,7 +344,7 @@ def _fabricate_results(workdir: Path, study_file: Path, when: float) -> None:
         (workdir / path).parent.mkdir(parents=True, exist_ok=True)
         (workdir / path).write_text("{}")
         os.utime(workdir / path, (when + 1, when + 1))
-    for name in paths.ROUND_FILES:
+    for name in paths.ROUND_OUTPUTS:
         for path in paths.round_files(resolved["cells"], name):
             (workdir / path).parent.mkdir(parents=True, exist_ok=True)
             (workdir / path).write_bytes(b"PAR1 fabricated")
@@ -357,7 +357,7 @@ def _tables_made(workdir: Path, when: float) -> None:
     for rel in ("results/summary.parquet", "results/tables/summary.md", "results/tables/summary.csv",
                 "results/tables/machines.md", "results/tables/machines.csv", "results/tables/diagnostics.md",
                 "results/tables/verdicts.md", "results/report/index.html", "results/plots/throughput.png",
-                "results/plots/latency.png", "results/plots/machines.png"):  # fmt: skip
+                "results/plots/latency.png", "results/plots/machines.png", "results/plots/telemetry.png"):  # fmt: skip
         (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
         (workdir / rel).write_text("made earlier")
         os.utime(workdir / rel, (when, when))

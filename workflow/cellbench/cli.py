@@ -101,7 +101,7 @@ def cmd_aggregate(args) -> int:
 def cmd_report(args) -> int:
     """summary.parquet -> diagnostics.md, verdicts.md, plots and the HTML report."""
     # matplotlib only where plots are drawn
-    from . import diagnostics, expectations, plots, report_html, verdicts
+    from . import diagnostics, expectations, plots, report_html, telemetry, verdicts
 
     points, _ = _points(args)
     points = verdicts.with_roofline(points, json.loads(args.bandwidth)) if not points.empty else points
@@ -111,7 +111,8 @@ def cmd_report(args) -> int:
     tables, html_path = Path(args.tables), Path(args.html)
     atomic.write_text(paths.diagnostics(tables), diagnostics.diagnostics_markdown(cells, args.study))
     atomic.write_text(paths.verdicts(tables), verdicts.verdicts_markdown(found, sentences, points, args.study))
-    drawn = plots.write_plots(points, Path(args.plots))
+    rounds = telemetry.report_rounds(Path(args.study_file)) if args.study_file else []
+    drawn = plots.write_plots(points, Path(args.plots), rounds)
     page = report_html.page(args.study, args.baseline_name, points, found, sentences, cells, drawn, html_path)
     atomic.write_text(html_path, page)
     print(f"cellbench: report: {html_path}, {paths.diagnostics(tables)}, {paths.verdicts(tables)}")
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expectations", default="[]", help="the study's expectations as JSON")
     p.add_argument("--bandwidth", default="{}", help="the study's bandwidth_gb_s as JSON")
     p.add_argument("--statistics", default=None, help="the study's statistics settings as JSON")
+    p.add_argument("--study-file", default=None, help=f"{paths.study_file()}: plot its rounds' telemetry")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -6,6 +6,7 @@ rule report:
     input:
         summary=paths.summary(),
         study=paths.study_file(),
+        telemetry=paths.round_files(CELLS, paths.ROUND_TELEMETRY),
     output:
         diagnostics=paths.diagnostics(),
         verdicts=paths.verdicts(),
@@ -25,6 +26,11 @@ rule report:
             caption="../report/machines.rst",
             category="Plots",
         ),
+        telemetry=report(
+            paths.plot("telemetry.png"),
+            caption="../report/telemetry.rst",
+            category="Plots",
+        ),
     log:
         paths.step_log("report"),
     params:
@@ -40,4 +46,4 @@ rule report:
         "--expectations {params.expectations:q} --bandwidth {params.bandwidth:q} "
         # Spelled into the command (not params), so the rule's code is the same text as ever.
         f"--tables {paths.tables_dir()} --plots {paths.plots_dir()} "
-        "--html {output.html} > {log} 2>&1"
+        "--study-file {input.study} --html {output.html} > {log} 2>&1"
