@@ -882,6 +882,9 @@ def main(cell_path: str) -> int:
         raw["load_s"] = time.perf_counter() - start
         raw["effective"] = {"engine": cell["engine"], **engine.effective()}
         raw["status"] = "measuring"
+        # Epoch seconds (the host's clock too: one kernel), to align the host's telemetry and
+        # progress with the repeats; perf_counter times the repeats themselves.
+        raw["measuring_at_s"] = time.time()
         write_json(raw_path, raw)
         for point in cell["points"]:
             count = point["batch_size"]
@@ -891,11 +894,16 @@ def main(cell_path: str) -> int:
             for repeat in range(sweep["repeats"]):
                 prompts = prompt_token_ids(sweep["seed"], point, repeat, count, engine.vocab_size, engine.special_ids)
                 sample = cpu_sample()
+                started_at_s = time.time()
                 begin = time.perf_counter()
                 requests = engine.generate(prompts, point["output_len"])
                 wall = time.perf_counter() - begin
+                finished_at_s = time.time()
                 host = host_share(sample, cpu_sample())
-                raw["points"].append({**point, "repeat": repeat, "wall_s": wall, "requests": requests, **host})
+                raw["points"].append(
+                    {**point, "repeat": repeat, "wall_s": wall, "requests": requests, **host,
+                     "started_at_s": started_at_s, "finished_at_s": finished_at_s}
+                )  # fmt: skip
                 write_json(raw_path, raw)
         # Quality: after every speed point, outside their timed regions, on the same engine load.
         if cell.get("quality_texts"):

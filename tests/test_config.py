@@ -382,7 +382,7 @@ def _fabricate_results(workdir: Path, study_file: Path, when: float) -> None:
         (workdir / path).parent.mkdir(parents=True, exist_ok=True)
         (workdir / path).write_text("{}")
         os.utime(workdir / path, (when + 1, when + 1))
-    for name in paths.ROUND_FILES:
+    for name in paths.ROUND_OUTPUTS:
         for path in paths.round_files(resolved["cells"], name):
             (workdir / path).parent.mkdir(parents=True, exist_ok=True)
             (workdir / path).write_bytes(b"PAR1 fabricated")

@@ -58,7 +58,9 @@ def finished(tmp_path_factory):
     argv = ["snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
             "--configfile", str(workdir / "study.yaml")]  # fmt: skip
     # The corrupted copy is made from the prepared model, so the model is prepared first.
-    done = subprocess.run([*argv, str(paths.model_manifest("smollm2-135m"))], capture_output=True, text=True, env=env)
+    # (the target before --configfile, which would take it for a second config file)
+    target = str(paths.model_manifest("smollm2-135m"))
+    done = subprocess.run([argv[0], target, *argv[1:]], capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     corrupted_hub(workdir / paths.model_dir("smollm2-135m"), hub)
     done = subprocess.run(argv, capture_output=True, text=True, env=env)

@@ -87,7 +87,7 @@ def test_a_round_publishes_its_three_files_and_removes_its_run_directory(tmp_pat
     assert seen["cell_json"]["model_gguf"] == "m.gguf" and seen["cell_json"]["points"] == measure.points(cell["sweep"])
     assert seen["cell_json"]["quality_texts"] is None  # quality is measured on round 1 only
     files = sorted(p.relative_to(paths.cell_dir(cell["id"])) for p in paths.cell_dir(cell["id"]).rglob("*"))
-    assert [str(p) for p in files] == ["round-2", *(f"round-2/{name}" for name in sorted(paths.ROUND_FILES))]
+    assert [str(p) for p in files] == ["round-2", *(f"round-2/{name}" for name in sorted(paths.ROUND_OUTPUTS))]
     rows = pd.read_parquet(paths.cell_metrics(cell["id"], 2))
     assert len(rows) == len(raw["points"]) and set(rows["status"]) == {"ok"} and set(rows["round"]) == {2}
     assert rows["output_tok_s"].iloc[0] == 64 * rows["batch_size"].iloc[0] / 2.0

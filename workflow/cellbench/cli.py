@@ -110,7 +110,7 @@ def cmd_aggregate(args) -> int:
 def cmd_report(args) -> int:
     """summary.parquet -> diagnostics.md, verdicts.md, plots and the HTML report."""
     # matplotlib only where plots are drawn
-    from . import diagnostics, expectations, plots, report_html, verdicts
+    from . import diagnostics, expectations, plots, report_html, telemetry, verdicts
 
     points, _, tolerance = _points(args)
     points = verdicts.with_roofline(points, json.loads(args.bandwidth)) if not points.empty else points
@@ -121,7 +121,8 @@ def cmd_report(args) -> int:
     atomic.write_text(paths.diagnostics(tables), diagnostics.diagnostics_markdown(cells, args.study))
     verdicts_md = verdicts.verdicts_markdown(found, sentences, points, args.study, tolerance)
     atomic.write_text(paths.verdicts(tables), verdicts_md)
-    drawn = plots.write_plots(points, Path(args.plots))
+    rounds = telemetry.report_rounds(Path(args.study_file)) if args.study_file else []
+    drawn = plots.write_plots(points, Path(args.plots), rounds)
     page = report_html.page(
         args.study, args.baseline_name, points, found, sentences, cells, drawn, html_path, tolerance
     )
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expectations", default="[]", help="the study's expectations as JSON")
     p.add_argument("--bandwidth", default="{}", help="the study's bandwidth_gb_s as JSON")
     p.add_argument("--statistics", default=None, help="the study's statistics settings as JSON")
-    p.add_argument("--study-file", default=None, help=f"{paths.study_file()}: its quality tolerances")
+    p.add_argument("--study-file", default=None, help=f"{paths.study_file()}: quality tolerances, rounds' telemetry")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -406,7 +406,7 @@ def schema_defaults() -> dict:
     for key, prop in defs["cell_settings"]["properties"].items():
         if "default" in prop:
             settings[key] = copy.deepcopy(prop["default"])
-    for nested in ("sweep", "resources"):
+    for nested in ("sweep", "resources", "telemetry"):
         settings[nested] = {
             key: copy.deepcopy(prop["default"]) for key, prop in defs[nested]["properties"].items() if "default" in prop
         }

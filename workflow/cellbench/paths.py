@@ -15,6 +15,7 @@ an archive, or an imported archive's folder.
           metrics.parquet               cell_metrics
           provenance.json               cell_provenance
           engine.log                    cell_log
+          telemetry.parquet             cell_telemetry       the host's samples of the container
         .run-<run_id>/                  run_dir              a round in progress; removed after it
       summary.parquet                   summary              aggregate
       tables/                           tables_dir
@@ -96,7 +97,11 @@ def cell_dir(cell_id: str, results: Path = RESULTS) -> Path:
 
 # A round is one container and engine load of a cell; its files live in their own folder.
 ROUND_DIR = "round-{round}"
+# ROUND_FILES are the round's record, archived and imported whole (archive.CELL_FILES); the
+# telemetry is published with them (ROUND_OUTPUTS) but not archived: archives stay as they were.
 ROUND_FILES = ("metrics.parquet", "provenance.json", "engine.log")
+ROUND_TELEMETRY = "telemetry.parquet"
+ROUND_OUTPUTS = (*ROUND_FILES, ROUND_TELEMETRY)
 
 
 def round_dir(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
@@ -114,6 +119,11 @@ def cell_provenance(cell_id: str, round: int | str, results: Path = RESULTS) -> 
 def cell_log(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
     """The engine's log of a round (the container's output), a result like its metrics."""
     return round_dir(cell_id, round, results) / "engine.log"
+
+
+def cell_telemetry(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
+    """CPU, memory (and GPU) samples of the round's container over time (cellbench.telemetry)."""
+    return round_dir(cell_id, round, results) / ROUND_TELEMETRY
 
 
 def run_dir(cell_id: str, run_id: str, results: Path = RESULTS) -> Path:
@@ -163,7 +173,7 @@ def plots_dir(results: Path = RESULTS) -> Path:
 
 
 # The plots the explain step draws, in order.
-PLOTS = ("throughput.png", "latency.png", "machines.png", "quality.png")
+PLOTS = ("throughput.png", "latency.png", "machines.png", "quality.png", "telemetry.png")
 
 
 def plot(name: str, plots: Path | None = None) -> Path:

@@ -167,9 +167,43 @@ def machines(points: pd.DataFrame, path: Path) -> None:
     _figure(points, path, _machines)
 
 
-def write_plots(points: pd.DataFrame, plots_dir: Path) -> list[Path]:
+SPAN_COLOURS = ("C2", "C4", "C1", "C6", "C8", "C9", "C5")  # not the lines' blue (CPU) and red (memory)
+
+
+def telemetry(rounds: list[dict], path: Path) -> None:
+    """CPU cores and memory of each cell's container over one round (telemetry.report_rounds),
+    one panel per cell, every measured repeat shaded (the same point the same colour)."""
+    fig, axes = plt.subplots(max(1, len(rounds)), 1, figsize=(8, 2.4 * max(1, len(rounds))), squeeze=False)
+    if not rounds:
+        _empty(axes[0][0], "no round has telemetry yet")
+    for ax, entry in zip(axes[:, 0], rounds, strict=False):
+        box = [s for s in entry["samples"] if s["gpu"] is None]
+        ax.plot([s["t_rel_s"] for s in box], [s["cpu_cores"] for s in box], color="tab:blue", label="CPU cores")
+        ax.set_ylabel("CPU cores", color="tab:blue")
+        memory = ax.twinx()
+        memory.plot([s["t_rel_s"] for s in box], [s["memory_mb"] for s in box], color="tab:red", ls="--",
+                    label="memory MiB")  # fmt: skip
+        memory.set_ylabel("memory MiB", color="tab:red")
+        colours = {}
+        for start, end, label in entry["marks"]:
+            point = label.rsplit(", repeat", 1)[0]
+            first = point not in colours
+            colour = colours.setdefault(point, SPAN_COLOURS[len(colours) % len(SPAN_COLOURS)])
+            ax.axvspan(start, end, color=colour, alpha=0.2, lw=0, label=point if first else None)
+        ax.set_title(f"{entry['cell_name']}, round {entry['round']}: CPU and memory (shaded: measured repeats)",
+                     fontsize=9)  # fmt: skip
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles, labels, fontsize=7, loc="upper left")
+    axes[-1][0].set_xlabel("seconds since the container started")
+    _save(fig, path)
+
+
+def write_plots(points: pd.DataFrame, plots_dir: Path, telemetry_rounds: list[dict] | None = None) -> list[Path]:
     written = []
-    for name, draw in zip(PLOTS, (throughput, latency, machines, speed_vs_quality), strict=True):
+    for name, draw in zip(PLOTS[:4], (throughput, latency, machines, speed_vs_quality), strict=True):
         draw(points, paths.plot(name, plots_dir))
         written.append(paths.plot(name, plots_dir))
+    telemetry(telemetry_rounds or [], paths.plot("telemetry.png", plots_dir))
+    written.append(paths.plot("telemetry.png", plots_dir))
     return written

@@ -33,11 +33,13 @@ from . import (
     measure,
     metrics,
     paths,
+    progress,
     provenance,
     quality_texts,
     roofline,
     runtimes,
     slots,
+    telemetry,
 )
 
 
@@ -146,7 +148,8 @@ class PreparedRound:
     def outputs(self) -> dict[Path, Path]:
         """Each file of the round as written in the run directory -> where it is published."""
         folder = paths.round_dir(self.cell["id"], self.round)
-        return {self.work / name: folder / name for name in paths.ROUND_FILES}  # metrics, provenance, log
+        # metrics, provenance, log, telemetry: in that order
+        return {self.work / name: folder / name for name in paths.ROUND_OUTPUTS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +164,8 @@ class ContainerRun:
     gpus: list[devices.Gpu]
     raw: dict | None
     log_text: str
+    telemetry: list[dict] = dataclasses.field(default_factory=list)  # samples, labelled with the repeats
+    telemetry_notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def run_cell(
@@ -234,7 +239,11 @@ def run_round(prepared: PreparedRound) -> ContainerRun:
         work.chmod(0o777)
         load_before = os.getloadavg()[0]
         started = time.time()
-        code, timed_out = run_container(argv, name, engine_log, cell["timeout_s"])
+        # A line per finished repeat while it runs, read from raw.json as the container rewrites
+        # it; and the container's CPU, memory (and GPUs) sampled at the cell's interval.
+        sampler = telemetry.Sampler(runtime, name, cell.get("telemetry"), cell["device"], [g.index for g in gpus])
+        with progress.Follower(work / "raw.json", cell, prepared.round), sampler:
+            code, timed_out = run_container(argv, name, engine_log, cell["timeout_s"])
         wall_s = time.time() - started
         # Like pyperf's metadata: a busy host is recorded, so a reader can discount the figure.
         host_load_max = max(load_before, os.getloadavg()[0])
@@ -247,8 +256,10 @@ def run_round(prepared: PreparedRound) -> ContainerRun:
         raise RunnerError(f"{runtime} could not run the container: {lines[-1] if lines else 'exit 125'}")
     if (raw or {}).get("status") != "ok" and "No space left on device" in log_text:
         raise OSError(errno.ENOSPC, "no space left on device", str(work))
+    samples = telemetry.label_samples(sampler.samples, raw, sampler.start)
     return ContainerRun(argv=argv, code=code, timed_out=timed_out, wall_s=wall_s, host_load_max=host_load_max,
-                        gpus=gpus, raw=raw, log_text=log_text)  # fmt: skip
+                        gpus=gpus, raw=raw, log_text=log_text, telemetry=samples,
+                        telemetry_notes=sampler.notes)  # fmt: skip
 
 
 def record_round(prepared: PreparedRound, ran: ContainerRun, *, study: str, config_hash: str, machine: str) -> str:
@@ -288,15 +299,22 @@ def record_round(prepared: PreparedRound, ran: ContainerRun, *, study: str, conf
             "gpus": [dataclasses.asdict(gpu) for gpu in ran.gpus],
             "gpu": devices.gpu_summary((raw or {}).get("provenance", {}).get("gpu", {})),
             "container": raw,
+            "telemetry": {
+                "settings": cell.get("telemetry"),
+                "samples": len(ran.telemetry),
+                "sources": sorted({s["source"] for s in ran.telemetry}),
+                "notes": ran.telemetry_notes,
+            },
             **facts["provenance"],
         }
     )
-    # Everything that takes space is written inside the run directory first; then three
+    # Everything that takes space is written inside the run directory first; then four
     # renames on the same file system publish the round, so a full disk leaves nothing half.
     staged = prepared.outputs()
-    metrics_file, provenance_file, _engine_log = staged  # the run directory's copies, in that order
+    metrics_file, provenance_file, _engine_log, telemetry_file = staged  # the run directory's copies
     metrics.write_parquet(metrics_file, table)
     atomic.write_json(provenance_file, record)
+    telemetry.write_parquet(telemetry_file, ran.telemetry)
     paths.round_dir(cell["id"], prepared.round).mkdir(parents=True, exist_ok=True)
     _publish(staged)
     return record["status"]
@@ -402,4 +420,7 @@ def main_run_cell(args) -> int:
         print(f"cellbench: cell {cell['id']}: no space left on the device of {where}; nothing written", file=sys.stderr)
         return 1
     print(f"cellbench: cell {cell['id']}: {status}", file=sys.stderr)
+    line = progress.study_progress()
+    if line:
+        progress.emit(line)
     return 0

@@ -6,6 +6,7 @@ rule report:
     input:
         summary=paths.summary(),
         study=paths.study_file(),
+        telemetry=paths.round_files(CELLS, paths.ROUND_TELEMETRY),
     output:
         diagnostics=paths.diagnostics(),
         verdicts=paths.verdicts(),
@@ -28,6 +29,11 @@ rule report:
         quality=report(
             paths.plot("quality.png"),
             caption="../report/quality.rst",
+            category="Plots",
+        ),
+        telemetry=report(
+            paths.plot("telemetry.png"),
+            caption="../report/telemetry.rst",
             category="Plots",
         ),
     log:
