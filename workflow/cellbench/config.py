@@ -460,6 +460,8 @@ def cell_hash(cell: dict) -> str:
         identity["serve"] = cell["serve"]
     if cell["quality"] is not False:  # so a study with quality off keeps the ids it had before
         identity["quality"] = cell["quality"]
+    if cell.get("profile"):  # likewise: a study without profiles keeps its ids
+        identity["profile"] = cell["profile"]
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:10]
 
 
@@ -482,6 +484,8 @@ def expand_cells(config: dict) -> list[dict]:
                 labels.append(_axis_label(key, value))
             if cell["quality"] is not False:  # a group's {prompts: 40} over `quality: false` defaults
                 cell["quality"] = {**quality_defaults(), **cell["quality"]}
+            if cell.get("profile"):
+                cell["profile"] = {"steps": 1, **cell["profile"]}
             cell["name"] = slugify("-".join(labels))
             cell["group"] = group["name"]
             cell["device"] = config["images"].get(cell.get("image"), {}).get("device")
@@ -597,6 +601,26 @@ def _check_engine(cell: dict, model: dict, where: str) -> None:
     if cell["mode"] == "serve" and not engine.serve:
         served = ", ".join(name for name, e in sorted(contract.ENGINES.items()) if e.serve)
         raise ConfigError(f"{where}: mode serve is implemented for {served} cells only, not {engine.name}")
+    _check_profile(cell, engine, where)
+
+
+def _check_profile(cell: dict, engine: contract.Engine, where: str) -> None:
+    """A profile asks for a point the cell measures, of an engine that has a profiler."""
+    profile = cell.get("profile")
+    if not profile:
+        return
+    if engine.profiler is None:
+        can = ", ".join(name for name, e in sorted(contract.ENGINES.items()) if e.profiler)
+        raise ConfigError(f"{where}: profile: the {engine.name} engine has no profiler (profiles: {can})")
+    if cell["mode"] == "serve":
+        raise ConfigError(f"{where}: profile: a serve cell cannot be profiled (its engine runs in the server)")
+    point = profile["point"]
+    sweep = cell["sweep"]
+    for key in ("batch_size", "input_len", "output_len"):
+        if point[key] not in sweep[key]:
+            raise ConfigError(
+                f"{where}: profile.point.{key}: {point[key]} is not in the cell's sweep ({key}: {sweep[key]})"
+            )
 
 
 def cpuset_cpus(cpuset: str) -> list[int]:

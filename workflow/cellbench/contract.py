@@ -45,6 +45,9 @@ class Engine:
     fidelity_goal: float | None = None
     # Study engine_args names the engine knows under another name (one study serves several engines).
     arg_aliases: dict[str, str] = field(default_factory=dict)
+    # How a study's `profile` is taken inside the container; None: the engine cannot be
+    # profiled and a study asking for it is refused.
+    profiler: str | None = None
 
     def reports(self) -> tuple[str, ...]:
         """Keys effective() must hold."""
@@ -61,6 +64,7 @@ ENGINES = {
             decides=("dtype", "quantization", "enforce_eager", "compilation_mode"),
             serve=True,
             fidelity_goal=0.03,
+            profiler="torch.profiler",
         ),
         Engine(
             name="llamacpp",
@@ -71,6 +75,7 @@ ENGINES = {
             model_file_suffix=".gguf",
             fidelity_goal=0.05,
             arg_aliases={"max_model_len": "n_ctx"},
+            # llama-cpp-python exposes no per-op timings (ggml's perf counters are not in its API).
         ),
         Engine(
             name="transformers",
@@ -78,6 +83,7 @@ ENGINES = {
             packages=("transformers",),
             decides=("dtype", "quantization", "attn_implementation", "num_threads"),
             quantizations=(),
+            profiler="torch.profiler",
         ),
     )
 }
