@@ -326,6 +326,76 @@ def measure_quality(engine, texts: dict) -> dict:
     return result
 
 
+class ProfileUnsupported(Exception):
+    """The engine cannot be profiled as it runs (e.g. its work happens in another process)."""
+
+
+PROFILE_JSON = "profile.json"  # the host reads these two names from the run directory
+PROFILE_TRACE = "profile.trace.json.gz"
+
+
+def profile_ops(events, steps: int, device: bool) -> list[dict]:
+    """Per-op figures per profiled step from torch.profiler's key_averages(): calls, self and total
+    time in µs, share of the step (self time over the sum of all self times: self times do not
+    overlap, totals do). With a GPU the clock is the device's (kernels), else the CPU's."""
+    ops = []
+    for event in events:
+        if device:
+            self_us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
+            total_us = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0))
+        else:
+            self_us, total_us = event.self_cpu_time_total, event.cpu_time_total
+        if self_us > 0:
+            ops.append({"op": event.key, "calls": event.count / steps, "self_us": self_us / steps,
+                        "total_us": total_us / steps, "phase": None})  # fmt: skip
+    whole = sum(op["self_us"] for op in ops)
+    for op in ops:
+        op["share"] = op["self_us"] / whole if whole else None
+    return sorted(ops, key=lambda op: -op["self_us"])
+
+
+def measure_profile(engine, cell: dict, out_dir: Path) -> dict:
+    """The profile step: the study's profile point run `steps` times under torch.profiler, on the
+    prompts of the point's repeat 0; profile.json and the gzipped Chrome trace into out_dir. Any
+    failure becomes a status and a one-line reason, never the cell's failure."""
+    import gzip
+    import shutil
+
+    profile, sweep = cell["profile"], cell["sweep"]
+    point, steps = profile["point"], profile["steps"]
+    start = time.perf_counter()
+    result = {"status": "ok", "error": None, "point": point, "steps": steps, "ops": 0, "clock": None}
+    try:
+        if not hasattr(engine, "profile_check"):
+            raise ProfileUnsupported(f"{type(engine).__name__} has no profiler")
+        engine.profile_check()
+        import torch
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        device = torch.cuda.is_available()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
+        prompts = prompt_token_ids(sweep["seed"], point, 0, point["batch_size"], engine.vocab_size, engine.special_ids)
+        with torch_profile(activities=activities, record_shapes=False) as prof:
+            for _ in range(steps):
+                engine.generate(prompts, point["output_len"])
+        ops = profile_ops(prof.key_averages(), steps, device)
+        trace = out_dir / "profile.trace.json"
+        prof.export_chrome_trace(str(trace))
+        with trace.open("rb") as plain, gzip.open(out_dir / PROFILE_TRACE, "wb") as packed:
+            shutil.copyfileobj(plain, packed)
+        trace.unlink()
+        result.update(ops=len(ops), clock="device" if device else "cpu")
+        write_json(out_dir / PROFILE_JSON, {**result, "ops": ops})
+    except ProfileUnsupported as exc:
+        result.update(status="unsupported", error=str(exc)[:500])
+    except Exception as exc:  # noqa: BLE001 - the speed rows stand whatever the profile does
+        result.update(status="failed", error=one_line(exc))
+        print(traceback.format_exc(), file=sys.stderr)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
 class VllmEngine:
     """vLLM offline engine: one LLM object, generate() per point."""
 
@@ -391,6 +461,14 @@ class VllmEngine:
                 }
             )
         return requests
+
+    def profile_check(self) -> None:
+        # V1's engine core runs in a child process unless multiprocessing is off: a profiler in
+        # this process would see only the client waiting.
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+            raise ProfileUnsupported(
+                "vLLM's engine core runs in another process; set env VLLM_ENABLE_V1_MULTIPROCESSING: '0' to profile it"
+            )
 
     def quality(self, texts: dict) -> dict:
         from vllm import SamplingParams
@@ -646,6 +724,9 @@ class TransformersEngine:
             }
             for prompt in prompts
         ]
+
+    def profile_check(self) -> None:
+        """Everything runs in this process: torch.profiler sees it all."""
 
     def quality(self, texts: dict) -> dict:
         torch = self.torch
@@ -908,6 +989,10 @@ def main(cell_path: str) -> int:
         # Quality: after every speed point, outside their timed regions, on the same engine load.
         if cell.get("quality_texts"):
             raw["quality"] = measure_quality(engine, cell["quality_texts"])
+            write_json(raw_path, raw)
+        # Profile: last, on the same engine load, never inside a timed region (round 1 only).
+        if cell.get("profile"):
+            raw["profile"] = measure_profile(engine, cell, raw_path.parent)
             write_json(raw_path, raw)
         if hasattr(engine, "close"):
             engine.close()

@@ -176,6 +176,21 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_profile_diff(args) -> int:
+    """Two profiled cells of the study: which ops grew or shrank, per profiled step."""
+    from . import profiles
+
+    cells = _study(args.configfile)["cells"]
+    try:
+        a, b = profiles.find(cells, args.cell_a), profiles.find(cells, args.cell_b)
+        frame_a, frame_b = profiles.load(a, paths.RESULTS), profiles.load(b, paths.RESULTS)
+    except profiles.ProfileError as exc:
+        print(f"cellbench: {exc}", file=sys.stderr)
+        return 2
+    print(profiles.diff_text(a["name"], b["name"], frame_a, frame_b, args.top))
+    return 0
+
+
 def cmd_runs(args) -> int:
     from . import compare
 
@@ -280,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b")
     p.add_argument("--confidence", type=float, default=0.95)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("profile-diff", help="two profiled cells: which ops grew or shrank, in share of the step")
+    p.add_argument("cell_a")
+    p.add_argument("cell_b")
+    p.add_argument("--top", type=int, default=10, help="ops shown, by the size of their share change")
+    p.add_argument("--configfile", default=DEFAULT_STUDY)
+    p.set_defaults(func=cmd_profile_diff)
 
     p = sub.add_parser("runs", help="runs of this machine kept for `cellbench compare`")
     p.set_defaults(func=cmd_runs)

@@ -101,7 +101,11 @@ ROUND_DIR = "round-{round}"
 # telemetry is published with them (ROUND_OUTPUTS) but not archived: archives stay as they were.
 ROUND_FILES = ("metrics.parquet", "provenance.json", "engine.log")
 ROUND_TELEMETRY = "telemetry.parquet"
-ROUND_OUTPUTS = (*ROUND_FILES, ROUND_TELEMETRY)
+# A profiled cell's ops (cellbench.profiles; no rows when the round took no profile) and, only
+# when one was taken, its Chrome trace beside them (not a Snakemake output: most rounds have none).
+ROUND_PROFILE = "profile.parquet"
+ROUND_PROFILE_TRACE = "profile.trace.json.gz"
+ROUND_OUTPUTS = (*ROUND_FILES, ROUND_TELEMETRY, ROUND_PROFILE)
 
 
 def round_dir(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
@@ -124,6 +128,16 @@ def cell_log(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
 def cell_telemetry(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
     """CPU, memory (and GPU) samples of the round's container over time (cellbench.telemetry)."""
     return round_dir(cell_id, round, results) / ROUND_TELEMETRY
+
+
+def cell_profile(cell_id: str, round: int | str = 1, results: Path = RESULTS) -> Path:
+    """The round's profile: op, calls, self and total µs per step, share of the step, phase."""
+    return round_dir(cell_id, round, results) / ROUND_PROFILE
+
+
+def cell_profile_trace(cell_id: str, round: int | str = 1, results: Path = RESULTS) -> Path:
+    """The round's profiler trace, gzipped Chrome-trace JSON (Perfetto, chrome://tracing)."""
+    return round_dir(cell_id, round, results) / ROUND_PROFILE_TRACE
 
 
 def run_dir(cell_id: str, run_id: str, results: Path = RESULTS) -> Path:

@@ -33,6 +33,7 @@ from . import (
     measure,
     metrics,
     paths,
+    profiles,
     progress,
     provenance,
     quality_texts,
@@ -148,7 +149,7 @@ class PreparedRound:
     def outputs(self) -> dict[Path, Path]:
         """Each file of the round as written in the run directory -> where it is published."""
         folder = paths.round_dir(self.cell["id"], self.round)
-        # metrics, provenance, log, telemetry: in that order
+        # metrics, provenance, log, telemetry, profile: in that order
         return {self.work / name: folder / name for name in paths.ROUND_OUTPUTS}
 
 
@@ -204,7 +205,9 @@ def prepare_round(
     gguf = model_manifest.get("gguf")
     cell_json = {**cell, "points": measure.points(cell["sweep"]), "model_path": model_path, "model_gguf": gguf,
                  # The quality step's texts, on the one round that measures it (else null).
-                 "quality_texts": quality_texts.cell_entry(cell.get("quality", False), round)}  # fmt: skip
+                 "quality_texts": quality_texts.cell_entry(cell.get("quality", False), round),
+                 # Like quality, only round 1 profiles: later rounds add speed samples, not profiles.
+                 "profile": cell.get("profile") if round == 1 else None}  # fmt: skip
     (work / "cell.json").write_text(json.dumps(cell_json, indent=1))
     archive = paths.image_archive(image_manifest["name"])
     image_source = runtimes.ensure_image(runtime, image_manifest["image_id"], archive)
@@ -311,10 +314,16 @@ def record_round(prepared: PreparedRound, ran: ContainerRun, *, study: str, conf
     # Everything that takes space is written inside the run directory first; then four
     # renames on the same file system publish the round, so a full disk leaves nothing half.
     staged = prepared.outputs()
-    metrics_file, provenance_file, _engine_log, telemetry_file = staged  # the run directory's copies
+    metrics_file, provenance_file, _engine_log, telemetry_file, profile_file = staged  # the run directory's copies
     metrics.write_parquet(metrics_file, table)
     atomic.write_json(provenance_file, record)
     telemetry.write_parquet(telemetry_file, ran.telemetry)
+    # The container's profile.json as rows (none when the round took no profile); its trace
+    # travels only when there is one.
+    profiles.write_parquet(profile_file, profiles.rows_of(profiles.read_profile_json(prepared.work / "profile.json")))
+    trace = prepared.work / paths.ROUND_PROFILE_TRACE
+    if trace.exists():
+        staged[trace] = paths.cell_profile_trace(cell["id"], prepared.round)
     paths.round_dir(cell["id"], prepared.round).mkdir(parents=True, exist_ok=True)
     _publish(staged)
     return record["status"]

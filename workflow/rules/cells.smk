@@ -13,6 +13,7 @@ rule run_cell:
         provenance=paths.cell_provenance(paths.CELL_ID, paths.ROUND),
         engine_log=paths.cell_log(paths.CELL_ID, paths.ROUND),
         telemetry=paths.cell_telemetry(paths.CELL_ID, paths.ROUND),
+        profile=paths.cell_profile(paths.CELL_ID, paths.ROUND),
     log:
         paths.round_log(paths.CELL_ID, paths.ROUND),
     wildcard_constraints:
