@@ -163,3 +163,26 @@ def test_profile_diff_command(tmp_path, monkeypatch, capsys):
     )
     assert cli.main(["profile-diff", "a", "zz", "--configfile", str(path)]) == 2
     assert capsys.readouterr().err.strip() == "cellbench: profile-diff: no cell 'zz' in the study (cells: a, b, c)"
+
+
+def test_where_the_time_goes_in_summary_md_and_the_page(tmp_path):
+    from cellbench import report, report_html
+
+    results = tmp_path / "results"
+    record = {"cells": {"a-1": 1, "c-3": 1, "new-4": 1}}
+    (tmp_path / "study.json").write_text(json.dumps(record))
+    point = {"batch_size": 8, "input_len": 16, "output_len": 4}
+    for cell_id, name, profile in (("a-1", "a", {"point": point, "steps": 1}), ("c-3", "c", None)):
+        target = paths.cell_profile(cell_id, 1, results)
+        target.parent.mkdir(parents=True)
+        profiles.write_parquet(target, A.to_dict("records") if profile else [])
+        prov = paths.cell_provenance(cell_id, 1, results)
+        prov.write_text(json.dumps({"cell": {"name": name, "profile": profile}}))
+    sections = profiles.report_sections(tmp_path / "study.json", results)  # new-4: not run yet
+    assert [title for title, _ in sections] == ["a at 8 × 16→4"]
+    empty = pd.DataFrame(columns=["status", "output_tok_s", "machine_id", "quality_status"])
+    md = report.write_tables(empty, "s", "a", tmp_path, extra=profiles.markdown_section(sections))[0].read_text()
+    assert "## Where the time goes" in md and "### a at 8 × 16→4" in md and "| aten::mm |" in md
+    page = report_html.page("s", "a", empty, [], [], [], [], tmp_path / "i.html", None, sections)
+    assert "Where the time goes" in page and "<td>aten::mm</td>" in page
+    assert "Where the time goes" not in report_html.page("s", "a", empty, [], [], [], [], tmp_path / "i.html")

@@ -90,7 +90,7 @@ def _points(args):
 
 
 def cmd_aggregate(args) -> int:
-    from . import compare, machines, report
+    from . import compare, machines, profiles, report
 
     files = list(args.metrics)
     if args.study_file:  # the study's own rounds, from the file: a list on the command line has a size limit
@@ -98,7 +98,10 @@ def cmd_aggregate(args) -> int:
     metrics.combine_metrics(files, args.summary)
     points, statistics, tolerance = _points(args)
     confidence = config.statistics({"statistics": statistics or {}})["confidence"]
-    written = report.write_tables(points, args.study, args.baseline_name, Path(args.tables), confidence, tolerance)
+    where = profiles.markdown_section(profiles.report_sections(Path(args.study_file))) if args.study_file else []
+    written = report.write_tables(
+        points, args.study, args.baseline_name, Path(args.tables), confidence, tolerance, extra=where
+    )
     written += machines.write_tables(points, args.machine_id, Path(args.tables))
     print("cellbench: tables: " + ", ".join(str(p) for p in written))
     run = compare.snapshot(Path(args.summary), args.machine_id or provenance.machine_id(None))
@@ -110,7 +113,7 @@ def cmd_aggregate(args) -> int:
 def cmd_report(args) -> int:
     """summary.parquet -> diagnostics.md, verdicts.md, plots and the HTML report."""
     # matplotlib only where plots are drawn
-    from . import diagnostics, expectations, plots, report_html, telemetry, verdicts
+    from . import diagnostics, expectations, plots, profiles, report_html, telemetry, verdicts
 
     points, _, tolerance = _points(args)
     points = verdicts.with_roofline(points, json.loads(args.bandwidth)) if not points.empty else points
@@ -123,8 +126,9 @@ def cmd_report(args) -> int:
     atomic.write_text(paths.verdicts(tables), verdicts_md)
     rounds = telemetry.report_rounds(Path(args.study_file)) if args.study_file else []
     drawn = plots.write_plots(points, Path(args.plots), rounds)
+    where = profiles.report_sections(Path(args.study_file)) if args.study_file else []
     page = report_html.page(
-        args.study, args.baseline_name, points, found, sentences, cells, drawn, html_path, tolerance
+        args.study, args.baseline_name, points, found, sentences, cells, drawn, html_path, tolerance, where
     )
     atomic.write_text(html_path, page)
     print(f"cellbench: report: {html_path}, {paths.diagnostics(tables)}, {paths.verdicts(tables)}")

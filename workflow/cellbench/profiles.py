@@ -128,20 +128,25 @@ def diff_text(name_a: str, name_b: str, a: pd.DataFrame, b: pd.DataFrame, n: int
     return "\n".join(lines)
 
 
-def report_sections(cells: dict, results: Path, n: int = TOP) -> list[tuple[str, Table]]:
-    """Per profiled cell with rows (sorted by name): its name and its top-n table."""
+def report_sections(study_file: Path, results: Path | None = None, n: int = TOP) -> list[tuple[str, Table]]:
+    """Per profiled cell of the study (by name) with rows: a title (name and point) and its top-n
+    table. The cell's name and profile point come from its round-1 provenance."""
     from . import paths
 
+    results = results or paths.RESULTS
     found = []
-    for cell in sorted(cells.values(), key=lambda c: c["name"]):
-        path = paths.cell_profile(cell["id"], 1, results)
-        if cell.get("profile") and path.exists():
+    for cell_id in json.loads(Path(study_file).read_text())["cells"]:
+        path = paths.cell_profile(cell_id, 1, results)
+        try:
             frame = read(path)
-            if not frame.empty:
-                point = cell["profile"]["point"]
-                title = f"{cell['name']} at {point['batch_size']} × {point['input_len']}→{point['output_len']}"
-                found.append((title, top_table(frame, n)))
-    return found
+            cell = json.loads(paths.cell_provenance(cell_id, 1, results).read_text())["cell"]
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            continue  # not run yet, made before profiles, or not readable: nothing to show
+        if not frame.empty and cell.get("profile"):
+            point = cell["profile"]["point"]
+            found.append((f"{cell['name']} at {point['batch_size']} × {point['input_len']}→{point['output_len']}",
+                          top_table(frame, n)))  # fmt: skip
+    return sorted(found, key=lambda item: item[0])
 
 
 def markdown_section(sections: list[tuple[str, Table]]) -> list[str]:

@@ -453,11 +453,16 @@ def write_tables(
     tables_dir: Path,
     confidence: float = 0.95,
     tolerance: dict | None = None,
+    extra: list[str] | None = None,
 ) -> list[Path]:
+    """summary.md (with `extra` lines at its end: "Where the time goes") and summary.csv."""
     fastest = aggregate.fastest_per_point(points, confidence) if not points.empty else pd.DataFrame()
     md = paths.summary_markdown(tables_dir)
     csv = paths.summary_csv(tables_dir)
-    atomic.write_text(md, summary_markdown(points, fastest, study, baseline_name, confidence, tolerance))
+    text = summary_markdown(points, fastest, study, baseline_name, confidence, tolerance)
+    if extra:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(extra) + "\n"
+    atomic.write_text(md, text)
     dropped = ["effective_json", *aggregate.LIST_COLUMNS]
     atomic.write_text(csv, csv_text(points.drop(columns=dropped, errors="ignore")))
     return [md, csv]

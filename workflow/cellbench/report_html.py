@@ -74,6 +74,7 @@ def page(
     plots: list[Path],
     html_path: Path,
     tolerance: dict | None = None,
+    profiles: list[tuple[str, Table]] | None = None,
 ) -> str:
     machines = sorted(points["machine_id"].unique()) if not points.empty else []
     measured = not points.empty and points["quality_status"].notna().any()
@@ -98,6 +99,7 @@ def page(
             quality=quality_table(points)[0] if measured else None,
             quality_method=quality_method(points, tolerance) if measured else "",
             diagnostics=diagnostics.table(cells),
+            profiles=profiles or [],
             plots=shown,
             summary_path=str(paths.summary()),
             provenance_path=str(paths.cell_provenance("<cell_id>", "<k>")),

@@ -7,6 +7,7 @@ rule report:
         summary=paths.summary(),
         study=paths.study_file(),
         telemetry=paths.round_files(CELLS, paths.ROUND_TELEMETRY),
+        profiles=paths.round_files(CELLS, paths.ROUND_PROFILE),
     output:
         diagnostics=paths.diagnostics(),
         verdicts=paths.verdicts(),
