@@ -1,5 +1,5 @@
-"""Profiles in real containers: two transformers cells (bf16, fp32) of the real model, each
-profiled at its one point after its speed rows; profile.parquet, the trace, the report's
+"""Profiles in real containers: two transformers cells (bf16, fp32) and an in-process vLLM cell
+of the real model, each profiled at its one point after its speed rows; profile.parquet, the trace, the report's
 "Where the time goes" and `cellbench profile-diff` between them."""
 
 import gzip
@@ -22,6 +22,15 @@ POINT = {"batch_size": 1, "input_len": 16, "output_len": 8}
 CELLS = [
     {"name": "hf-bf16", "engine": "transformers", "dtype": "bfloat16", "profile": {"point": POINT}},
     {"name": "hf-fp32", "engine": "transformers", "dtype": "float32", "profile": {"point": POINT, "steps": 2}},
+    # vLLM in-process (its engine core otherwise runs in a child process the profiler cannot see).
+    {
+        "name": "vllm",
+        "engine": "vllm",
+        "dtype": "bfloat16",
+        "engine_args": {"enforce_eager": True, "max_model_len": 256},
+        "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        "profile": {"point": POINT},
+    },
 ]
 # This checkout's package, also in the rules' `cellbench` commands (an installed one may be another's).
 ENV = {**os.environ, "CELLBENCH_MACHINE_ID": "e2e", "PYTHONPATH": str(ROOT / "workflow")}
@@ -46,7 +55,7 @@ def _cell(workdir: Path, name: str) -> Path:
     return cell / "round-1"
 
 
-@pytest.mark.parametrize("name", ["hf-bf16", "hf-fp32"])
+@pytest.mark.parametrize("name", ["hf-bf16", "hf-fp32", "vllm"])
 def test_a_profiled_cell_keeps_its_speed_rows_and_its_profile(finished, name):
     folder = _cell(finished, name)
     rows = pd.read_parquet(folder / "metrics.parquet")
