@@ -5,7 +5,7 @@ import json
 
 import pandas as pd
 import pytest
-from cellbench import config, containers, lifecycle, measure, paths, quality_texts, runner, runtimes
+from cellbench import config, containers, lifecycle, measure, paths, profiles, quality_texts, runner, runtimes
 
 CRASH_LOG = (
     "INFO loading\n"
@@ -113,3 +113,26 @@ def test_a_round_the_runtime_could_not_run_writes_nothing(tmp_path, monkeypatch,
     with pytest.raises(runner.RunnerError, match="docker could not run the container: docker: no daemon"):
         run()
     assert list(paths.cell_dir(cell["id"]).rglob("*")) == []
+
+
+def test_round_one_publishes_the_containers_profile_and_its_trace(tmp_path, monkeypatch, study):
+    raw = {"status": "ok", "effective": {"dtype": "float32", "env": {}}, "provenance": {"versions": {}}, "points": []}
+    cell, run, seen = _fake_round(tmp_path, monkeypatch, study, raw, 0, "engine ok\n", round=1)
+    cell["profile"] = {"point": {"batch_size": 1, "input_len": 128, "output_len": 64}, "steps": 1}
+    plain = runner.run_container
+    op = {"op": "aten::mm", "calls": 2.0, "self_us": 30.0, "total_us": 31.0, "share": 1.0, "phase": None}
+
+    def with_profile(argv, name, log_path, timeout_s):
+        (log_path.parent / "profile.json").write_text(json.dumps({"status": "ok", "ops": [op]}))
+        (log_path.parent / paths.ROUND_PROFILE_TRACE).write_bytes(b"gz")
+        return plain(argv, name, log_path, timeout_s)
+
+    monkeypatch.setattr(runner, "run_container", with_profile)
+    assert run() == "ok"
+    assert seen["cell_json"]["profile"] == cell["profile"]  # round 1 profiles
+    assert profiles.read(paths.cell_profile(cell["id"], 1)).to_dict("records") == [op]
+    assert paths.cell_profile_trace(cell["id"], 1).read_bytes() == b"gz"
+    monkeypatch.setattr(runner, "run_container", plain)  # a rerun without a profile: no stale trace
+    assert run() == "ok"
+    assert pd.read_parquet(paths.cell_profile(cell["id"], 1)).empty
+    assert not paths.cell_profile_trace(cell["id"], 1).exists()

@@ -324,6 +324,8 @@ def record_round(prepared: PreparedRound, ran: ContainerRun, *, study: str, conf
     trace = prepared.work / paths.ROUND_PROFILE_TRACE
     if trace.exists():
         staged[trace] = paths.cell_profile_trace(cell["id"], prepared.round)
+    else:  # a rerun without a profile leaves no trace of an earlier one beside its rows
+        paths.cell_profile_trace(cell["id"], prepared.round).unlink(missing_ok=True)
     paths.round_dir(cell["id"], prepared.round).mkdir(parents=True, exist_ok=True)
     _publish(staged)
     return record["status"]
