@@ -614,18 +614,18 @@ def _check_profile(cell: dict, engine: contract.Engine, where: str) -> None:
         raise ConfigError(f"{where}: profile: the {engine.name} engine has no profiler (profiles: {can})")
     if cell["mode"] == "serve":
         raise ConfigError(f"{where}: profile: a serve cell cannot be profiled (its engine runs in the server)")
-    for name, value in engine.profile_env.items():
-        if cell["env"].get(name) != value:
-            raise ConfigError(
-                f"{where}: profile: a {engine.name} cell profiles only with env {name}: {value!r} "
-                "(else its engine runs in another process)"
-            )
     point = profile["point"]
     sweep = cell["sweep"]
     for key in ("batch_size", "input_len", "output_len"):
         if point[key] not in sweep[key]:
             raise ConfigError(
                 f"{where}: profile.point.{key}: {point[key]} is not in the cell's sweep ({key}: {sweep[key]})"
+            )
+    for name, value in engine.profile_env.items():
+        if cell["env"].get(name) != value:
+            raise ConfigError(
+                f"{where}: profile: a {engine.name} cell profiles only with env {name}: {value!r} "
+                "(else its engine runs in another process)"
             )
 
 
