@@ -222,3 +222,13 @@ def test_plot_and_page_show_quality_only_where_measured(points, tmp_path):
     unmeasured = points[points["cell_name"] == "old"]
     page = report_html.page("s", "base", unmeasured, [], [], [], drawn, tmp_path / "report" / "index.html")
     assert "quality.png" not in page and "No cell measured quality." in page
+
+
+def test_quality_is_measured_when_a_cell_tried_not_when_every_cell_had_it_off():
+    import pandas as pd
+
+    assert not quality.measured(pd.DataFrame())
+    assert not quality.measured(pd.DataFrame({"cell_id": ["a"]}))  # files from before quality
+    assert not quality.measured(pd.DataFrame({"quality_status": ["off", None]}))
+    assert quality.measured(pd.DataFrame({"quality_status": ["off", "unsupported"]}))
+    assert quality.measured(pd.DataFrame({"quality_status": [None, "ok"]}))

@@ -39,6 +39,14 @@ def tolerance(study: dict | None) -> dict:
     return config.quality_tolerance({"quality_tolerance": given})
 
 
+def measured(points) -> bool:
+    """Whether any cell of a point table tried to measure quality (a status other than off or
+    null): the quality table and plot say nothing when every cell had it off."""
+    if points.empty or "quality_status" not in points:
+        return False
+    return bool(points["quality_status"].isin(["ok", "failed", "unsupported"]).any())
+
+
 class NotComparable(ValueError):
     """Two cells' greedy texts cannot be compared (the reason is the message)."""
 

@@ -303,7 +303,7 @@ def quality_method(points: pd.DataFrame, tolerance: dict) -> str:
 def quality_markdown(points: pd.DataFrame, tolerance: dict) -> list[str]:
     """The "Quality vs baseline" section: the table and its method, or why there is none."""
     out = ["", "## Quality vs baseline", ""]
-    if points.empty or "quality_status" not in points or points["quality_status"].isna().all():
+    if not quality.measured(points):
         return out + ["No cell measured quality (results from before quality was measured, or `quality: false`)."]
     table, cut = quality_table(points)
     return out + [table.markdown(), *cut, "", quality_method(points, tolerance)]

@@ -77,7 +77,7 @@ def page(
     profiles: list[tuple[str, Table]] | None = None,
 ) -> str:
     machines = sorted(points["machine_id"].unique()) if not points.empty else []
-    measured = not points.empty and points["quality_status"].notna().any()
+    measured = quality.measured(points)
     tolerance = quality.tolerance({"quality_tolerance": tolerance})
     shown = [
         (os.path.relpath(plot, html_path.parent), plot.stem)
