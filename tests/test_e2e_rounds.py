@@ -4,6 +4,7 @@ two rounds each, interleaved; the host canary and sentinel recorded; tables with
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -72,7 +73,9 @@ def test_rows_carry_round_canary_and_host_sentinel(finished):
 
 def test_tables_show_rounds_and_intervals(finished):
     md = (finished / "results" / "tables" / "summary.md").read_text()
-    assert "95% interval" in md and "## Host" in md and "| 2/2" in md
+    assert "95% interval" in md and "## Host" in md
+    # 2 of 2 rounds trusted on a quiet host; a busy one flags some ("0/2 (2 flagged ...)")
+    assert re.search(r"\| [0-2]/2( \(\d flagged[^|]*\))? \|", md), md
     points = pd.read_csv(finished / "results" / "tables" / "summary.csv")
     # A round the canary flagged (a busy CI host) is left out, and then that point has no interval.
     assert (points["rounds_total"] == 2).all() and (points["rounds"] + points["rounds_flagged"] == 2).all()
