@@ -1,4 +1,5 @@
 import copy
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -17,3 +18,12 @@ def study() -> dict:
     study = copy.deepcopy(config.load_study(ROOT / "config" / "config.yaml"))
     study["defaults"]["sweep"]["rounds"] = 1
     return study
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """scripts/bench_cell.py as a module: it runs inside containers, outside the package."""
+    spec = importlib.util.spec_from_file_location("bench_cell", ROOT / "scripts" / "bench_cell.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,18 +1,9 @@
 """The host/container contract: engine declarations, the secret-name rule, engine-args flags."""
 
-import importlib.util
 import json
 
 import pytest
 from cellbench import aggregate, config, contract, effective, measure
-from conftest import ROOT
-
-
-def _bench_cell():
-    spec = importlib.util.spec_from_file_location("bench_cell", ROOT / "scripts" / "bench_cell.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(
@@ -32,8 +23,7 @@ def test_settings_are_not_secrets(name):
     assert not contract.is_secret_name(name)
 
 
-def test_every_declared_engine_has_a_class_in_the_container_script():
-    bench = _bench_cell()
+def test_every_declared_engine_has_a_class_in_the_container_script(bench):
     assert set(bench.ENGINE_CLASSES) == set(contract.ENGINES)
     assert set(bench.SERVER_CLASSES) == {name for name, e in contract.ENGINES.items() if e.serve}
     # The container and the host read the same module: the same versions are recorded.
@@ -100,7 +90,7 @@ def test_an_engine_that_reports_too_little_gets_a_finding():
     assert effective.unreported(cell, None) == []  # an engine that never started reports nothing
 
 
-def test_gpu_kernel_packages_are_recorded():
+def test_gpu_kernel_packages_are_recorded(bench):
     """Issue 19: the versions of what picks the GPU kernel paths are recorded where installed."""
     assert {"amdsmi", "aiter", "flash_attn", "triton", "torch"} <= set(contract.PACKAGES)
-    assert _bench_cell().versions()["python"]  # absent packages are simply absent
+    assert bench.versions()["python"]  # absent packages are simply absent

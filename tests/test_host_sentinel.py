@@ -1,6 +1,5 @@
 """The host sentinel inside the container (bench_cell.py) and the canary's columns."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,15 +11,7 @@ from cellbench import measure
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench_cell():
-    spec = importlib.util.spec_from_file_location("bench_cell", ROOT / "scripts" / "bench_cell.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_foreign_cpu_is_host_busy_time_minus_the_containers_own():
-    bench = _bench_cell()
+def test_foreign_cpu_is_host_busy_time_minus_the_containers_own(bench):
     # 2 s of wall; the host was busy 3.0 CPU-s, 1.2 of them this container's: 0.9 cores elsewhere.
     before, after = (10.0, 100.0, 5.0, 40.0), (12.0, 103.0, 5.2, 41.2)
     found = bench.host_share(before, after)
@@ -29,8 +20,8 @@ def test_foreign_cpu_is_host_busy_time_minus_the_containers_own():
     assert bench.host_share(None, after) == {"host_foreign_cpu": None, "host_steal_cpu": None}
 
 
-def test_cpu_sample_reads_this_machine():
-    sample = _bench_cell().cpu_sample()
+def test_cpu_sample_reads_this_machine(bench):
+    sample = bench.cpu_sample()
     # On a host with cgroup files readable the sample exists; its host busy time is positive.
     assert sample is None or (sample[1] > 0 and sample[3] >= 0)
 

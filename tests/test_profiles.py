@@ -2,7 +2,6 @@
 diffs by hand, the cell id, the profile step's failures, and `cellbench profile-diff`."""
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,14 +11,6 @@ import pytest
 from cellbench import cli, config, paths, profiles
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_cell", ROOT / "scripts" / "bench_cell.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def event(key, count, self_us, total_us):

@@ -1,21 +1,12 @@
 """The container's quality step (bench_cell.py) without an engine: NLL from logits by hand, and a
 failing or missing quality method becoming a status, never the cell's failure."""
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_cell", ROOT / "scripts" / "bench_cell.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_nll_of_logits_by_hand(bench):
