@@ -123,10 +123,7 @@ class _Props:
         self.name, self.gcnArchName, self.major, self.minor = name, gcn, major, minor
 
 
-def test_torch_arch_is_gfx_on_rocm_and_compute_capability_on_cuda():
-    from test_contract import _bench_cell
-
-    bench = _bench_cell()
+def test_torch_arch_is_gfx_on_rocm_and_compute_capability_on_cuda(bench):
     # torch 2.11 on an H200: gcnArchName repeats the device name on CUDA builds.
     assert bench.gpu_arch(_Props("NVIDIA H200", "NVIDIA H200", 9, 0), None) == "sm_90"
     assert bench.gpu_arch(_Props("AMD Instinct MI300X", "gfx942:sramecc+:xnack-", 9, 4), "7.2.26015") == "gfx942"

@@ -7,7 +7,6 @@ import os
 import subprocess
 
 from cellbench import effective
-from test_contract import _bench_cell
 
 # A stand-in for vLLM's server module: sets a variable in os.environ after start, as vLLM's ROCm
 # platform does for every quantized model, then serves a while.
@@ -20,8 +19,7 @@ time.sleep(1.5)
 """
 
 
-def test_the_wrapper_records_what_the_server_process_set_at_runtime(tmp_path):
-    bench = _bench_cell()
+def test_the_wrapper_records_what_the_server_process_set_at_runtime(tmp_path, bench):
     (tmp_path / "fake_vllm_server.py").write_text(FAKE_SERVER)
     out = tmp_path / "server-env.json"
     argv = bench.server_env_argv(str(out), {"VLLM_USE_TRITON_AWQ": "0"}, "fake_vllm_server", ["--port", "8000"])
@@ -40,8 +38,7 @@ def _server(bench, env_file):
     return server
 
 
-def test_serve_effective_env_comes_from_the_server_or_is_unknown(tmp_path, monkeypatch):
-    bench = _bench_cell()
+def test_serve_effective_env_comes_from_the_server_or_is_unknown(tmp_path, monkeypatch, bench):
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     monkeypatch.setenv("VLLM_USE_TRITON_AWQ", "0")  # the client's: never reported
     env_file = tmp_path / "server-env.json"
@@ -66,8 +63,7 @@ def test_serve_effective_env_comes_from_the_server_or_is_unknown(tmp_path, monke
     assert effective.identity(cell, unknown, ["env.VLLM_USE_TRITON_AWQ"]) is None
 
 
-def test_selected_env_keeps_the_runtime_prefixes_of_issue_19():
-    bench = _bench_cell()
+def test_selected_env_keeps_the_runtime_prefixes_of_issue_19(bench):
     environ = {
         "HSA_ENABLE_IPC_MODE_LEGACY": "1", "HIP_FORCE_DEV_KERNARG": "1", "ROCR_VISIBLE_DEVICES": "0",
         "PYTORCH_TUNABLEOP_ENABLED": "1", "TRITON_CACHE_DIR": "/tmp/t", "NCCL_DEBUG": "INFO",
