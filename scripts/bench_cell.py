@@ -9,7 +9,9 @@ host turns them into metrics with the tested functions of the cellbench package.
 library only, besides the engine: the same script runs in every image.
 """
 
+import bisect
 import contextlib
+import gzip
 import http.client
 import inspect
 import json
@@ -18,6 +20,7 @@ import platform
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -334,57 +337,121 @@ PROFILE_JSON = "profile.json"  # the host reads these two names from the run dir
 PROFILE_TRACE = "profile.trace.json.gz"
 
 
-def profile_ops(events, steps: int, device: bool) -> list[dict]:
-    """Per-op figures per profiled step from torch.profiler's key_averages(): calls, self and total
-    time in µs, share of the step (self time over the sum of all self times: self times do not
-    overlap, totals do). With a GPU the clock is the device's (kernels), else the CPU's."""
-    ops = []
+# vLLM names each engine step it profiles after what the step scheduled (vllm/v1/worker/
+# gpu_worker.py, annotate_profile): execute_context_N(tokens)_generation_M(tokens); N requests in
+# prefill and M in decode. The detailed form puts the scheduled token count after "execute_".
+STEP_ANNOTATION = re.compile(r"^execute_(?:\d+_)?context_(\d+)\(.*?\)_generation_(\d+)\(")
+
+
+def step_phase(name: str) -> str | None:
+    """prefill, decode or mixed for a vLLM step annotation; None for any other name."""
+    match = STEP_ANNOTATION.match(name)
+    if not match:
+        return None
+    prefill, decode = int(match.group(1)), int(match.group(2))
+    return ("mixed" if decode else "prefill") if prefill else ("decode" if decode else None)
+
+
+def _phase_at(steps: list[tuple[float, float, str | None]], ts: float) -> str | None:
+    """The phase of the step annotation (start, end, phase) that holds time ts, if any."""
+    index = bisect.bisect_right(steps, (ts, float("inf"), "")) - 1
+    return steps[index][2] if index >= 0 and ts <= steps[index][1] else None
+
+
+def trace_ops(events: list[dict], steps: int, device: bool) -> list[dict]:
+    """Per (op, phase) figures per profiled step from a torch.profiler Chrome trace: calls, self and
+    total time in µs, and the share of the step (self over the sum of all self times; self times
+    do not overlap, so shares add up to 1; totals include children and do not).
+
+    CPU clock (device False): "cpu_op" events; an op's self time is its duration less that of its
+    direct children on the same thread. Device clock: "kernel" events, which do not nest. The
+    phase is that of the vLLM step annotation around the op (for a kernel: around the CPU call
+    that launched it, matched by correlation id); None where there is none (other engines)."""
+    annotations: dict[tuple, list] = {}
+    launches: dict[int, tuple] = {}
     for event in events:
+        if event.get("ph") != "X":
+            continue
+        thread = (event.get("pid"), event.get("tid"))
+        if event.get("cat") == "user_annotation" and step_phase(event.get("name", "")) is not None:
+            start = float(event["ts"])
+            annotations.setdefault(thread, []).append((start, start + float(event["dur"]), step_phase(event["name"])))
+        elif event.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in event.get("args", {}):
+            launches[event["args"]["correlation"]] = (thread, float(event["ts"]))
+    for spans in annotations.values():
+        spans.sort()
+    kind = "kernel" if device else "cpu_op"
+    ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == kind),
+                 key=lambda e: (e.get("pid"), e.get("tid"), float(e["ts"]), -float(e["dur"])))  # fmt: skip
+    figures: dict[tuple, list[float]] = {}  # (op, phase) -> [calls, self µs, total µs]
+    stack: list[list] = []  # open CPU ops on the current thread: [end, figures of that call]
+    thread_of_stack = None
+    for event in ops:
+        start, length = float(event["ts"]), float(event["dur"])
+        thread = (event.get("pid"), event.get("tid"))
         if device:
-            self_us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
-            total_us = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0))
+            thread, at = launches.get(event.get("args", {}).get("correlation"), (None, start))
         else:
-            self_us, total_us = event.self_cpu_time_total, event.cpu_time_total
+            at = start
+        phase = _phase_at(annotations.get(thread, []), at)
+        call = [length]  # this call's self time, less its children's durations below
+        if not device:
+            if thread != thread_of_stack:
+                stack, thread_of_stack = [], thread
+            while stack and start >= stack[-1][0] - 1e-3:
+                stack.pop()
+            if stack:
+                stack[-1][1][0] -= length
+            stack.append([start + length, call])
+        entry = figures.setdefault((event["name"], phase), [0, [], 0.0])
+        entry[0] += 1
+        entry[1].append(call)
+        entry[2] += length
+    rows = []
+    for (name, phase), (calls, selves, total) in figures.items():
+        self_us = sum(max(call[0], 0.0) for call in selves)
         if self_us > 0:
-            ops.append({"op": event.key, "calls": event.count / steps, "self_us": self_us / steps,
-                        "total_us": total_us / steps, "phase": None})  # fmt: skip
-    whole = sum(op["self_us"] for op in ops)
-    for op in ops:
-        op["share"] = op["self_us"] / whole if whole else None
-    return sorted(ops, key=lambda op: -op["self_us"])
+            rows.append({"op": name, "calls": calls / steps, "self_us": self_us / steps, "total_us": total / steps,
+                         "phase": phase})  # fmt: skip
+    whole = sum(row["self_us"] for row in rows)
+    for row in rows:
+        row["share"] = row["self_us"] / whole if whole else None
+    return sorted(rows, key=lambda row: (-row["self_us"], row["op"], row["phase"] or ""))
+
+
+def pack_trace(trace: Path, out_dir: Path) -> None:
+    """The raw trace as out_dir's gzipped Chrome trace (for Perfetto or TensorBoard)."""
+    target = out_dir / PROFILE_TRACE
+    if trace.suffix == ".gz":
+        shutil.move(str(trace), target)
+    else:
+        with trace.open("rb") as plain, gzip.open(target, "wb") as packed:
+            shutil.copyfileobj(plain, packed)
+        trace.unlink()
+
+
+def read_trace(trace: Path) -> list[dict]:
+    opener = gzip.open if trace.suffix == ".gz" else open
+    with opener(trace, "rt") as stream:
+        return json.load(stream)["traceEvents"]
 
 
 def measure_profile(engine, cell: dict, out_dir: Path) -> dict:
-    """The profile step: the study's profile point run `steps` times under torch.profiler, on the
-    prompts of the point's repeat 0; profile.json and the gzipped Chrome trace into out_dir. Any
-    failure becomes a status and a one-line reason, never the cell's failure."""
-    import gzip
-    import shutil
-
+    """The profile step: the study's profile point run `steps` times under the engine's profiler,
+    on the prompts of the point's repeat 0; profile.json and the gzipped Chrome trace into
+    out_dir. Any failure becomes a status and a one-line reason, never the cell's failure."""
     profile, sweep = cell["profile"], cell["sweep"]
     point, steps = profile["point"], profile["steps"]
     start = time.perf_counter()
     result = {"status": "ok", "error": None, "point": point, "steps": steps, "ops": 0, "clock": None}
     try:
-        if not hasattr(engine, "profile_check"):
+        if not hasattr(engine, "profile"):
             raise ProfileUnsupported(f"{type(engine).__name__} has no profiler")
-        engine.profile_check()
-        import torch
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        device = torch.cuda.is_available()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
+        device = torch_sees_gpu()
         prompts = prompt_token_ids(sweep["seed"], point, 0, point["batch_size"], engine.vocab_size, engine.special_ids)
-        with torch_profile(activities=activities, record_shapes=False) as prof:
-            for _ in range(steps):
-                engine.generate(prompts, point["output_len"])
-        ops = profile_ops(prof.key_averages(), steps, device)
-        trace = out_dir / "profile.trace.json"
-        prof.export_chrome_trace(str(trace))
-        with trace.open("rb") as plain, gzip.open(out_dir / PROFILE_TRACE, "wb") as packed:
-            shutil.copyfileobj(plain, packed)
-        trace.unlink()
+        trace = engine.profile(prompts, point["output_len"], steps, device)
+        ops = trace_ops(read_trace(trace), steps, device)
+        pack_trace(trace, out_dir)
         result.update(ops=len(ops), clock="device" if device else "cpu")
         write_json(out_dir / PROFILE_JSON, {**result, "ops": ops})
     except ProfileUnsupported as exc:
@@ -394,6 +461,31 @@ def measure_profile(engine, cell: dict, out_dir: Path) -> dict:
         print(traceback.format_exc(), file=sys.stderr)
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def torch_sees_gpu() -> bool:
+    """Whether torch sees a GPU (CUDA or ROCm): then a profile's clock is the device's."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def torch_profile(generate, prompts, output_len: int, steps: int, device: bool) -> Path:
+    """`steps` generate() calls under torch.profiler in this process; the path of its trace."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
+    with profiler(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            generate(prompts, output_len)
+    trace = Path(tempfile.mkdtemp(prefix="cellbench-profile-")) / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    return trace
 
 
 class VllmEngine:
@@ -408,6 +500,12 @@ class VllmEngine:
             args["quantization"] = cell["quantization"]
         # Per-request timestamps (TTFT, last token) come from the engine's request stats.
         args["disable_log_stats"] = False
+        # A profiled cell loads vLLM's torch profiler, idle until the profile step starts it
+        # (nothing runs under it before). No stacks: they multiply the trace's size.
+        self.profile_dir = cell.get("profile_dir")
+        if self.profile_dir:
+            args["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": self.profile_dir,
+                                       "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True}  # fmt: skip
         self.cell = cell
         self.llm = LLM(model=cell.get("model_path", "/model"), dtype=cell["dtype"], **args)
         tokenizer = self.llm.get_tokenizer()
@@ -462,13 +560,22 @@ class VllmEngine:
             )
         return requests
 
-    def profile_check(self) -> None:
-        # V1's engine core runs in a child process unless multiprocessing is off: a profiler in
-        # this process would see only the client waiting.
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
-            raise ProfileUnsupported(
-                "vLLM's engine core runs in another process; set env VLLM_ENABLE_V1_MULTIPROCESSING: '0' to profile it"
-            )
+    def profile(self, prompts: list[list[int]], output_len: int, steps: int, device: bool) -> Path:
+        """`steps` generate() calls under vLLM's own torch profiler, which runs where the model
+        runs (the engine core's worker process) and names every engine step after what it
+        scheduled; the worker writes the gzipped trace when the profile stops."""
+        if not self.profile_dir:
+            raise ProfileUnsupported("the engine was loaded without vLLM's profiler_config")
+        self.llm.start_profile()
+        try:
+            for _ in range(steps):
+                self.generate(prompts, output_len)
+        finally:
+            self.llm.stop_profile()
+        traces = sorted(Path(self.profile_dir).glob("*.pt.trace.json*"), key=lambda path: path.stat().st_mtime)
+        if not traces:
+            raise RuntimeError(f"vLLM's profiler wrote no trace into {self.profile_dir}")
+        return traces[-1]
 
     def quality(self, texts: dict) -> dict:
         from vllm import SamplingParams
@@ -725,8 +832,9 @@ class TransformersEngine:
             for prompt in prompts
         ]
 
-    def profile_check(self) -> None:
-        """Everything runs in this process: torch.profiler sees it all."""
+    def profile(self, prompts: list[list[int]], output_len: int, steps: int, device: bool) -> Path:
+        # Everything runs in this process: torch.profiler around generate() sees it all.
+        return torch_profile(self.generate, prompts, output_len, steps, device)
 
     def quality(self, texts: dict) -> dict:
         torch = self.torch
@@ -954,6 +1062,8 @@ def main(cell_path: str) -> int:
     }
     write_json(raw_path, raw)
     sweep = cell["sweep"]
+    if cell.get("profile"):  # where an engine that profiles in another process writes its trace
+        cell["profile_dir"] = str(raw_path.parent / "engine-profile")
     # Before the engine exists, so the engine's own threads cannot slow it.
     raw["canary"] = canary()
     write_json(raw_path, raw)
@@ -993,6 +1103,7 @@ def main(cell_path: str) -> int:
         # Profile: last, on the same engine load, never inside a timed region (round 1 only).
         if cell.get("profile"):
             raw["profile"] = measure_profile(engine, cell, raw_path.parent)
+            shutil.rmtree(cell["profile_dir"], ignore_errors=True)  # its trace is packed beside raw.json
             write_json(raw_path, raw)
         if hasattr(engine, "close"):
             engine.close()

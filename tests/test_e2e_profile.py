@@ -1,5 +1,5 @@
-"""Profiles in real containers: two transformers cells (bf16, fp32) and an in-process vLLM cell
-of the real model, each profiled at its one point after its speed rows; profile.parquet, the trace, the report's
+"""Profiles in real containers: two transformers cells (bf16, fp32) and a vLLM cell of the real
+model, each profiled at its one point after its speed rows; profile.parquet, the trace, the report's
 "Where the time goes" and `cellbench profile-diff` between them."""
 
 import gzip
@@ -22,13 +22,12 @@ POINT = {"batch_size": 1, "input_len": 16, "output_len": 8}
 CELLS = [
     {"name": "hf-bf16", "engine": "transformers", "dtype": "bfloat16", "profile": {"point": POINT}},
     {"name": "hf-fp32", "engine": "transformers", "dtype": "float32", "profile": {"point": POINT, "steps": 2}},
-    # vLLM in-process (its engine core otherwise runs in a child process the profiler cannot see).
+    # vLLM as it runs in any study: its own profiler runs in its worker process.
     {
         "name": "vllm",
         "engine": "vllm",
         "dtype": "bfloat16",
         "engine_args": {"enforce_eager": True, "max_model_len": 256},
-        "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         "profile": {"point": POINT},
     },
 ]
@@ -67,6 +66,8 @@ def test_a_profiled_cell_keeps_its_speed_rows_and_its_profile(finished, name):
     assert list(ops.columns) == ["op", "calls", "self_us", "total_us", "share", "phase"]
     assert len(ops) == step["ops"] > 10 and ops["share"].sum() == pytest.approx(1.0)
     assert ops["op"].str.startswith("aten::").any() and (ops["total_us"] >= ops["self_us"] - 1e-6).all()
+    # vLLM names its steps: the one prefill step and the decode steps after it are told apart.
+    assert set(ops["phase"].dropna()) == ({"prefill", "decode"} if name == "vllm" else set())
     with gzip.open(folder / paths.ROUND_PROFILE_TRACE) as packed:
         trace = json.load(packed)
     assert trace["traceEvents"]

@@ -4,7 +4,6 @@ diffs by hand, the cell id, the profile step's failures, and `cellbench profile-
 import copy
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -13,18 +12,59 @@ from cellbench import cli, config, paths, profiles
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def event(key, count, self_us, total_us):
-    return SimpleNamespace(key=key, count=count, self_cpu_time_total=self_us, cpu_time_total=total_us)
+def op(name, ts, dur, tid=1, cat="cpu_op", **args):
+    return {"ph": "X", "cat": cat, "name": name, "pid": 7, "tid": tid, "ts": ts, "dur": dur, "args": args}
 
 
-def test_profile_ops_are_per_step_and_shares_are_of_the_summed_self_time(bench):
-    # Two steps: mm 600 µs self, add 200, linear 0 self (all in its child mm): dropped.
-    events = [event("aten::add", 4, 200.0, 200.0), event("aten::mm", 2, 600.0, 600.0), event("aten::linear", 2, 0, 600)]
-    ops = bench.profile_ops(events, steps=2, device=False)
-    assert [op["op"] for op in ops] == ["aten::mm", "aten::add"]
-    assert ops[0] == {"op": "aten::mm", "calls": 1.0, "self_us": 300.0, "total_us": 300.0, "phase": None,
-                      "share": 0.75}  # fmt: skip
-    assert ops[1]["share"] == 0.25 and ops[1]["calls"] == 2.0
+def step(name, ts, dur, tid=1):
+    return op(name, ts, dur, tid, cat="user_annotation")
+
+
+def test_step_phase_reads_vllms_annotations(bench):
+    assert bench.step_phase("execute_context_2(256)_generation_0(0)") == "prefill"
+    assert bench.step_phase("execute_context_0(0)_generation_8(8)") == "decode"
+    assert bench.step_phase("execute_context_6(768)_generation_2(2)") == "mixed"
+    assert bench.step_phase("execute_770_context_6(sq768sk768sqsq1sqsk1)_generation_2(sq2sk3sqsq4sqsk5)") == "mixed"
+    assert bench.step_phase("execute_context_0(0)_generation_0(0)") is None
+    assert bench.step_phase("aten::mm") is None
+
+
+def test_trace_ops_self_time_per_step_phase_and_share_by_hand(bench):
+    # Two profiled steps' worth: a prefill step 0-1000 µs and a decode step 1000-1400 µs.
+    # Prefill: linear 100-700 holds mm 150-650 (500) -> linear self 100; add 700-800 (100).
+    # Decode: linear 1100-1300 holds mm 1120-1280 (160) -> linear self 40. A thread 2 op outside
+    # every step has no phase. Annotations are not ops; a zero-length op has no self time: dropped.
+    events = [
+        step("execute_context_1(128)_generation_0(0)", 0, 1000),
+        step("execute_context_0(0)_generation_1(1)", 1000, 400),
+        op("aten::linear", 100, 600), op("aten::mm", 150, 500), op("aten::add", 700, 100),
+        op("aten::linear", 1100, 200), op("aten::mm", 1120, 160), op("aten::empty", 1300, 0),
+        op("aten::copy_", 5000, 100, tid=2), {"ph": "i", "name": "marker", "ts": 3},
+    ]  # fmt: skip
+    rows = {(r["op"], r["phase"]): r for r in bench.trace_ops(events, steps=2, device=False)}
+    whole = (500 + 100 + 100 + 160 + 40 + 100) / 2  # 500 µs of self time per step
+    assert set(rows) == {("aten::mm", "prefill"), ("aten::linear", "prefill"), ("aten::add", "prefill"),
+                         ("aten::mm", "decode"), ("aten::linear", "decode"), ("aten::copy_", None)}  # fmt: skip
+    assert rows[("aten::mm", "prefill")] == {"op": "aten::mm", "calls": 0.5, "self_us": 250.0, "total_us": 250.0,
+                                            "phase": "prefill", "share": 250.0 / whole}  # fmt: skip
+    assert rows[("aten::linear", "prefill")]["self_us"] == 50.0 and rows[("aten::linear", "prefill")]["total_us"] == 300
+    assert rows[("aten::linear", "decode")]["self_us"] == 20.0
+    assert sum(r["share"] for r in rows.values()) == pytest.approx(1.0)
+    assert bench.trace_ops(events, 2, False)[0]["op"] == "aten::mm"  # most self time first
+
+
+def test_trace_ops_on_a_device_clock_count_kernels_in_the_phase_of_their_launch(bench):
+    events = [
+        step("execute_context_0(0)_generation_4(4)", 0, 100),
+        op("cudaLaunchKernel", 10, 5, cat="cuda_runtime", correlation=42),
+        op(
+            "gemv_kernel", 30, 50, tid=9, cat="kernel", correlation=42
+        ),  # runs after its step's CPU side ended? no: inside
+        op("copy_kernel", 500, 20, tid=9, cat="kernel", correlation=99),  # launched outside the profile's steps
+        op("aten::mm", 10, 40),  # a CPU op: not on the device clock
+    ]
+    rows = {(r["op"], r["phase"]): r["self_us"] for r in bench.trace_ops(events, steps=1, device=True)}
+    assert rows == {("gemv_kernel", "decode"): 50.0, ("copy_kernel", None): 20.0}
 
 
 def frame(rows):
@@ -86,7 +126,7 @@ def test_profile_is_part_of_the_cell_id_only_when_set(study):
 class Broken:
     vocab_size, special_ids = 10, set()
 
-    def profile_check(self):
+    def profile(self, prompts, output_len, steps, device):
         raise RuntimeError("no profiler\nhere")
 
 
@@ -103,14 +143,6 @@ def test_a_failing_or_missing_profiler_is_a_status(bench, tmp_path):
     unsupported = bench.measure_profile(Unprofiled(), CELL, tmp_path)
     assert unsupported["status"] == "unsupported" and "has no profiler" in unsupported["error"]
     assert not (tmp_path / "profile.json").exists()
-
-
-def test_vllm_with_its_engine_core_in_another_process_is_unsupported(bench, monkeypatch):
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    with pytest.raises(bench.ProfileUnsupported, match="VLLM_ENABLE_V1_MULTIPROCESSING"):
-        bench.VllmEngine.profile_check(None)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    bench.VllmEngine.profile_check(None)
 
 
 def _study_file(tmp_path: Path) -> tuple[Path, dict]:
@@ -177,3 +209,53 @@ def test_where_the_time_goes_in_summary_md_and_the_page(tmp_path):
     page = report_html.page("s", "a", empty, [], [], [], [], tmp_path / "i.html", None, sections)
     assert "Where the time goes" in page and "<td>aten::mm</td>" in page
     assert "Where the time goes" not in report_html.page("s", "a", empty, [], [], [], [], tmp_path / "i.html")
+
+
+PHASED = pd.DataFrame(
+    [
+        {"op": "aten::mm", "calls": 1.0, "self_us": 600.0, "total_us": 600.0, "share": 0.6, "phase": "prefill"},
+        {"op": "aten::mm", "calls": 8.0, "self_us": 200.0, "total_us": 200.0, "share": 0.2, "phase": "decode"},
+        {"op": "attn", "calls": 8.0, "self_us": 200.0, "total_us": 250.0, "share": 0.2, "phase": "decode"},
+    ]
+)
+
+
+def test_phases_are_summed_per_op_and_shown_as_shares():
+    ops = profiles.by_op(PHASED).set_index("op")
+    # mm: 600 prefill + 200 decode µs = 800 µs, 80 % of the step, a quarter of it in decode.
+    assert ops.loc["aten::mm", "self_us"] == 800.0 and ops.loc["aten::mm", "share"] == pytest.approx(0.8)
+    assert ops.loc["aten::mm", "decode"] == pytest.approx(0.25) and ops.loc["attn", "decode"] == 1.0
+    assert profiles.phase_shares(PHASED) == {"prefill": 0.6, "decode": 0.4}
+    assert profiles.phase_text(PHASED) == "prefill 60.0 % · decode 40.0 % of the profiled time"
+    assert profiles.phase_text(A) == "" and profiles.by_op(A)["decode"].isna().all()  # no phase known
+    assert profiles.top_table(PHASED).rows[0] == ["aten::mm", "9", "800", "800", "80.0 %", "25.0 %"]
+    assert profiles.top_table(A).rows[0][5] == "—"
+
+
+def test_report_diffs_each_cell_at_a_point_against_the_baseline(tmp_path):
+    results = tmp_path / "results"
+    (tmp_path / "study.json").write_text(json.dumps({"cells": {"a-1": 1, "b-2": 1, "z-3": 1, "other-4": 1}}))
+    point = {"batch_size": 8, "input_len": 16, "output_len": 4}
+    for cell_id, rows, at in (("a-1", A, point), ("b-2", B, point), ("z-3", PHASED, point),
+                              ("other-4", A, {**point, "batch_size": 1})):  # fmt: skip
+        name = cell_id.split("-")[0]
+        target = paths.cell_profile(cell_id, 1, results)
+        target.parent.mkdir(parents=True)
+        profiles.write_parquet(target, rows.to_dict("records"))
+        paths.cell_provenance(cell_id, 1, results).write_text(json.dumps({"cell": {"name": name, "profile": {
+            "point": at, "steps": 1}}}))  # fmt: skip
+    titles = [title for title, _ in profiles.report_sections(tmp_path / "study.json", results, baseline="b")]
+    assert titles == [
+        "a at 8 × 16→4",
+        "b at 8 × 16→4",
+        "other at 1 × 16→4",
+        "z at 8 × 16→4 (prefill 60.0 % · decode 40.0 % of the profiled time)",
+        "Diff: B = a at 8 × 16→4 against A = b, largest |Δ share| first",
+        "Diff: B = z at 8 × 16→4 against A = b, largest |Δ share| first",
+    ]
+    # Without the baseline among them, the first cell by name is the reference.
+    titles = [title for title, _ in profiles.report_sections(tmp_path / "study.json", results, baseline="q")]
+    assert titles[-2:] == [
+        "Diff: B = b at 8 × 16→4 against A = a, largest |Δ share| first",
+        "Diff: B = z at 8 × 16→4 against A = a, largest |Δ share| first",
+    ]

@@ -98,7 +98,11 @@ def cmd_aggregate(args) -> int:
     metrics.combine_metrics(files, args.summary)
     points, statistics, tolerance = _points(args)
     confidence = config.statistics({"statistics": statistics or {}})["confidence"]
-    where = profiles.markdown_section(profiles.report_sections(Path(args.study_file))) if args.study_file else []
+    where = (
+        profiles.markdown_section(profiles.report_sections(Path(args.study_file), baseline=args.baseline_name))
+        if args.study_file
+        else []
+    )
     written = report.write_tables(
         points, args.study, args.baseline_name, Path(args.tables), confidence, tolerance, extra=where
     )
@@ -126,7 +130,7 @@ def cmd_report(args) -> int:
     atomic.write_text(paths.verdicts(tables), verdicts_md)
     rounds = telemetry.report_rounds(Path(args.study_file)) if args.study_file else []
     drawn = plots.write_plots(points, Path(args.plots), rounds)
-    where = profiles.report_sections(Path(args.study_file)) if args.study_file else []
+    where = profiles.report_sections(Path(args.study_file), baseline=args.baseline_name) if args.study_file else []
     page = report_html.page(
         args.study, args.baseline_name, points, found, sentences, cells, drawn, html_path, tolerance, where
     )

@@ -621,12 +621,6 @@ def _check_profile(cell: dict, engine: contract.Engine, where: str) -> None:
             raise ConfigError(
                 f"{where}: profile.point.{key}: {point[key]} is not in the cell's sweep ({key}: {sweep[key]})"
             )
-    for name, value in engine.profile_env.items():
-        if cell["env"].get(name) != value:
-            raise ConfigError(
-                f"{where}: profile: a {engine.name} cell profiles only with env {name}: {value!r} "
-                "(else its engine runs in another process)"
-            )
 
 
 def cpuset_cpus(cpuset: str) -> list[int]:

@@ -48,8 +48,6 @@ class Engine:
     # How a study's `profile` is taken inside the container; None: the engine cannot be
     # profiled and a study asking for it is refused.
     profiler: str | None = None
-    # Env a profiled cell must set so the profiler sees the engine's work (in this process).
-    profile_env: dict[str, str] = field(default_factory=dict)
 
     def reports(self) -> tuple[str, ...]:
         """Keys effective() must hold."""
@@ -66,9 +64,9 @@ ENGINES = {
             decides=("dtype", "quantization", "enforce_eager", "compilation_mode"),
             serve=True,
             fidelity_goal=0.03,
-            profiler="torch.profiler",
-            # V1 runs its engine core in a child process unless this is off.
-            profile_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+            # Its own (profiler_config): the torch profiler runs in the worker process that runs
+            # the model, and names each engine step after its prefill and decode requests.
+            profiler="vLLM's torch profiler",
         ),
         Engine(
             name="llamacpp",

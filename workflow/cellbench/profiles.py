@@ -59,9 +59,33 @@ def read(path: Path) -> pd.DataFrame:
     return pd.DataFrame(pq.read_table(path).to_pylist(), columns=SCHEMA.names)  # a null phase stays None
 
 
+PHASES = ("prefill", "decode", "mixed")
+
+
+def by_op(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per op, its phases summed; `decode` = the share of the op's self time spent in
+    decode steps (None where no phase is known)."""
+    decode = frame["self_us"].where(frame["phase"] == "decode", 0.0)
+    known = frame["self_us"].where(frame["phase"].notna(), 0.0)
+    summed = (
+        frame.assign(decode_us=decode, known_us=known)
+        .groupby("op", as_index=False)[["calls", "self_us", "total_us", "share", "decode_us", "known_us"]]
+        .sum()
+    )
+    summed["decode"] = (summed["decode_us"] / summed["known_us"]).where(summed["known_us"] > 0, None)
+    return summed.drop(columns=["decode_us", "known_us"])
+
+
+def phase_shares(frame: pd.DataFrame) -> dict[str, float]:
+    """Share of the profiled time per phase the engine told apart ({} when it told none)."""
+    whole = frame["self_us"].sum()
+    return {phase: float(frame.loc[frame["phase"] == phase, "self_us"].sum() / whole)
+            for phase in PHASES if whole and (frame["phase"] == phase).any()}  # fmt: skip
+
+
 def top(frame: pd.DataFrame, n: int = TOP) -> pd.DataFrame:
-    """The n ops with the most self time per step."""
-    return frame.sort_values(["self_us", "op"], ascending=[False, True]).head(n).reset_index(drop=True)
+    """The n ops with the most self time per step (phases summed)."""
+    return by_op(frame).sort_values(["self_us", "op"], ascending=[False, True]).head(n).reset_index(drop=True)
 
 
 def diff(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -69,6 +93,7 @@ def diff(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     step (B - A); an op only one cell ran counts as 0 in the other. Sorted by the size of the
     share change, largest first (what grew or shrank most of the step)."""
     keys = ["self_us", "share", "calls"]
+    a, b = by_op(a), by_op(b)
     left = a.set_index("op")[keys].rename(columns=lambda c: f"{c}_a")
     right = b.set_index("op")[keys].rename(columns=lambda c: f"{c}_b")
     both = left.join(right, how="outer").fillna(0.0)
@@ -79,12 +104,25 @@ def diff(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     return both.loc[order].reset_index(drop=True)
 
 
+def _percent(value) -> str:
+    return "—" if value is None or pd.isna(value) else fmt(100 * value, ".1f") + " %"
+
+
 def top_table(frame: pd.DataFrame, n: int = TOP) -> Table:
-    table = Table(["op", "calls/step", "self µs/step", "total µs/step", "share"], numeric=frozenset({1, 2, 3, 4}))
+    table = Table(["op", "calls/step", "self µs/step", "total µs/step", "share", "in decode"],
+                  numeric=frozenset({1, 2, 3, 4, 5}))  # fmt: skip
     for _, row in top(frame, n).iterrows():
         table.add([row["op"], fmt(row["calls"], ".0f"), fmt(row["self_us"], ",.0f"), fmt(row["total_us"], ",.0f"),
-                   fmt(100 * row["share"], ".1f") + " %"])  # fmt: skip
+                   _percent(row["share"]), _percent(row["decode"])])  # fmt: skip
     return table
+
+
+def phase_text(frame: pd.DataFrame) -> str:
+    """'prefill 71.0 % · decode 29.0 % of the profiled time', or '' when no phase is known."""
+    shares = phase_shares(frame)
+    return " · ".join(f"{phase} {_percent(share)}" for phase, share in shares.items()) + (
+        " of the profiled time" if shares else ""
+    )
 
 
 def diff_table(frame: pd.DataFrame, n: int = TOP) -> Table:
@@ -128,9 +166,18 @@ def diff_text(name_a: str, name_b: str, a: pd.DataFrame, b: pd.DataFrame, n: int
     return "\n".join(lines)
 
 
-def report_sections(study_file: Path, results: Path | None = None, n: int = TOP) -> list[tuple[str, Table]]:
-    """Per profiled cell of the study (by name) with rows: a title (name and point) and its top-n
-    table. The cell's name and profile point come from its round-1 provenance."""
+def _title(cell: dict) -> str:
+    point = cell["profile"]["point"]
+    return f"{cell['name']} at {point['batch_size']} × {point['input_len']}→{point['output_len']}"
+
+
+def report_sections(
+    study_file: Path, results: Path | None = None, n: int = TOP, baseline: str | None = None
+) -> list[tuple[str, Table]]:
+    """Per profiled cell of the study with rows: a title (name, point, phase shares) and its top-n
+    table; then, per point profiled in more than one cell, each cell's diff against the baseline
+    (if it was profiled at that point) or else the first of them by name. The cell's name and
+    profile point come from its round-1 provenance."""
     from . import paths
 
     results = results or paths.RESULTS
@@ -143,17 +190,31 @@ def report_sections(study_file: Path, results: Path | None = None, n: int = TOP)
         except (OSError, ValueError, KeyError, pa.ArrowException):
             continue  # not run yet, made before profiles, or not readable: nothing to show
         if not frame.empty and cell.get("profile"):
-            point = cell["profile"]["point"]
-            found.append((f"{cell['name']} at {point['batch_size']} × {point['input_len']}→{point['output_len']}",
-                          top_table(frame, n)))  # fmt: skip
-    return sorted(found, key=lambda item: item[0])
+            found.append((cell, frame))
+    found.sort(key=lambda item: item[0]["name"])
+    sections = []
+    for cell, frame in found:
+        phases = phase_text(frame)
+        sections.append((_title(cell) + (f" ({phases})" if phases else ""), top_table(frame, n)))
+    by_point: dict[str, list] = {}
+    for cell, frame in found:
+        by_point.setdefault(json.dumps(cell["profile"]["point"], sort_keys=True), []).append((cell, frame))
+    for group in by_point.values():
+        reference = next((item for item in group if item[0]["name"] == baseline), group[0])
+        for cell, frame in group:
+            if cell is not reference[0]:
+                title = f"Diff: B = {_title(cell)} against A = {reference[0]['name']}, largest |Δ share| first"
+                sections.append((title, diff_table(diff(reference[1], frame), n)))
+    return sections
 
 
 def markdown_section(sections: list[tuple[str, Table]]) -> list[str]:
     """summary.md's "Where the time goes" (nothing when no cell was profiled)."""
     if not sections:
         return []
-    lines = ["## Where the time goes", "", f"Top {TOP} ops by self time per profiled step (share of the step)."]
+    lines = ["## Where the time goes", "", f"Top {TOP} ops by self time per profiled step (share of the step; "
+             "in decode: share of the op's time in decode steps), then diffs of cells profiled at one point "
+             "(`cellbench profile-diff A B` for any two)."]  # fmt: skip
     for title, table in sections:
         lines += ["", f"### {title}", "", table.markdown()]
     return lines
