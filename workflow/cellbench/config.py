@@ -499,7 +499,8 @@ def expand_cells(config: dict) -> list[dict]:
             except datasets.DatasetError as error:
                 raise ConfigError(f"config: cell {cell['name']}: {error}") from None
             if cell["dataset"]["kind"] in datasets.FROM_FILE:  # every request has its own lengths
-                cell["sweep"] = {**cell["sweep"], "input_len": [datasets.DATASET_LEN], "output_len": [datasets.DATASET_LEN]}
+                fixed = [datasets.DATASET_LEN]
+                cell["sweep"] = {**cell["sweep"], "input_len": fixed, "output_len": fixed}
             cell["group"] = group["name"]
             cell["device"] = config["images"].get(cell.get("image"), {}).get("device")
             cell["id"] = f"{cell['name']}-{cell_hash(cell)}"

@@ -126,10 +126,10 @@ def _entry(value, line: int, label: str, fixed: int | None) -> dict | None:
         for index in (0, 1):
             turn = turns[index]
             if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-                raise DatasetError(f"{where}: conversations[{index}] has no text \"value\"")
+                raise DatasetError(f'{where}: conversations[{index}] has no text "value"')
         return {"line": line, "prompt": turns[0]["value"], "output_len": fixed, "completion": turns[1]["value"]}
     if "prompt" not in value:
-        raise DatasetError(f"{where}: no prompt (expected a \"prompt\" string or a ShareGPT \"conversations\" list)")
+        raise DatasetError(f'{where}: no prompt (expected a "prompt" string or a ShareGPT "conversations" list)')
     prompt = value["prompt"]
     if not isinstance(prompt, str) or not prompt:
         raise DatasetError(f"{where}: prompt is {json.dumps(prompt)[:40]}, expected a non-empty string")
@@ -190,7 +190,7 @@ def parse(data: bytes, label: str, output_len: int | None = None, prompts: int |
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DatasetError(
-            f"{label}: line {line}: byte {exc.start} (0x{data[exc.start]:02x}) is not UTF-8; a prompt file must be UTF-8"
+            f"{label}: line {line}: byte {exc.start} (0x{data[exc.start]:02x}) is not UTF-8; a prompt file is UTF-8"
         ) from None
     if not text.strip():
         raise DatasetError(f"{label}: the file is empty; expected one JSON object per line, or a JSON array")
