@@ -334,7 +334,7 @@ def text_encoder(engine):
     return lambda text: tokenizer(text).input_ids
 
 
-_DATASETS: dict = {}  # (engine, sha256) -> (usable requests, pruned): tokenized once per engine load
+_DATASETS: dict = {}  # (engine, dataset) ids -> (engine, dataset, usable, pruned): tokenized once per engine load
 
 
 def dataset_requests(cell: dict, engine) -> tuple[list[dict], int]:
@@ -343,9 +343,9 @@ def dataset_requests(cell: dict, engine) -> tuple[list[dict], int]:
     length is its completion's token count unless the dataset fixes one. A request longer than the
     cell's context (engine_args max_model_len or n_ctx) fails the cell, naming its line."""
     dataset = cell["dataset_prompts"]
-    key = (id(engine), dataset["sha256"])
+    key = (id(engine), id(dataset))  # the entry holds both objects: their ids stay theirs
     if key in _DATASETS:
-        return _DATASETS[key]
+        return _DATASETS[key][2:]
     encode, context = text_encoder(engine), cell["engine_args"].get("max_model_len") or cell["engine_args"].get("n_ctx")
     usable, pruned = [], 0
     for entry in dataset["entries"]:
@@ -366,7 +366,7 @@ def dataset_requests(cell: dict, engine) -> tuple[list[dict], int]:
         usable.append({"line": entry["line"], "ids": ids, "output_len": output_len})
     if not usable:
         raise ValueError(f"dataset {dataset['name']}: no entry passes vLLM's ShareGPT length rule ({pruned} pruned)")
-    _DATASETS[key] = usable, pruned
+    _DATASETS[key] = engine, dataset, usable, pruned
     return usable, pruned
 
 

@@ -195,20 +195,19 @@ def parse(data: bytes, label: str, output_len: int | None = None, prompts: int |
     if not text.strip():
         raise DatasetError(f"{label}: the file is empty; expected one JSON object per line, or a JSON array")
     entries, skipped = [], 0
-    limit = prompts or MAX_ENTRIES
     for line, value in _objects(text, label):
         entry = _entry(value, line, label, output_len)
         if entry is None:
             skipped += 1
             continue
-        if len(entries) == limit:
-            if prompts:
-                break
+        if len(entries) == MAX_ENTRIES:
             raise DatasetError(
                 f"{label}: more than {MAX_ENTRIES} usable entries; set dataset.prompts to use the first N "
                 f"(at most {MAX_ENTRIES})"
             )
         entries.append(entry)
+        if len(entries) == prompts:
+            break  # what follows is not read
     if not entries:
         why = f" ({skipped} conversations of fewer than two turns, skipped as vLLM does)" if skipped else ""
         raise DatasetError(f"{label}: no usable entry{why}")
