@@ -453,3 +453,34 @@ def test_dataset_columns_and_request_lengths():
     prefix = measure.dataset_columns({"dataset": {"kind": "shared_prefix", "prefix_len": 96, "num_prefixes": 1}})
     assert prefix == {"dataset_kind": "shared_prefix", "dataset_name": None, "dataset_sha256": None,
                       "dataset_prefix_len": 96}  # fmt: skip
+
+
+# --- Tables ----------------------------------------------------------------------------------
+
+
+def test_dataset_points_are_named_by_their_dataset_with_their_lengths_in_the_summary():
+    import pandas as pd
+    import test_aggregate
+    from cellbench import aggregate, report
+
+    base = test_aggregate._rows("base", "m1", 8, [10.0, 10.0])
+    lengths = [{"prompt_tokens_mean": 100.0, "prompt_tokens_p50": 90.0, "prompt_tokens_p90": 180.0,
+                "output_tokens_mean": 30.0, "output_tokens_p50": 20.0, "output_tokens_p90": 60.0},
+               {"prompt_tokens_mean": 120.0, "prompt_tokens_p50": 110.0, "prompt_tokens_p90": 200.0,
+                "output_tokens_mean": 40.0, "output_tokens_p50": 30.0, "output_tokens_p90": 80.0}]  # fmt: skip
+    shipped = [
+        {**row, **length, "input_len": 0, "output_len": 0, "dataset_kind": "shipped", "dataset_name": "shakespeare",
+         "dataset_sha256": SHIPPED_SHA256}
+        for row, length in zip(test_aggregate._rows("prose", "m1", 8, [5.0, 7.0]), lengths, strict=True)
+    ]  # fmt: skip
+    points = aggregate.cell_points(pd.DataFrame(base + shipped), "base-h")
+    text = report.summary_markdown(points, aggregate.fastest_per_point(points), "s", "base")
+    assert "| m1 | prose | ok | 8 × shakespeare | 6.0 |" in text
+    # Means over the two repeats: prompt tokens 110 (mean), 100 (p50), 190 (p90); output 35, 25, 70.
+    assert (
+        "| m1 | prose | 8 × shakespeare | shipped shakespeare | 4e389cee7688 | 110 | 100 | 190 | 35 | 25 | 70 |" in text
+    )
+    assert "## Prompts from a dataset" in text
+    assert "## Prompts from a dataset" not in report.summary_markdown(
+        aggregate.cell_points(pd.DataFrame(base), "base-h"), pd.DataFrame(), "s", "base"
+    )
