@@ -112,7 +112,8 @@ def prompts_markdown(points: pd.DataFrame) -> list[str]:
         "",
         "## Prompts from a dataset",
         "",
-        "Where a cell's prompts come from a dataset (docs/studies.md#datasets), each request has its own "
+        "Where a cell's prompts come from a dataset (docs/studies.md#datasets-the-prompts-a-cell-sends), "
+        "each request has its own "
         "lengths: `batch × name` points send batch-size requests of the dataset. Tokens as the engine "
         "counted them, per repeat, averaged over repeats.",
         "",
