@@ -2,12 +2,18 @@
 """Fidelity: cellbench's figures against each engine's own benchmark, same machine, one run.
 
 usage: python3 benchmarks/fidelity.py [--workdir results/fidelity] [--engines vllm llamacpp] [--rounds N]
+       python3 benchmarks/fidelity.py --mode serve [--rounds N] [--batch B]
 
 For each engine it runs a cellbench cell through the pipeline's own runner (the real container,
 bench script and metric code) and the engine's reference benchmark in the same image with the
 same docker flags, one after the other, and prints cellbench / reference. Goals: vLLM within
 3 %, llama.cpp within 5 %. Images and the model are built or reused like the pipeline does;
 results go under --workdir. The method is in cellbench/fidelity.py.
+
+--mode serve: one vLLM server in the CPU image (a serve cell's container), the same load measured
+in turn by cellbench's serve client and by `vllm bench serve`, alternating which goes first
+(scripts/fidelity_serve.py); prints median TTFT and TPOT of each, their ratio per round and the
+mean ratio with its 95 % interval. Goal: within 5 %.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ sys.path.insert(0, str(ROOT / "workflow"))
 
 import pandas as pd  # noqa: E402
 from cellbench import atomic, config, containers, fidelity, images, models, paths, provenance, runner  # noqa: E402
+
+# The serve load: a closed loop of 8 requests of 128 -> 64 tokens (cellbench's serve point; vLLM's
+# --max-concurrency 8 --num-prompts 8 --request-rate inf).
+SERVE_POINT = {"batch_size": [8], "input_len": [128], "output_len": [64]}
 
 POINTS = {
     # vLLM: the reference's 32 prompts are one cellbench batch of 32 (one generate call each).
@@ -50,6 +60,9 @@ def fidelity_study() -> dict:
              "sweep": {**sweep, **POINTS["vllm"]}},
             {"name": "llamacpp", "image": "llamacpp", "engine": "llamacpp", "quantization": "Q4_1",
              "sweep": {**sweep, **POINTS["llamacpp"]}},
+            {"name": "vllm-serve", "image": "cpu", "engine": "vllm", "mode": "serve", "dtype": "bfloat16",
+             "engine_args": {"enforce_eager": True}, "env": {"VLLM_CPU_KVCACHE_SPACE": "2"},
+             "sweep": {**sweep, **SERVE_POINT, "repeats": 1}},
         ],
         "baseline": "vllm",
     }  # fmt: skip
@@ -121,17 +134,101 @@ def measure_round(engine: str, cell: dict, manifest: dict, model_dir: Path, roun
     return mine, reference, command
 
 
+def run_serve(cell: dict, manifest: dict, model_dir: Path, rounds: int, timeout_s: int = 3600) -> dict:
+    """scripts/fidelity_serve.py in the cell's container (its docker flags, cell.json as a serve
+    cell gets it, plus vLLM's benchmark command): what it measured, per round."""
+    run_id = runner.new_run_id()
+    with tempfile.TemporaryDirectory(prefix=".fidelity-serve-", dir=Path.cwd()) as out:
+        work = Path(out)
+        prepared = runner.prepare_round(cell, 1, "docker", manifest, model_dir, run_id, work)
+        cell_json = json.loads((work / "cell.json").read_text())
+        (point,) = cell_json["points"]
+        # bench_cell.VllmServer's port; results into the container's /out.
+        cell_json["reference_argv"] = fidelity.vllm_serve_command(cell_json, point, 8000, containers.MOUNT_OUT)
+        (work / "cell.json").write_text(json.dumps(cell_json, indent=1))
+        work.chmod(0o777)
+        script = f"{containers.MOUNT_SCRIPTS}/fidelity_serve.py"
+        argv = containers.docker_run_command(
+            cell, run_id=run_id, image_ref=manifest["image_id"], model_dir=str(prepared.mount_dir), out_dir=out,
+            scripts_dir=str(paths.SCRIPTS_DIR), user=containers.CONTAINER_USER,
+            command=["python3", script, f"{containers.MOUNT_OUT}/cell.json", str(rounds)],
+        )  # fmt: skip
+        log = work / "serve.log"
+        code, timed_out = runner.run_container(argv, containers.container_name(cell["id"], run_id), log, timeout_s)
+        text = log.read_text(errors="replace")
+        found = (
+            json.loads((work / "fidelity-serve.json").read_text()) if (work / "fidelity-serve.json").exists() else {}
+        )
+    atomic.write_text(Path("results/fidelity") / f"serve-{run_id}.log", text)
+    if timed_out or code or len(found.get("rounds", [])) < rounds:
+        raise RuntimeError(f"serve fidelity run failed (exit {code}); see results/fidelity/serve-{run_id}.log")
+    return {**found, "docker_run": argv}
+
+
+def main_serve(args, study: dict, cells: dict) -> int:
+    manifests, model_dir = prepare(study, ["vllm"])
+    cell = cells["vllm-serve"]
+    print(f"serve fidelity: {args.rounds} rounds, one vLLM server; the host's other load is not controlled",
+          file=sys.stderr)  # fmt: skip
+    found = run_serve(cell, manifests["cpu"], model_dir, args.rounds)
+    table = []
+    for record in found["rounds"]:
+        ours = fidelity.cellbench_serve_figures(record["cellbench"])
+        theirs = fidelity.parse_vllm_serve_result(record["vllm"])
+        table.append({"round": record["round"], "first": record["first"], "cellbench": ours, "vllm": theirs})
+    results = {
+        metric: fidelity.against_reference(
+            "vllm", [r["cellbench"][metric] for r in table], [r["vllm"][metric] for r in table], fidelity.SERVE_GOAL
+        )
+        for metric in ("ttft_p50_s", "tpot_p50_s")
+    }  # fmt: skip
+    point = found["point"]
+    atomic.write_json(Path("results/fidelity/fidelity-serve.json"),
+                      {"machine_id": provenance.machine_id(), "point": point, "rounds": table, "results": results,
+                       "cellbench_cell": cell, "reference": found["docker_run"]})  # fmt: skip
+    load = f"{point['batch_size']} requests at once, {point['input_len']}→{point['output_len']} tokens"
+    print(f"serve fidelity, vLLM server on {load}; ms; ratio = cellbench / vllm bench serve")
+    print(f"{'round':>5} {'first':9} {'TTFT ours':>10} {'TTFT vllm':>10} {'ratio':>6}   "
+          f"{'TPOT ours':>10} {'TPOT vllm':>10} {'ratio':>6}")  # fmt: skip
+    for r in table:
+        ours, theirs = r["cellbench"], r["vllm"]
+        print(f"{r['round']:>5} {r['first']:9} {ours['ttft_p50_s'] * 1e3:10.1f} {theirs['ttft_p50_s'] * 1e3:10.1f} "
+              f"{ours['ttft_p50_s'] / theirs['ttft_p50_s']:6.3f}   {ours['tpot_p50_s'] * 1e3:10.2f} "
+              f"{theirs['tpot_p50_s'] * 1e3:10.2f} {ours['tpot_p50_s'] / theirs['tpot_p50_s']:6.3f}")  # fmt: skip
+    for metric, r in results.items():
+        interval = (
+            "no interval (1 round)" if r["ratio_low"] is None else f"[{r['ratio_low']:.3f}, {r['ratio_high']:.3f}]"
+        )
+        mark = "ok" if r["within_goal"] else "OFF"
+        print(f"median {metric.split('_')[0].upper()}: ratio {r['ratio']:.3f} {interval} over {len(table)} rounds, "
+              f"goal ±{r['goal']:.0%} {mark}")  # fmt: skip
+    reference = fidelity.vllm_serve_command({"model_path": "/model"}, point, 8000, "/out")[3:]
+    print(f"  reference: vllm bench serve {' '.join(reference)}")
+    return 0 if all(r["within_goal"] for r in results.values()) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="results/fidelity-run", help="where images' manifests and results go")
     parser.add_argument("--engines", nargs="+", choices=["vllm", "llamacpp"], default=["vllm", "llamacpp"])
     parser.add_argument("--rounds", type=int, default=3, help="cellbench + reference pairs per engine, interleaved")
+    parser.add_argument(
+        "--mode",
+        choices=["offline", "serve"],
+        default="offline",
+        help="serve: cellbench's serve client against vllm bench serve on one vLLM server",
+    )
+    parser.add_argument("--batch", type=int, default=SERVE_POINT["batch_size"][0],
+                        help="serve: requests sent at once (concurrency)")  # fmt: skip
     args = parser.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)  # the runner's paths are relative: results/ of the work dir
     study = fidelity_study()
+    next(c for c in study["cells"] if c["name"] == "vllm-serve")["sweep"]["batch_size"] = [args.batch]
     resolved = config.resolve(study)
     cells = {c["name"]: c for c in resolved["cells"].values()}
+    if args.mode == "serve":
+        return main_serve(args, study, cells)
     manifests, model_dir = prepare(study, args.engines)
     context = {"study": "fidelity", "config_hash": resolved["config_hash"], "machine": provenance.machine_id()}
     # Rounds interleave across engines: a slow drift of the host touches every engine alike.

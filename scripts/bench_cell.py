@@ -263,6 +263,156 @@ def prompt_token_ids(seed, point, repeat, count, vocab_size, special_ids):
     return prompts
 
 
+# --- Prompt production: every prompt a point sends comes from point_requests (contract of the
+# dataset kinds and of cell.json's `dataset_prompts`: cellbench.datasets). ---
+
+# vLLM's is_valid_sequence defaults, applied to ShareGPT entries as vLLM's loader does (the
+# same numbers as cellbench.datasets.SHAREGPT_LIMITS: this script cannot import the package).
+SHAREGPT_MIN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048
+
+
+def per_request(output_len, count: int) -> list[int]:
+    """Output tokens of each of `count` requests: one length for all (an int) or each its own."""
+    return list(output_len) if isinstance(output_len, list) else [output_len] * count
+
+
+def as_batch(requests: list) -> tuple[list[list[int]], object]:
+    """(prompts, output_len) of point_requests' pairs for an engine's generate(): output_len an int
+    when every request has the same length (so random prompts reach the engines as before), else
+    the list of lengths."""
+    prompts, lengths = [list(ids) for ids, _ in requests], [length for _, length in requests]
+    return prompts, (lengths[0] if len(set(lengths)) == 1 else lengths)
+
+
+def random_tokens(rng: random.Random, length: int, vocab_size: int, special_ids) -> list[int]:
+    """`length` token ids drawn from the vocabulary, no special token."""
+    ids = []
+    while len(ids) < length:
+        token = rng.randrange(vocab_size)
+        if token not in special_ids:
+            ids.append(token)
+    return ids
+
+
+def shared_prefix_prompts(seed, point, repeat, count, vocab_size, special_ids, prefix_len, num_prefixes=1):
+    """Prompts of input_len tokens: prefix i mod num_prefixes (seeded by the seed alone: the same
+    for every point and repeat of the cell), then a seeded suffix of input_len - prefix_len tokens,
+    distinct within these `count` prompts."""
+    prefixes = [
+        random_tokens(random.Random(f"{seed}:prefix:{k}:{prefix_len}"), prefix_len, vocab_size, special_ids)
+        for k in range(num_prefixes)
+    ]
+    rng = random.Random(f"{seed}:suffix:{point['batch_size']}:{point['input_len']}:{point['output_len']}:{repeat}")
+    suffix_len, seen, prompts = point["input_len"] - prefix_len, set(), []
+    for index in range(count):
+        for _ in range(1000):
+            suffix = random_tokens(rng, suffix_len, vocab_size, special_ids)
+            if tuple(suffix) not in seen:
+                break
+        else:
+            raise ValueError(f"no {count} distinct suffixes of {suffix_len} tokens; lengthen the suffix")
+        seen.add(tuple(suffix))
+        prompts.append(prefixes[index % num_prefixes] + suffix)
+    return prompts
+
+
+def dataset_order(seed, point, repeat, count, size) -> list[int]:
+    """Indices into a dataset's `size` usable requests for `count` requests of a point's repeat
+    (-1: the warm-up): the usable requests in a seeded order per point, the warm-up the first
+    window of `count` of them, repeat r window r + 1, wrapping around."""
+    order = list(range(size))
+    random.Random(f"{seed}:dataset:{point['batch_size']}:{point['input_len']}:{point['output_len']}").shuffle(order)
+    start = (repeat + 1) * count
+    return [order[(start + index) % size] for index in range(count)]
+
+
+def text_encoder(engine):
+    """The engine's own tokenizer as text -> token ids (its encode(), else tokenizer(text).input_ids
+    as vLLM's dataset loaders call it)."""
+    if hasattr(engine, "encode"):
+        return engine.encode
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        raise RuntimeError(f"{type(engine).__name__} has no tokenizer for a dataset's text prompts")
+    return lambda text: tokenizer(text).input_ids
+
+
+_DATASETS: dict = {}  # (engine, dataset) ids -> (engine, dataset, usable, pruned): tokenized once per engine load
+
+
+def dataset_requests(cell: dict, engine) -> tuple[list[dict], int]:
+    """The dataset's entries tokenized with the engine's tokenizer, as requests {"line", "ids",
+    "output_len"}, and how many ShareGPT entries vLLM's rule pruned. A ShareGPT entry's output
+    length is its completion's token count unless the dataset fixes one. A request longer than the
+    cell's context (engine_args max_model_len or n_ctx) fails the cell, naming its line."""
+    dataset = cell["dataset_prompts"]
+    key = (id(engine), id(dataset))  # the entry holds both objects: their ids stay theirs
+    if key in _DATASETS:
+        return _DATASETS[key][2:]
+    encode, context = text_encoder(engine), cell["engine_args"].get("max_model_len") or cell["engine_args"].get("n_ctx")
+    usable, pruned = [], 0
+    for entry in dataset["entries"]:
+        ids = encode(entry["prompt"])
+        output_len = entry["output_len"]
+        if entry["completion"] is not None:  # ShareGPT: vLLM's output length and pruning
+            fixed = output_len is not None
+            output_len = output_len if fixed else len(encode(entry["completion"]))
+            if (len(ids) < SHAREGPT_MIN or (not fixed and output_len < SHAREGPT_MIN)
+                    or len(ids) > SHAREGPT_MAX_PROMPT or len(ids) + output_len > SHAREGPT_MAX_TOTAL):  # fmt: skip
+                pruned += 1
+                continue
+        if context and len(ids) + output_len > context:
+            raise ValueError(
+                f"dataset {dataset['name']} line {entry['line']}: a prompt of {len(ids)} tokens and {output_len} "
+                f"output tokens exceed the context of {context} tokens; raise max_model_len or leave the entry out"
+            )
+        usable.append({"line": entry["line"], "ids": ids, "output_len": output_len})
+    if not usable:
+        raise ValueError(f"dataset {dataset['name']}: no entry passes vLLM's ShareGPT length rule ({pruned} pruned)")
+    _DATASETS[key] = engine, dataset, usable, pruned
+    return usable, pruned
+
+
+def chosen_requests(cell: dict, point: dict, repeat: int, count: int, engine) -> list[dict]:
+    """The dataset requests of a point's repeat (see dataset_order)."""
+    usable, _ = dataset_requests(cell, engine)
+    return [usable[i] for i in dataset_order(cell["sweep"]["seed"], point, repeat, count, len(usable))]
+
+
+def point_requests(cell: dict, point: dict, repeat: int, count: int, engine) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output tokens) of the `count` requests of a point's repeat (-1: the
+    warm-up), in the engine's vocabulary: the one source of every prompt a cell sends.
+    random: prompt_token_ids at the point's lengths (as before datasets existed); shared_prefix:
+    shared_prefix_prompts; jsonl and shipped: the dataset's requests, each with its own lengths."""
+    dataset = cell.get("dataset") or {"kind": "random"}
+    seed, kind = cell["sweep"]["seed"], dataset["kind"]
+    if kind == "random":
+        prompts = prompt_token_ids(seed, point, repeat, count, engine.vocab_size, engine.special_ids)
+    elif kind == "shared_prefix":
+        prompts = shared_prefix_prompts(seed, point, repeat, count, engine.vocab_size, engine.special_ids,
+                                        dataset["prefix_len"], dataset.get("num_prefixes", 1))  # fmt: skip
+    else:
+        return [
+            (request["ids"], request["output_len"]) for request in chosen_requests(cell, point, repeat, count, engine)
+        ]
+    return [(ids, point["output_len"]) for ids in prompts]
+
+
+def point_lines(cell: dict, point: dict, repeat: int, count: int, engine) -> list[int] | None:
+    """The file lines of point_requests' requests (jsonl and shipped datasets), else None."""
+    if not cell.get("dataset_prompts"):
+        return None
+    return [request["line"] for request in chosen_requests(cell, point, repeat, count, engine)]
+
+
+def dataset_facts(cell: dict, engine) -> dict | None:
+    """raw.json's `dataset`: the requests usable after tokenizing, and those vLLM's rule pruned."""
+    if not cell.get("dataset_prompts"):
+        return None
+    usable, pruned = dataset_requests(cell, engine)
+    return {"usable": len(usable), "pruned": pruned}
+
+
 VLLM_SUBCONFIGS = (
     "model_config", "cache_config", "scheduler_config", "parallel_config", "compilation_config", "load_config",
 )  # fmt: skip
@@ -440,7 +590,7 @@ def measure_profile(engine, cell: dict, out_dir: Path) -> dict:
     """The profile step: the study's profile point run `steps` times under the engine's profiler,
     on the prompts of the point's repeat 0; profile.json and the gzipped Chrome trace into
     out_dir. Any failure becomes a status and a one-line reason, never the cell's failure."""
-    profile, sweep = cell["profile"], cell["sweep"]
+    profile = cell["profile"]
     point, steps = profile["point"], profile["steps"]
     start = time.perf_counter()
     result = {"status": "ok", "error": None, "point": point, "steps": steps, "ops": 0, "clock": None}
@@ -448,8 +598,8 @@ def measure_profile(engine, cell: dict, out_dir: Path) -> dict:
         if not hasattr(engine, "profile"):
             raise ProfileUnsupported(f"{type(engine).__name__} has no profiler")
         device = torch_sees_gpu()
-        prompts = prompt_token_ids(sweep["seed"], point, 0, point["batch_size"], engine.vocab_size, engine.special_ids)
-        trace = engine.profile(prompts, point["output_len"], steps, device)
+        prompts, output_len = as_batch(point_requests(cell, point, 0, point["batch_size"], engine))
+        trace = engine.profile(prompts, output_len, steps, device)
         ops = trace_ops(read_trace(trace), steps, device)
         pack_trace(trace, out_dir)
         result.update(ops=len(ops), clock="device" if device else "cpu")
@@ -508,7 +658,7 @@ class VllmEngine:
                                        "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True}  # fmt: skip
         self.cell = cell
         self.llm = LLM(model=cell.get("model_path", "/model"), dtype=cell["dtype"], **args)
-        tokenizer = self.llm.get_tokenizer()
+        self.tokenizer = tokenizer = self.llm.get_tokenizer()
         self.vocab_size = len(tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
 
@@ -534,14 +684,18 @@ class VllmEngine:
             "env": selected_env(self.cell["env"]),
         }
 
-    def generate(self, prompts: list[list[int]], output_len: int) -> list[dict]:
+    def generate(self, prompts: list[list[int]], output_len) -> list[dict]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        # vLLM's own throughput benchmark samples (temperature 1) with ignore_eos and fixed length.
-        params = SamplingParams(
-            n=1, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len, min_tokens=output_len
-        )
+        # vLLM's own throughput benchmark samples (temperature 1) with ignore_eos and fixed length
+        # (each request its own when a dataset gives them).
+        def sampling(length: int) -> SamplingParams:
+            return SamplingParams(
+                n=1, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=length, min_tokens=length
+            )
+
+        params = [sampling(n) for n in output_len] if isinstance(output_len, list) else sampling(output_len)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         requests = []
         for output in outputs:
@@ -676,10 +830,14 @@ class LlamaCppEngine:
             "env": selected_env(self.env_names),
         }
 
-    def generate(self, prompts: list[list[int]], output_len: int) -> list[dict]:
+    def encode(self, text: str) -> list[int]:
+        """A dataset's text prompt in llama.cpp's tokens (BOS only where the GGUF asks for one)."""
+        return self.llm.tokenize(text.encode(), add_bos=True)
+
+    def generate(self, prompts: list[list[int]], output_len) -> list[dict]:
         start = time.perf_counter()
         requests = []
-        for prompt in prompts:
+        for prompt, length in zip(prompts, per_request(output_len, len(prompts)), strict=True):
             self.llm.reset()  # no prefix reuse from the previous request: every prompt is prefilled
             times = []
             # Same sampling as the vLLM cells: temperature 1, no top-k/top-p/min-p; generate() never
@@ -687,7 +845,7 @@ class LlamaCppEngine:
             tokens = self.llm.generate(prompt, temp=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
             for _ in tokens:
                 times.append(time.perf_counter())
-                if len(times) == output_len:
+                if len(times) == length:
                     break
             tokens.close()
             requests.append(
@@ -802,9 +960,11 @@ class TransformersEngine:
             "env": selected_env(self.cell["env"]),
         }
 
-    def generate(self, prompts: list[list[int]], output_len: int) -> list[dict]:
+    def generate(self, prompts: list[list[int]], output_len) -> list[dict]:
         torch = self.torch
         steps = []
+        if isinstance(output_len, list):  # a static batch decodes one length (the study refuses datasets that vary it)
+            raise ValueError("the transformers engine decodes one output length per batch")
 
         class Clock:  # transformers' streamer interface: put() per step (the first holds the prompt)
             def put(self, value):
@@ -1007,7 +1167,8 @@ class VllmServer:
             "method": "vllm server /v1/completions: temperature 0; NLL from prompt_logprobs=0 on token-id prompts",
         }
 
-    def generate(self, prompts: list[list[int]], output_len: int) -> list[dict]:
+    def generate(self, prompts: list[list[int]], output_len) -> list[dict]:
+        lengths = per_request(output_len, len(prompts))
         rng = random.Random(f"{self.seed}:arrivals:{len(prompts)}:{output_len}")
         send_at, clock = [], 0.0
         for _ in prompts:
@@ -1020,7 +1181,7 @@ class VllmServer:
         def client(index: int) -> None:
             try:
                 time.sleep(max(0.0, start + send_at[index] - time.perf_counter()))
-                self._stream(prompts[index], output_len, start, records[index])
+                self._stream(prompts[index], lengths[index], start, records[index])
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 errors.append(exc)
 
@@ -1079,18 +1240,23 @@ def main(cell_path: str) -> int:
         write_json(raw_path, raw)
         for point in cell["points"]:
             count = point["batch_size"]
-            args = (sweep["seed"], point, -1, count, engine.vocab_size, engine.special_ids)
+            warmup = as_batch(point_requests(cell, point, -1, count, engine))
+            if raw.get("dataset") is None and cell.get("dataset_prompts"):
+                raw["dataset"] = dataset_facts(cell, engine)
             for _ in range(sweep["warmup"]):
-                engine.generate(prompt_token_ids(*args), point["output_len"])
+                engine.generate(*warmup)
             for repeat in range(sweep["repeats"]):
-                prompts = prompt_token_ids(sweep["seed"], point, repeat, count, engine.vocab_size, engine.special_ids)
+                prompts, output_len = as_batch(point_requests(cell, point, repeat, count, engine))
+                lines = point_lines(cell, point, repeat, count, engine)
                 sample = cpu_sample()
                 started_at_s = time.time()
                 begin = time.perf_counter()
-                requests = engine.generate(prompts, point["output_len"])
+                requests = engine.generate(prompts, output_len)
                 wall = time.perf_counter() - begin
                 finished_at_s = time.time()
                 host = host_share(sample, cpu_sample())
+                for request, line in zip(requests, lines or [], strict=False):
+                    request["dataset_line"] = line
                 raw["points"].append(
                     {**point, "repeat": repeat, "wall_s": wall, "requests": requests, **host,
                      "started_at_s": started_at_s, "finished_at_s": finished_at_s}

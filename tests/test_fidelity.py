@@ -54,3 +54,44 @@ def test_verdict_against_the_goal():
     assert steady["within_goal"] and steady["ratio_low"] == pytest.approx(0.9755, abs=1e-3)
     # The same mean with rounds that disagree (0.95, 1.05, 1.00): interval [0.88, 1.13], off the goal.
     assert not fidelity.against_reference("vllm", [95.0, 105.0, 100.0], [100.0, 100.0, 100.0])["within_goal"]
+
+
+def test_serve_reference_command_is_the_point_s_load_on_the_running_server():
+    point = {"batch_size": 8, "input_len": 128, "output_len": 64}
+    argv = fidelity.vllm_serve_command({"model_path": "/model"}, point, 8000, "/out")
+    assert argv[:2] == ["python3", "-c"] and "vllm.benchmarks.serve" in argv[2]
+    joined = " ".join(argv[3:])
+    for flag in (
+        "--base-url http://127.0.0.1:8000",
+        "--random-input-len 128",
+        "--random-output-len 64",
+        "--random-range-ratio 0",
+        "--num-prompts 8",
+        "--max-concurrency 8",
+        "--request-rate inf",
+        "--ignore-eos",
+        "--temperature 1.0",
+        "--seed {round}",
+        "--result-filename vllm-round-{round}.json",
+    ):
+        assert flag in joined  # fmt: skip
+
+
+def test_serve_figures_of_both_sides():
+    result = {"completed": 8, "failed": 0, "median_ttft_ms": 250.0, "median_tpot_ms": 40.0}
+    assert fidelity.parse_vllm_serve_result(result) == {"ttft_p50_s": 0.25, "tpot_p50_s": 0.04, "completed": 8}
+    with pytest.raises(ValueError, match="2 request"):
+        fidelity.parse_vllm_serve_result({**result, "failed": 2})
+    with pytest.raises(ValueError, match="no median_tpot_ms"):
+        fidelity.parse_vllm_serve_result({"completed": 8, "median_ttft_ms": 1.0})
+    # Two streamed requests sent at 0: first chunks at 0.2 and 0.4 s, last at 1.2 and 2.4 s, 11
+    # chunks of one token each: TTFT 0.2, 0.4 (median 0.3); TPOT 1.0/10, 2.0/10 (median 0.15).
+    requests = [
+        {"send_s": 0.0, "chunk_s": [0.2 + 0.1 * i for i in range(11)], "prompt_tokens": 4, "output_tokens": 11},
+        {"send_s": 0.0, "chunk_s": [0.4 + 0.2 * i for i in range(11)], "prompt_tokens": 4, "output_tokens": 11},
+    ]
+    figures = fidelity.cellbench_serve_figures({"requests": requests, "wall_s": 2.4})
+    assert figures == {"ttft_p50_s": pytest.approx(0.3), "tpot_p50_s": pytest.approx(0.15), "completed": 2}
+    # The serve goal is ±5 %, not vLLM offline's 3 %.
+    assert fidelity.against_reference("vllm", [104.0], [100.0], fidelity.SERVE_GOAL)["within_goal"]
+    assert not fidelity.against_reference("vllm", [104.0], [100.0])["within_goal"]

@@ -1,4 +1,4 @@
-"""Profiles without an engine: per-op figures and shares by hand (the container's profile_ops),
+"""Profiles without an engine: per-op figures and shares by hand (the container's trace_ops),
 diffs by hand, the cell id, the profile step's failures, and `cellbench profile-diff`."""
 
 import copy

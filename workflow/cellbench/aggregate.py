@@ -18,7 +18,11 @@ POINT_COLUMNS = [
     "effective_dtype", "effective_quantization", "effective_eager", "effective_json", "load_s",
     "peak_memory_mb", "device_name", "device_arch", "schema_version", "method_version", "host_load_max",
     "overrides_json", "findings_json", "weight_bytes", "versions_json",
+    "dataset_kind", "dataset_name", "dataset_sha256", "dataset_prefix_len",
 ]  # fmt: skip
+# The lengths of a point's requests, averaged over repeats (a dataset's differ from repeat to repeat).
+DATASET_MEANS = ["prompt_tokens_mean", "prompt_tokens_p50", "prompt_tokens_p90",
+                 "output_tokens_mean", "output_tokens_p50", "output_tokens_p90"]  # fmt: skip
 # Serving figures averaged over repeats where the rows have them (serve-mode cells).
 SERVE_MEANS = ["ttft_p99_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s"]
 _SEVERITY = ("ok", "failed", "unsupported", "timeout")  # worst last
@@ -321,6 +325,7 @@ def _repeat_stats(ok: pl.LazyFrame) -> pl.LazyFrame:
         p50.max().alias("latency_p50_s_max"),
         (p50.std(ddof=0) / p50.mean()).alias("latency_p50_s_cv"),
         *(pl.col(c).mean() for c in SERVE_MEANS),
+        *(pl.col(c).mean() for c in DATASET_MEANS),
     )
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import atomic, contract, locks, paths
+from . import atomic, contract, datasets, locks, paths
 
 if TYPE_CHECKING:
     import jsonschema
@@ -413,11 +413,15 @@ def schema_defaults() -> dict:
     return settings
 
 
+# Settings a group gives whole: a dataset's keys depend on its kind, so they do not merge.
+REPLACED_WHOLE = ("dataset",)
+
+
 def _merge(base: dict, override: dict) -> dict:
     """Settings merge: nested dicts (engine_args, env, sweep, resources) merge key by key."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in REPLACED_WHOLE:
             merged[key] = {**merged[key], **copy.deepcopy(value)}
         else:
             merged[key] = copy.deepcopy(value)
@@ -462,6 +466,9 @@ def cell_hash(cell: dict) -> str:
         identity["quality"] = cell["quality"]
     if cell.get("profile"):  # likewise: a study without profiles keeps its ids
         identity["profile"] = cell["profile"]
+    dataset = datasets.identity(cell.get("dataset", datasets.DEFAULT))
+    if dataset is not None:  # likewise: random prompts (the default) keep the ids cells had
+        identity["dataset"] = dataset
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:10]
 
 
@@ -487,6 +494,13 @@ def expand_cells(config: dict) -> list[dict]:
             if cell.get("profile"):
                 cell["profile"] = {"steps": 1, **cell["profile"]}
             cell["name"] = slugify("-".join(labels))
+            try:
+                cell["dataset"] = datasets.check(cell["dataset"], cell)
+            except datasets.DatasetError as error:
+                raise ConfigError(f"config: cell {cell['name']}: {error}") from None
+            if cell["dataset"]["kind"] in datasets.FROM_FILE:  # every request has its own lengths
+                fixed = [datasets.DATASET_LEN]
+                cell["sweep"] = {**cell["sweep"], "input_len": fixed, "output_len": fixed}
             cell["group"] = group["name"]
             cell["device"] = config["images"].get(cell.get("image"), {}).get("device")
             cell["id"] = f"{cell['name']}-{cell_hash(cell)}"

@@ -1,6 +1,14 @@
 """Checking cellbench's figures against each engine's own benchmark: the reference commands,
 how their outputs are read, and the ratios. benchmarks/fidelity.py runs them.
 
+Serve mode (benchmarks/fidelity.py --mode serve): one vLLM server in the CPU image, the same load
+measured in turn by cellbench's serve client and by vLLM's `vllm bench serve` (its module:
+vllm.benchmarks.serve), alternating which goes first (scripts/fidelity_serve.py). The load: a
+point's batch_size requests of random tokens with fixed input and output lengths and
+ignore_eos, all sent at once (cellbench's closed loop; vLLM's --request-rate inf with
+--max-concurrency batch_size and as many prompts). Compared per round: median TTFT and median
+TPOT, both defined as vLLM defines them (TPOT = (latency - TTFT) / (output tokens - 1)).
+
 Both sides measure the same thing with the same boundaries:
 - vLLM: `vllm.benchmarks.throughput` (random prompts, ignore_eos, fixed output length, a
   warm-up, then one timed `LLM.generate` of all prompts) against a cellbench point whose batch
@@ -74,15 +82,59 @@ def parse_llama_bench(stdout: str) -> dict:
     return {"total_tok_s": float(test["avg_ts"]), "total_tok_s_stddev": float(test["stddev_ts"])}
 
 
-def against_reference(engine: str, ours: list[float], theirs: list[float]) -> dict:
+# The serve-mode goal (issue 17): median TTFT and TPOT within ±5 % of vLLM's own benchmark.
+SERVE_GOAL = 0.05
+VLLM_SERVE = (
+    "from vllm.benchmarks.serve import add_cli_args, main; "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args())"
+)
+
+
+def vllm_serve_command(cell: dict, point: dict, port: int, result_dir: str) -> list[str]:
+    """vLLM's serving benchmark against the cell's running server, at the point's load; `{round}`
+    in the seed and the result file name is filled in per round (new prompts each round)."""
+    batch = str(point["batch_size"])
+    return ["python3", "-c", VLLM_SERVE, "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
+            "--endpoint", "/v1/completions", "--model", cell["model_path"], "--tokenizer", cell["model_path"],
+            "--dataset-name", "random", "--random-input-len", str(point["input_len"]),
+            "--random-output-len", str(point["output_len"]), "--random-range-ratio", "0",
+            "--num-prompts", batch, "--max-concurrency", batch, "--request-rate", "inf", "--ignore-eos",
+            "--temperature", "1.0", "--top-p", "1.0", "--seed", "{round}", "--disable-tqdm",
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--save-result", "--result-dir", result_dir,
+            "--result-filename", "vllm-round-{round}.json"]  # fmt: skip
+
+
+def parse_vllm_serve_result(result: dict) -> dict:
+    """Median TTFT and TPOT (s) of a `vllm bench serve --save-result` JSON; ValueError when it
+    lacks them or a request failed (its figures would be over fewer requests)."""
+    if result.get("failed"):
+        raise ValueError(f"vllm bench serve: {result['failed']} request(s) failed")
+    try:
+        return {"ttft_p50_s": result["median_ttft_ms"] / 1000, "tpot_p50_s": result["median_tpot_ms"] / 1000,
+                "completed": result["completed"]}  # fmt: skip
+    except KeyError as exc:
+        raise ValueError(f"vllm bench serve result has no {exc.args[0]}") from None
+
+
+def cellbench_serve_figures(measured: dict) -> dict:
+    """Median TTFT and TPOT (s) of cellbench's client records of one round, by cellbench.measure."""
+    from . import measure
+
+    figures = measure.point_metrics(measured)
+    return {"ttft_p50_s": figures["ttft_p50_s"], "tpot_p50_s": figures["tpot_p50_s"],
+            "completed": len(measured["requests"])}  # fmt: skip
+
+
+def against_reference(engine: str, ours: list[float], theirs: list[float], goal: float | None = None) -> dict:
     """cellbench / reference over interleaved rounds (round k of both ran back to back): the
-    paired ratio with its 95 % interval; within the goal when the whole interval is (with one
-    round, when the ratio is)."""
+    paired ratio with its 95 % interval; within the goal (the engine's, unless given) when the
+    whole interval is (with one round, when the ratio is)."""
     from . import stats
 
     rounds = dict(enumerate(ours)), dict(enumerate(theirs))
     interval = stats.ratio_interval(*rounds)
-    goal = contract.ENGINES[engine].fidelity_goal
+    goal = contract.ENGINES[engine].fidelity_goal if goal is None else goal
     low, high = (interval.low, interval.high) if interval.known else (interval.estimate, interval.estimate)
     return {"engine": engine, "cellbench": sum(ours) / len(ours), "reference": sum(theirs) / len(theirs),
             "ratio": interval.estimate, "ratio_low": interval.low, "ratio_high": interval.high,

@@ -11,7 +11,7 @@ import json
 import math
 import re
 
-from . import config, contract, devices, metrics, quality_texts
+from . import config, contract, datasets, devices, metrics, quality_texts
 
 # (pattern in the engine log or error, status): a cell asked for what the engine cannot do.
 UNSUPPORTED = [
@@ -172,6 +172,7 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
         else None,
         **canary_columns(raw.get("canary")),
         **quality_columns(cell, raw, context.get("round")),
+        **dataset_columns(cell),
     }
     rows = []
     measured: dict[tuple, int] = {}
@@ -183,6 +184,7 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
                 **base,
                 **{k: point[k] for k in (*metrics.POINT, "repeat")},
                 **point_metrics(point),
+                **request_lengths(point["requests"]),
                 "host_foreign_cpu": point.get("host_foreign_cpu"),
                 "host_steal_cpu": point.get("host_steal_cpu"),
                 "status": "ok",
@@ -203,6 +205,28 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
             }
         )
     return rows
+
+
+def dataset_columns(cell: dict) -> dict:
+    """Where the cell's prompts came from (cellbench.datasets); cells resolved before datasets
+    existed sent random prompts."""
+    dataset = cell.get("dataset") or datasets.DEFAULT
+    return {
+        "dataset_kind": dataset["kind"],
+        "dataset_name": datasets.label(dataset),
+        "dataset_sha256": dataset.get("sha256"),
+        "dataset_prefix_len": dataset.get("prefix_len"),
+    }
+
+
+def request_lengths(requests: list[dict]) -> dict:
+    """Mean, median and 90th percentile of the prompt and output tokens of a repeat's requests."""
+    columns = {}
+    for name in ("prompt_tokens", "output_tokens"):
+        values = [r[name] for r in requests if r.get(name) is not None]
+        columns.update({f"{name}_mean": _mean(values), f"{name}_p50": percentile(values, 50),
+                        f"{name}_p90": percentile(values, 90)})  # fmt: skip
+    return columns
 
 
 QUALITY_COLUMNS = ("quality_status", "quality_error", "quality_s", "quality_nll", "quality_nll_tokens",

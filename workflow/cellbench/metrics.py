@@ -64,8 +64,8 @@ COLUMN_HISTORY: dict[int, dict[str, tuple[pa.DataType, bool, str]]] = {
         "effective_quantization": (_STR, True, "quantization the engine used"),
         "effective_eager": (_BOOL, True, "engine ran without graph capture / compile"),
         "batch_size": (_INT, False, "requests per point"),
-        "input_len": (_INT, False, "prompt tokens per request"),
-        "output_len": (_INT, False, "output tokens per request"),
+        "input_len": (_INT, False, "prompt tokens per request (0: each request its own, from a dataset)"),
+        "output_len": (_INT, False, "output tokens per request (0: each request its own, from a dataset)"),
         "repeat": (_INT, True, "repeat index; null on a row for a point never measured"),
         "output_tok_s": (_F64, True, "generated tokens / wall seconds"),
         "total_tok_s": (_F64, True, "(prompt + generated tokens) / wall seconds"),
@@ -121,7 +121,25 @@ COLUMN_HISTORY: dict[int, dict[str, tuple[pa.DataType, bool, str]]] = {
         "quality_greedy_json": (_STR, True, "greedy continuations of the quality prompts, JSON list of texts"),
         "quality_method_version": (_INT, True, "version of the quality texts and method"),
     },
-    # 4: {"new_metric_s": (_F64, True, "what it measures")},  <- how the next column comes in
+    # Serve load points' columns (issue 17, another branch); empty until that branch is merged.
+    4: {},
+    # The cell's prompts (cellbench.datasets states the contract), on every row of a file written
+    # since: where they came from, and the lengths of the repeat's requests as the engine counted
+    # them (a jsonl or shipped dataset's points have input_len and output_len 0: each request has
+    # its own). Rows of older files: null ("not recorded"; their prompts were random tokens).
+    5: {
+        "dataset_kind": (_STR, True, "where the prompts came from: random | jsonl | shipped | shared_prefix"),
+        "dataset_name": (_STR, True, "the shipped set's name or the prompt file's name; null for the others"),
+        "dataset_sha256": (_STR, True, "sha256 of the prompt file (jsonl, shipped)"),
+        "dataset_prefix_len": (_INT, True, "shared_prefix: tokens of the prefix the requests share"),
+        "prompt_tokens_mean": (_F64, True, "prompt tokens of the repeat's requests, mean (the engine's count)"),
+        "prompt_tokens_p50": (_F64, True, "prompt tokens of the repeat's requests, median"),
+        "prompt_tokens_p90": (_F64, True, "prompt tokens of the repeat's requests, 90th percentile"),
+        "output_tokens_mean": (_F64, True, "output tokens of the repeat's requests, mean"),
+        "output_tokens_p50": (_F64, True, "output tokens of the repeat's requests, median"),
+        "output_tokens_p90": (_F64, True, "output tokens of the repeat's requests, 90th percentile"),
+    },
+    # 6: {"new_metric_s": (_F64, True, "what it measures")},  <- how the next column comes in
 }
 # Columns holding JSON, and the JSON type of their value: import parses every cell of them.
 JSON_COLUMNS = {"settings_json": dict, "effective_json": dict, "overrides_json": list, "findings_json": list,

@@ -49,6 +49,8 @@ SCRIPTS_DIR = PROJECT_ROOT / "scripts"
 QUALITY_DIR = Path(__file__).resolve().with_name("data") / "quality"
 QUALITY_REFERENCE = QUALITY_DIR / "reference.txt"  # the passage every cell scores (NLL)
 QUALITY_PROMPTS = QUALITY_DIR / "prompts.json"  # the prompts every cell continues greedily
+# Prompt sets shipped with the package, `dataset: {kind: shipped, name: NAME}` (data/prompts/SOURCE.md).
+PROMPTS_DIR = Path(__file__).resolve().with_name("data") / "prompts"
 
 RESULTS = Path("results")
 LOGS = RESULTS / "logs"

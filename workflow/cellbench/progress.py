@@ -70,7 +70,8 @@ def point_line(cell: dict, round: int, raw: dict, index: int, now: float, contai
     tok_s = point_tok_s(point)
     spent = max(0.0, point.get("finished_at_s", now) - measuring_since(raw, container_start))
     left = time_left(spent, done, total)
-    shape = f"batch {point['batch_size']}, {point['input_len']}→{point['output_len']}"
+    lengths = "dataset lengths" if point["input_len"] == 0 else f"{point['input_len']}→{point['output_len']}"
+    shape = f"batch {point['batch_size']}, {lengths}"
     repeat = f"repeat {point.get('repeat', 0) + 1}/{cell['sweep']['repeats']}"
     speed = f"{tok_s:.1f} tok/s" if tok_s is not None else "? tok/s"
     return (

@@ -77,6 +77,51 @@ def serving_table(points: pd.DataFrame) -> tuple[Table, list[str]]:
     return table, cut
 
 
+def _dataset(row) -> str:
+    """'shipped shakespeare', 'jsonl chat.jsonl', 'shared_prefix 96 tokens'."""
+    kind = row.get("dataset_kind")
+    if kind == "shared_prefix":
+        return f"shared prefix of {int(row['dataset_prefix_len'])} tokens"
+    return f"{kind} {row['dataset_name']}" if isinstance(row.get("dataset_name"), str) else str(kind)
+
+
+def _with_dataset(points: pd.DataFrame) -> pd.Series:
+    return points["dataset_kind"].notna() & (points["dataset_kind"] != "random")
+
+
+def prompts_table(points: pd.DataFrame) -> tuple[Table, list[str]]:
+    """Points of cells with a dataset (not random prompts): the lengths their requests had, as
+    the engine counted them (mean, median, p90 of a repeat's requests, averaged over repeats)."""
+    shown, cut = listed(points[_with_dataset(points)], "points with a dataset")
+    table = Table(["machine", "cell", "batch × in→out", "dataset", "sha256", "prompt tokens mean", "p50", "p90",
+                   "output tokens mean", "p50", "p90"], numeric=frozenset(range(5, 11)))  # fmt: skip
+    for row in shown.to_dict("records"):
+        sha = row.get("dataset_sha256")
+        table.add([row["machine_id"], row["cell_name"], fmt_point(row), _dataset(row),
+                   sha[:12] if isinstance(sha, str) else "—",
+                   *(fmt(row.get(f"{name}_{stat}"), ".0f") for name in ("prompt_tokens", "output_tokens")
+                     for stat in ("mean", "p50", "p90"))])  # fmt: skip
+    return table, cut
+
+
+def prompts_markdown(points: pd.DataFrame) -> list[str]:
+    if "dataset_kind" not in points or not _with_dataset(points).any():
+        return []
+    table, cut = prompts_table(points)
+    return [
+        "",
+        "## Prompts from a dataset",
+        "",
+        "Where a cell's prompts come from a dataset (docs/studies.md#datasets-the-prompts-a-cell-sends), "
+        "each request has its own "
+        "lengths: `batch × name` points send batch-size requests of the dataset. Tokens as the engine "
+        "counted them, per repeat, averaged over repeats.",
+        "",
+        table.markdown(),
+        *cut,
+    ]
+
+
 def serving_markdown(points: pd.DataFrame) -> list[str]:
     if "itl_p50_s" not in points or points["itl_p50_s"].isna().all():
         return []
@@ -415,6 +460,7 @@ def summary_markdown(
     table, cut = points_table(points, baseline_name, confidence)
     out += [table.markdown(), *cut]
     out += serving_markdown(points)
+    out += prompts_markdown(points)
     if not cells.empty and (cells["status"] != "ok").any():
         table, cut = failed_table(cells)
         out += ["", "## Cells that did not finish", "", table.markdown(), *cut]

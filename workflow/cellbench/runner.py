@@ -26,6 +26,7 @@ from pathlib import Path
 from . import (
     atomic,
     containers,
+    datasets,
     devices,
     diagnose,
     effective,
@@ -203,9 +204,14 @@ def prepare_round(
     mount_dir, model_path = model_mount(model_dir, model_manifest)
     # The GGUF's file name comes from the prepared model's manifest (llama.cpp loads /model/<gguf>).
     gguf = model_manifest.get("gguf")
+    try:  # a jsonl or shipped dataset's prompts, read again (and refused if the file changed)
+        dataset_prompts = datasets.cell_entry(cell.get("dataset", datasets.DEFAULT))
+    except datasets.DatasetError as exc:
+        raise RunnerError(f"dataset {exc}") from None
     cell_json = {**cell, "points": measure.points(cell["sweep"]), "model_path": model_path, "model_gguf": gguf,
                  # The quality step's texts, on the one round that measures it (else null).
                  "quality_texts": quality_texts.cell_entry(cell.get("quality", False), round),
+                 "dataset_prompts": dataset_prompts,
                  # Like quality, only round 1 profiles: later rounds add speed samples, not profiles.
                  "profile": cell.get("profile") if round == 1 else None}  # fmt: skip
     (work / "cell.json").write_text(json.dumps(cell_json, indent=1))

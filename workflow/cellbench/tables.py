@@ -40,7 +40,11 @@ def fmt_ratio(value) -> str:
 
 
 def fmt_point(row) -> str:
-    """'8 × 128→64': batch size × input→output tokens."""
+    """'8 × 128→64': batch size × input→output tokens; '8 × shakespeare' where each request has
+    its own lengths, from a dataset (input_len and output_len 0)."""
+    if row["input_len"] == 0 and row["output_len"] == 0:
+        name = row.get("dataset_name")
+        return f"{row['batch_size']} × {name if isinstance(name, str) else 'dataset'}"
     return f"{row['batch_size']} × {row['input_len']}→{row['output_len']}"
 
 
