@@ -11,7 +11,7 @@ import json
 import math
 import re
 
-from . import config, contract, devices, metrics, quality_texts
+from . import config, contract, devices, metrics, quality_texts, serving
 
 # (pattern in the engine log or error, status): a cell asked for what the engine cannot do.
 UNSUPPORTED = [
@@ -31,38 +31,20 @@ def points(sweep: dict) -> list[dict]:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    rank = (len(values) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return values[low] + (values[high] - values[low]) * (rank - low)
+    """Linear-interpolated percentile (numpy's default), q in [0, 100] (cellbench.serving's)."""
+    return serving.percentile(values, q)
 
 
 def tpot(request: dict) -> float | None:
-    if request.get("latency_s") is None or request.get("ttft_s") is None or request["output_tokens"] < 2:
-        return None
-    return (request["latency_s"] - request["ttft_s"]) / (request["output_tokens"] - 1)
+    return serving.tpot(request.get("latency_s"), request.get("ttft_s"), request["output_tokens"])
 
 
 def streamed_timings(request: dict) -> dict:
-    """TTFT, E2E latency and inter-token latencies of a streamed request, vLLM's way.
-
-    A serve-mode client records, relative to the start of the point, when it sent the request
-    (`send_s`) and when each streamed chunk that carried output arrived (`chunk_s`). TTFT is
-    first chunk - send, latency is last chunk - send, ITLs are the gaps between consecutive
-    chunks (a chunk holding several tokens is one gap, as in vLLM's serving benchmark)."""
-    chunks = request.get("chunk_s") or []
-    if not chunks:
-        return {**request, "ttft_s": None, "latency_s": None, "itl_s": []}
-    send = request["send_s"]
-    return {
-        **request,
-        "ttft_s": chunks[0] - send,
-        "latency_s": chunks[-1] - send,
-        "itl_s": [later - earlier for earlier, later in itertools.pairwise(chunks)],
-    }
+    """TTFT, E2E latency and inter-token latencies of a streamed request, vLLM's way
+    (cellbench.serving.request_timings): `send_s` is when the client sent it and `chunk_s` when
+    each streamed chunk that carried output arrived, relative to the start of the point."""
+    timed = serving.request_timings(request)
+    return {**request, "ttft_s": timed["ttft_s"], "latency_s": timed["e2e_s"], "itl_s": timed["itl_s"]}
 
 
 def _mean(values: list) -> float | None:
