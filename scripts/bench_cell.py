@@ -9,6 +9,7 @@ host turns them into metrics with the tested functions of the cellbench package.
 library only, besides the engine: the same script runs in every image.
 """
 
+import asyncio
 import contextlib
 import http.client
 import inspect
@@ -27,13 +28,15 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-# The engine declarations, the secret-name rule and the flags rule, shared with the host package:
-# mounted at /cellbench-contract in a container, the package's own file when run from a checkout.
+# The engine declarations, the secret-name rule and the flags rule, and the serving definitions
+# (serving.py), shared with the host package: mounted at /cellbench-contract in a container, the
+# package's own files when run from a checkout.
 for _folder in ("/cellbench-contract", str(Path(__file__).resolve().parents[1] / "workflow" / "cellbench")):
     if Path(_folder, "contract.py").is_file():
         sys.path.insert(0, _folder)
         break
 import contract  # noqa: E402
+import serving  # noqa: E402
 
 # Variables that choose kernels, devices and threads: vLLM's, the OpenMP/MKL threads, the HIP/HSA/
 # ROCr runtime (the ROCm image sets HSA_ENABLE_IPC_MODE_LEGACY), PyTorch's (TunableOp:
@@ -258,6 +261,18 @@ def prompt_token_ids(seed, point, repeat, count, vocab_size, special_ids):
                 ids.append(token)
         prompts.append(ids)
     return prompts
+
+
+def point_requests(cell: dict, point: dict, repeat, count: int, engine) -> list[tuple[list[int], int]]:
+    """The (prompt token ids, output tokens) of `count` requests of a serve load level: the one
+    place a level takes its requests from. Seeded random prompts of the point's input_len, each
+    answered with exactly its output_len tokens; a level's load enters the seed, so no two levels
+    send the same prompts (vLLM caches prefixes: a repeated prompt would be answered faster)."""
+    tag = repeat
+    if point.get("load_kind"):
+        tag = f"{point['load_phase']}:{point['load_kind']}:{serving.load_value(point)}:{repeat}"
+    prompts = prompt_token_ids(cell["sweep"]["seed"], point, tag, count, engine.vocab_size, engine.special_ids)
+    return [(prompt, point["output_len"]) for prompt in prompts]
 
 
 VLLM_SUBCONFIGS = (
@@ -762,6 +777,243 @@ class TransformersEngine:
         }
 
 
+# ---------------------------------------------------------------------------------------------
+# Serve mode under load: an asyncio client on the standard library's streams (HTTP/1.1, chunked
+# transfer encoding, server-sent events), one connection per request as vLLM's client opens one
+# per request stream. Per request it records when it was sent and when every chunk carrying
+# text arrived (perf_counter seconds from the level's start); cellbench.serving turns those into
+# TTFT, TPOT, ITL, E2E latency and goodput, on the host as here.
+
+
+class ServerDied(RuntimeError):
+    """The server process exited while a level ran."""
+
+
+async def _read_body(reader, headers: dict, on_data) -> None:
+    """Feed every piece of the response body to on_data(bytes, arrival time) as it arrives:
+    chunked transfer encoding (uvicorn streams that way) or until the connection closes."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size = int((await reader.readline()).split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                await reader.readline()  # the empty trailer
+                return
+            data = await reader.readexactly(size + 2)  # the chunk and its CRLF
+            on_data(data[:-2], time.perf_counter())
+    length = headers.get("content-length")
+    if length is not None:
+        on_data(await reader.readexactly(int(length)), time.perf_counter())
+        return
+    while data := await reader.read(65536):
+        on_data(data, time.perf_counter())
+
+
+async def stream_completion(port: int, body: dict, record: dict, start: float, path: str = "/v1/completions") -> None:
+    """POST a streamed completion to 127.0.0.1:port; fill `record` (send_s, chunk_s, end_s,
+    output_tokens, prompt_tokens, error). A failed request is data: its error, never an exception
+    (cancellation excepted)."""
+    payload = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    record["send_s"] = time.perf_counter() - start  # before the connection, as vLLM's client starts its clock
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head.encode() + payload)
+        await writer.drain()
+        status = (await reader.readline()).decode("latin-1").split()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        pending = bytearray()
+        errors: list[bytes] = []
+
+        def on_data(data: bytes, now: float) -> None:
+            if len(status) < 2 or status[1] != "200":
+                errors.append(data)
+                return
+            pending.extend(data)
+            *lines, rest = pending.split(b"\n")
+            pending[:] = rest
+            for line in lines:
+                line = line.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    record["chunk_s"].append(now - start)
+                if chunk.get("usage"):
+                    record["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
+                    record["output_tokens"] = chunk["usage"]["completion_tokens"]
+
+        await _read_body(reader, headers, on_data)
+        if len(status) < 2 or status[1] != "200":
+            record["error"] = f"server answered {' '.join(status[1:])[:60]}: {b''.join(errors)[:200]!r}"
+        elif not record["chunk_s"]:
+            record["error"] = "the stream carried no text"
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        record["end_s"] = time.perf_counter() - start
+        if writer is not None:
+            writer.close()
+
+
+def new_record(prompt: list[int]) -> dict:
+    return {"prompt_tokens": len(prompt), "output_tokens": 0, "send_s": None, "chunk_s": [], "end_s": None,
+            "error": None}  # fmt: skip
+
+
+async def _run_level(engine, load: dict, requests: list, warmup: int, measured: int, rng: random.Random) -> list:
+    """Run one load level against the server; return its request records in send order: `warmup`
+    requests, `measured` requests, then cool-down requests that keep the load on until every
+    measured request has ended (those still running then are cancelled). Closed loop: each of
+    `concurrency` workers sends its next request when its last one ends. Open loop: a request
+    every gamma-distributed gap (serving.arrival_gaps), however many are in flight."""
+    start = time.perf_counter()
+    records: list[dict] = []
+    tasks: set[asyncio.Task] = set()
+    left = {"measured": measured}
+    done = asyncio.Event()
+    if measured == 0:
+        done.set()
+
+    async def one() -> None:
+        index = len(records)
+        prompt, output_len = requests[index % len(requests)]  # cool-down past the list reuses prompts
+        record = new_record(prompt)
+        records.append(record)
+        try:
+            await engine.send(prompt, output_len, record, start)
+        except asyncio.CancelledError:
+            record["error"] = "cancelled: the level ended"
+            record["end_s"] = time.perf_counter() - start
+            raise
+        if warmup <= index < warmup + measured:
+            left["measured"] -= 1
+            if left["measured"] == 0:
+                done.set()
+
+    def launch() -> asyncio.Task:
+        task = asyncio.ensure_future(one())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    async def worker() -> None:
+        while not done.is_set():
+            if not engine.alive():  # no burst of refused connections before the watchdog looks
+                raise ServerDied(engine.death())
+            await launch()
+
+    async def arrivals() -> None:
+        gaps = serving.arrival_gaps(load["request_rate"], load["burstiness"], rng)
+        due = 0.0
+        while not done.is_set():
+            await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+            if done.is_set():
+                return
+            if not engine.alive():
+                raise ServerDied(engine.death())
+            launch()
+            due += next(gaps)
+
+    async def watchdog() -> None:
+        while engine.alive():
+            await asyncio.sleep(0.5)
+        raise ServerDied(engine.death())
+
+    if load["load_kind"] == "concurrency":
+        drivers = [asyncio.ensure_future(worker()) for _ in range(load["concurrency"])]
+    else:
+        drivers = [asyncio.ensure_future(arrivals())]
+    guard = asyncio.ensure_future(watchdog())
+    finished = asyncio.ensure_future(done.wait())
+    try:
+        await asyncio.wait([finished, guard, *drivers], return_when=asyncio.FIRST_COMPLETED)
+        for task in (guard, *drivers):
+            if task.done() and not task.cancelled() and task.exception():
+                raise task.exception()  # ServerDied
+    finally:
+        for task in [*drivers, *list(tasks), guard, finished]:
+            task.cancel()
+        await asyncio.gather(*drivers, *list(tasks), guard, finished, return_exceptions=True)
+    return records
+
+
+def run_level(engine, cell: dict, point: dict, repeat, latency_s: float | None) -> dict:
+    """One load level of a serve cell (`point`: the sweep point and its load), measured: the raw
+    record the host turns into a row (cellbench.measure.level_columns)."""
+    found = serving.settings(cell["serve"])
+    plan = serving.plan(point, found["requests_per_level"], found["warmup_requests"], latency_s)
+    wave = serving.in_flight(point, latency_s)
+    # Enough distinct prompts for warm-up, the measured requests and a long cool-down.
+    count = plan["warmup"] + 2 * plan["measured"] + 2 * wave
+    requests = point_requests(cell, point, repeat, count, engine)
+    rng = random.Random(f"{cell['sweep']['seed']}:arrivals:{serving.label(point)}:{point['input_len']}:"
+                        f"{point['output_len']}:{repeat}")  # fmt: skip
+    sample = cpu_sample()
+    started_at_s = time.time()
+    begin = time.perf_counter()
+    records = asyncio.run(_run_level(engine, point, requests, plan["warmup"], plan["measured"], rng))
+    wall = time.perf_counter() - begin
+    return {**point, "repeat": repeat, "wall_s": wall, "warmup_requests": plan["warmup"],
+            "measured_requests": plan["measured"], "unloaded_latency_s": latency_s, "requests": records,
+            **host_share(sample, cpu_sample()), "started_at_s": started_at_s, "finished_at_s": time.time()}  # fmt: skip
+
+
+def unloaded_latency(engine, cell: dict, point: dict, count: int) -> float | None:
+    """Median E2E latency of `count` requests of the point sent one after another (the server's
+    warm-up, and what a request-rate level's size is planned from)."""
+    requests = point_requests(cell, {**point, "load_kind": None}, "unloaded", count, engine)
+    latencies = []
+    for prompt, output_len in requests:
+        record = new_record(prompt)
+        start = time.perf_counter()
+        asyncio.run(engine.send(prompt, output_len, record, start))
+        if record["error"]:
+            raise RuntimeError(f"warm-up request failed: {record['error']}")
+        latencies.append(serving.request_timings(record)["e2e_s"])
+    return serving.percentile(latencies, 50)
+
+
+def measure_levels(engine, cell: dict, raw: dict, raw_path: Path) -> None:
+    """Every load level of a serve cell on this one server: per sweep point (input x output
+    length), warm-up, the swept levels (each `repeats` times), then the capacity search. raw.json
+    is rewritten after each level, so a server that dies keeps the levels already measured."""
+    found = serving.settings(cell["serve"])
+    search = found["search"]
+    shapes = list(dict.fromkeys((p["input_len"], p["output_len"]) for p in cell["points"]))
+    if search:
+        raw["search"] = {"done": False, "searches": []}
+    for input_len, output_len in shapes:
+        shape = {"input_len": input_len, "output_len": output_len}
+        latency = unloaded_latency(engine, cell, {"batch_size": 1, **shape}, max(1, cell["sweep"]["warmup"]))
+        for point in [p for p in cell["points"] if (p["input_len"], p["output_len"]) == (input_len, output_len)]:
+            for repeat in range(cell["sweep"]["repeats"]):
+                raw["points"].append(run_level(engine, cell, point, repeat, latency))
+                write_json(raw_path, raw)
+        if not search:
+            continue
+        record = {**shape, "metric": search["metric"], "probes": [], "outcome": None}
+        raw["search"]["searches"].append(record)
+        while (value := serving.next_probe([(p["load"], p["held"]) for p in record["probes"]], search)) is not None:
+            load = serving.level(search["metric"], value, "search", found["burstiness"])
+            point = {"batch_size": load["concurrency"] or 0, **shape, **load}
+            level = run_level(engine, cell, point, 0, latency)
+            figures = serving.level_figures(level["requests"], level["warmup_requests"], level["measured_requests"],
+                                            found["slo"])  # fmt: skip
+            record["probes"].append({"load": value, "slo_share": figures["slo_share"],
+                                     "held": serving.passed(figures, search["slo_share"])})  # fmt: skip
+            raw["points"].append(level)
+            write_json(raw_path, raw)
+        record["outcome"] = serving.outcome([(p["load"], p["held"]) for p in record["probes"]], search)
+        write_json(raw_path, raw)
+    if search:
+        raw["search"]["done"] = True
+
+
 class VllmServer:
     """vLLM's OpenAI-compatible server on 127.0.0.1 inside this container (still --network none),
     and a streaming client beside it. Load time = server start until /health answers.
@@ -792,9 +1044,7 @@ class VllmServer:
         threading.Thread(target=self._echo, daemon=True).start()
         while not self._healthy():
             if self.process.poll() is not None:
-                errors = [line for line in self.log if re.search(r"Error|Exception", line)]
-                last = errors[-1].strip() if errors else "no error line in its log"
-                raise RuntimeError(f"vLLM server exited with code {self.process.returncode}: {last}")
+                raise RuntimeError(self.death())
             time.sleep(0.5)
         self.request_rate = cell["serve"].get("request_rate")
         self.seed = cell["sweep"]["seed"]
@@ -843,12 +1093,29 @@ class VllmServer:
                 )
         return found
 
-    def _stream(self, prompt: list[int], output_len: int, start: float, record: dict) -> None:
-        body = {
+    def completion_body(self, prompt: list[int], output_len: int) -> dict:
+        """A streamed /v1/completions request of exactly output_len tokens (ignore_eos)."""
+        return {
             "model": self.model_path, "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
             "ignore_eos": True, "temperature": 1.0, "top_p": 1.0, "stream": True,
             "stream_options": {"include_usage": True},
         }  # fmt: skip
+
+    async def send(self, prompt: list[int], output_len: int, record: dict, start: float) -> None:
+        """One request of a load level through the asyncio client (stream_completion)."""
+        await stream_completion(self.PORT, self.completion_body(prompt, output_len), record, start)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def death(self) -> str:
+        """The server's exit as one line: its code and the last error line of its log."""
+        errors = [line for line in self.log if re.search(r"Error|Exception", line)]
+        last = errors[-1].strip() if errors else "no error line in its log"
+        return f"vLLM server exited with code {self.process.returncode}: {last}"[:500]
+
+    def _stream(self, prompt: list[int], output_len: int, start: float, record: dict) -> None:
+        body = self.completion_body(prompt, output_len)
         connection = http.client.HTTPConnection("127.0.0.1", self.PORT, timeout=600)
         record["send_s"] = time.perf_counter() - start
         connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -967,7 +1234,10 @@ def main(cell_path: str) -> int:
         # progress with the repeats; perf_counter times the repeats themselves.
         raw["measuring_at_s"] = time.time()
         write_json(raw_path, raw)
-        for point in cell["points"]:
+        levels = cell["mode"] == "serve" and serving.has_levels(cell["serve"])
+        if levels:  # load levels against the one server; else every point as a batch, as ever
+            measure_levels(engine, cell, raw, raw_path)
+        for point in [] if levels else cell["points"]:
             count = point["batch_size"]
             args = (sweep["seed"], point, -1, count, engine.vocab_size, engine.special_ids)
             for _ in range(sweep["warmup"]):

@@ -420,7 +420,7 @@ def test_switching_studies_without_metadata_rebuilds_the_tables(tmp_path):
     default, other = ROOT / "config" / "config.yaml", ROOT / "config" / "rocm-awq.yaml"
     # After every input the repo gives the rules (a fresh checkout is seconds old), before now.
     sources = [p for folder in ("containers", "scripts") for p in (ROOT / folder).rglob("*") if p.is_file()]
-    sources.append(ROOT / "workflow" / "cellbench" / "contract.py")  # run_cell's input too
+    sources += [ROOT / "workflow" / "cellbench" / name for name in ("contract.py", "serving.py")]  # run_cell's inputs
     start = max(p.stat().st_mtime for p in sources) + 1
     time.sleep(max(0.0, start + 5 - time.time()))
     _fabricate_results(tmp_path, default, start)

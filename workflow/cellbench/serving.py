@@ -93,6 +93,12 @@ def load_value(load: dict):
     return load["concurrency"] if load["load_kind"] == "concurrency" else load["request_rate"]
 
 
+def result_name(point: dict) -> str:
+    """A level's file name stem: 'sweep-concurrency-4-128x64-repeat0'."""
+    return (f"{point['load_phase']}-{point['load_kind']}-{load_value(point):g}-{point['input_len']}x"
+            f"{point['output_len']}-repeat{point['repeat']}")  # fmt: skip
+
+
 def label(load: dict) -> str:
     """'concurrency 4', 'rate 2.5 req/s', 'rate 2.5 req/s (burstiness 0.5)', '… (search)'."""
     if load["load_kind"] == "concurrency":
