@@ -202,7 +202,15 @@ def plots_dir(results: Path = RESULTS) -> Path:
 
 
 # The plots the explain step draws, in order.
-PLOTS = ("throughput.png", "latency.png", "machines.png", "quality.png", "telemetry.png")
+PLOTS = (
+    "throughput.png",
+    "latency.png",
+    "machines.png",
+    "quality.png",
+    "telemetry.png",
+    "serve-latency.png",
+    "serve-goodput.png",
+)
 
 
 def plot(name: str, plots: Path | None = None) -> Path:

@@ -133,9 +133,10 @@ def load_levels(points: pd.DataFrame) -> pd.DataFrame:
     if points.empty or "load_kind" not in points:
         return points.iloc[0:0]
     levels = points[points["load_kind"].notna()]
-    order = ["machine_id", "cell_name", "input_len", "output_len", "load_phase", "load_kind", "concurrency",
+    levels = levels.assign(_phase=levels["load_phase"].map({"sweep": 0, "search": 1}))  # the sweep first
+    order = ["machine_id", "cell_name", "input_len", "output_len", "_phase", "load_kind", "concurrency",
              "request_rate"]  # fmt: skip
-    return levels.sort_values(order, na_position="last")
+    return levels.sort_values(order, na_position="last").drop(columns="_phase")
 
 
 def levels_table(points: pd.DataFrame) -> tuple[Table, list[str]]:
