@@ -870,7 +870,8 @@ async def _run_level(engine, load: dict, requests: list, warmup: int, measured: 
     requests, `measured` requests, then cool-down requests that keep the load on until every
     measured request has ended (those still running then are cancelled). Closed loop: each of
     `concurrency` workers sends its next request when its last one ends. Open loop: a request
-    every gamma-distributed gap (serving.arrival_gaps), however many are in flight."""
+    every gamma-distributed gap (serving.arrival_gaps), however many are in flight, and at most
+    `measured` cool-down requests."""
     start = time.perf_counter()
     records: list[dict] = []
     tasks: set[asyncio.Task] = set()
@@ -910,7 +911,8 @@ async def _run_level(engine, load: dict, requests: list, warmup: int, measured: 
     async def arrivals() -> None:
         gaps = serving.arrival_gaps(load["request_rate"], load["burstiness"], rng)
         due = 0.0
-        while not done.is_set():
+        # An overloaded server never catches up: at most as many cool-down requests as measured ones.
+        while not done.is_set() and len(records) < warmup + 2 * measured:
             await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
             if done.is_set():
                 return

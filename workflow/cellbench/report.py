@@ -69,7 +69,8 @@ SERVING_COLUMNS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_
 def serving_table(points: pd.DataFrame) -> tuple[Table, list[str]]:
     """Serve-mode points: TTFT, TPOT, ITL and E2E latency in ms (means over repeats of each
     percentile), and the line saying where the rest are when the table is cut."""
-    served, cut = listed(points[points["itl_p50_s"].notna()], "served points")
+    levels = points["load_kind"].notna() if "load_kind" in points else False  # their own table
+    served, cut = listed(points[points["itl_p50_s"].notna() & ~levels], "served points")
     table = Table(["machine", "cell", "batch × in→out", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                    "ITL p50", "ITL p99", "E2E p50", "E2E p99"], numeric=frozenset(range(3, 11)))  # fmt: skip
     for _, r in served.iterrows():
@@ -81,6 +82,8 @@ def serving_markdown(points: pd.DataFrame) -> list[str]:
     if "itl_p50_s" not in points or points["itl_p50_s"].isna().all():
         return []
     table, cut = serving_table(points)
+    if not table.rows:
+        return []
     return ["", "## Serving latency (ms, vLLM's definitions)", "", table.markdown(), *cut]
 
 
