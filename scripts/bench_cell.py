@@ -789,23 +789,45 @@ class ServerDied(RuntimeError):
     """The server process exited while a level ran."""
 
 
-async def _read_body(reader, headers: dict, on_data) -> None:
-    """Feed every piece of the response body to on_data(bytes, arrival time) as it arrives:
-    chunked transfer encoding (uvicorn streams that way) or until the connection closes."""
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            size = int((await reader.readline()).split(b";", 1)[0].strip() or b"0", 16)
+def body_lines(reads: list[tuple[float, bytes]], chunked: bool) -> list[tuple[float, bytes]]:
+    """(arrival time, line) of every line of a response body received as `reads` ((time, bytes)
+    in order), chunked transfer encoding decoded: a line's time is that of the read that
+    completed it. Parsing waits until the stream ended, so a read costs one append while it
+    streams (the time stamps of every other request's chunks wait for no parsing)."""
+    raw = b"".join(data for _, data in reads)
+    ends, total = [], 0
+    for when, data in reads:
+        total += len(data)
+        ends.append((total, when))
+    # The decoded body as (raw offset, decoded bytes) pieces.
+    pieces, at = [], 0
+    if chunked:
+        while at < len(raw):
+            eol = raw.find(b"\r\n", at)
+            if eol < 0:
+                break
+            size = int(raw[at:eol].split(b";", 1)[0].strip() or b"0", 16)
             if size == 0:
-                await reader.readline()  # the empty trailer
-                return
-            data = await reader.readexactly(size + 2)  # the chunk and its CRLF
-            on_data(data[:-2], time.perf_counter())
-    length = headers.get("content-length")
-    if length is not None:
-        on_data(await reader.readexactly(int(length)), time.perf_counter())
-        return
-    while data := await reader.read(65536):
-        on_data(data, time.perf_counter())
+                break
+            pieces.append((eol + 2, raw[eol + 2 : eol + 2 + size]))
+            at = eol + 2 + size + 2
+    else:
+        pieces.append((0, raw))
+    lines, pending = [], b""
+    for offset, piece in pieces:
+        start = 0
+        while (eol := piece.find(b"\n", start)) >= 0:
+            done_at = offset + eol + 1  # the raw offset that completes the line
+            when = next(t for end, t in ends if end >= done_at)
+            lines.append((when, (pending + piece[start:eol]).strip()))
+            pending, start = b"", eol + 1
+        pending += piece[start:]
+    return lines
+
+
+def body_complete(raw_tail: bytes, chunked: bool) -> bool:
+    """Whether a chunked body's terminating chunk has arrived (a server may keep the connection)."""
+    return chunked and (raw_tail.endswith(b"\r\n0\r\n\r\n") or raw_tail == b"0\r\n\r\n")
 
 
 async def stream_completion(port: int, body: dict, record: dict, start: float, path: str = "/v1/completions") -> None:
@@ -826,31 +848,28 @@ async def stream_completion(port: int, body: dict, record: dict, start: float, p
         while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
-        pending = bytearray()
-        errors: list[bytes] = []
-
-        def on_data(data: bytes, now: float) -> None:
-            if len(status) < 2 or status[1] != "200":
-                errors.append(data)
-                return
-            pending.extend(data)
-            *lines, rest = pending.split(b"\n")
-            pending[:] = rest
-            for line in lines:
-                line = line.strip()
-                if not line.startswith(b"data:") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    record["chunk_s"].append(now - start)
-                if chunk.get("usage"):
-                    record["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
-                    record["output_tokens"] = chunk["usage"]["completion_tokens"]
-
-        await _read_body(reader, headers, on_data)
+        chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        reads: list[tuple[float, bytes]] = []
+        tail = b""
+        while data := await reader.read(65536):
+            reads.append((time.perf_counter(), data))
+            tail = (tail + data)[-16:]
+            if body_complete(tail, chunked):
+                break
         if len(status) < 2 or status[1] != "200":
-            record["error"] = f"server answered {' '.join(status[1:])[:60]}: {b''.join(errors)[:200]!r}"
-        elif not record["chunk_s"]:
+            text = b"".join(data for _, data in reads)[:200]
+            record["error"] = f"server answered {' '.join(status[1:])[:60]}: {text!r}"
+            return
+        for when, line in body_lines(reads, chunked):
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                record["chunk_s"].append(when - start)
+            if chunk.get("usage"):
+                record["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
+                record["output_tokens"] = chunk["usage"]["completion_tokens"]
+        if not record["chunk_s"]:
             record["error"] = "the stream carried no text"
     except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"[:300]
