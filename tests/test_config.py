@@ -558,7 +558,7 @@ def test_the_serve_study_validates_and_has_load_levels():
     _, resolved = config.read(ROOT / "config" / "serve.yaml")
     cells = {c["name"]: c for c in resolved["cells"].values()}
     assert set(cells) == {"vllm-bf16", "vllm-fp32"}
-    assert all(cell["mode"] == "serve" and cell["serve"]["search"]["metric"] == "request_rate" for cell in cells.values())
+    assert {(c["mode"], c["serve"]["search"]["metric"]) for c in cells.values()} == {("serve", "request_rate")}
 
 
 def test_load_settings_enter_the_cell_id_only_as_given(study):

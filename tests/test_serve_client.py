@@ -167,3 +167,16 @@ def test_levels_send_different_prompts(bench):
     one = bench.point_requests(cell, {**shape, **serving.level("request_rate", 1, "sweep")}, 0, 3, engine)
     two = bench.point_requests(cell, {**shape, **serving.level("request_rate", 2, "sweep")}, 0, 3, engine)
     assert [p for p, _ in one] != [p for p, _ in two] and {n for _, n in one} == {2}
+
+
+def test_body_lines_decode_chunks_split_across_reads(bench):
+    events = [b"data: {\"a\": 1}\n\n", b"data: [DONE]\n\n"]
+    raw = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    # three reads: the first ends inside the first event's chunk, the second inside the size line of the next
+    cut1, cut2 = 9, raw.index(b"data: [DONE]") - 3
+    reads = [(1.0, raw[:cut1]), (2.0, raw[cut1:cut2]), (3.0, raw[cut2:])]
+    lines = [(t, line) for t, line in bench.body_lines(reads, chunked=True) if line]
+    assert lines == [(2.0, b'data: {"a": 1}'), (3.0, b"data: [DONE]")]
+    assert bench.body_complete(raw[-16:], True) and not bench.body_complete(raw[:cut2][-16:], True)
+    plain = bench.body_lines([(1.0, b"data: x\n"), (2.0, b"\ndata: y\n")], chunked=False)
+    assert plain == [(1.0, b"data: x"), (2.0, b""), (2.0, b"data: y")]
