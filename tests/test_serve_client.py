@@ -170,7 +170,7 @@ def test_levels_send_different_prompts(bench):
 
 
 def test_body_lines_decode_chunks_split_across_reads(bench):
-    events = [b"data: {\"a\": 1}\n\n", b"data: [DONE]\n\n"]
+    events = [b'data: {"a": 1}\n\n', b"data: [DONE]\n\n"]
     raw = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
     # three reads: the first ends inside the first event's chunk, the second inside the size line of the next
     cut1, cut2 = 9, raw.index(b"data: [DONE]") - 3
