@@ -192,3 +192,13 @@ def test_levels_of_a_cell():
 
 def test_slo_text():
     assert serving.slo_text({"tpot_ms": 50, "ttft_ms": 500}, 0.9) == "SLO share ≥ 0.9 (TTFT ≤ 500 ms, TPOT ≤ 50 ms)"
+
+
+def test_max_probes_bounds_every_search():
+    for search, curve in (
+        ({"metric": "request_rate", "low": 0.5, "high": 16, "resolution": 0.25}, lambda r: r <= 3.3),
+        ({"metric": "concurrency", "low": 1, "high": 64, "resolution": 1}, lambda c: c <= 5),
+        ({"metric": "request_rate", "low": 1, "high": 8, "resolution": 0.01}, lambda r: r <= 7.99),
+        ({"metric": "concurrency", "low": 3, "high": 10, "resolution": 1}, lambda c: True),
+    ):
+        assert len(_search(curve, search)) <= serving.max_probes(search)

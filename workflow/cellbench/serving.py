@@ -326,6 +326,23 @@ def next_probe(probes: list[tuple[float, bool]], search: dict) -> float | int | 
     return middle
 
 
+def max_probes(search: dict) -> int:
+    """The most probes next_probe can ask for: the doublings from low to high, then the halvings
+    of the bracket down to the resolution (each at most ceil(log2) + 1)."""
+    low, high, resolution = float(search["low"]), float(search["high"]), float(search["resolution"])
+    doublings = math.ceil(math.log2(high / low)) + 1
+    halvings = math.ceil(math.log2(max(1.0, (high - low) / resolution))) + 1
+    return doublings + halvings
+
+
+def rows_per_shape(serve: dict, repeats: int) -> int:
+    """The most rows a round of a cell with load levels has per sweep shape (input x output):
+    each swept level `repeats` times, every possible probe, and one row for an unfinished search."""
+    found = settings(serve)
+    search = found["search"]
+    return len(sweep_levels(serve)) * repeats + (max_probes(search) + 1 if search else 0)
+
+
 def outcome(probes: list[tuple[float, bool]], search: dict) -> dict:
     """The search's answer from its probes: {capacity, bound, reason}. capacity: the highest load
     that held the SLO below the lowest that missed it (None when `low` missed); bound: "exact"
