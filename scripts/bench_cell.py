@@ -931,7 +931,7 @@ async def _run_level(engine, load: dict, requests: list, warmup: int, measured: 
         gaps = serving.arrival_gaps(load["request_rate"], load["burstiness"], rng)
         due = 0.0
         # An overloaded server never catches up: at most as many cool-down requests as measured ones.
-        while not done.is_set() and len(records) < warmup + 2 * measured:
+        for _ in range(warmup + 2 * measured):
             await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
             if done.is_set():
                 return
@@ -952,10 +952,14 @@ async def _run_level(engine, load: dict, requests: list, warmup: int, measured: 
     guard = asyncio.ensure_future(watchdog())
     finished = asyncio.ensure_future(done.wait())
     try:
-        await asyncio.wait([finished, guard, *drivers], return_when=asyncio.FIRST_COMPLETED)
-        for task in (guard, *drivers):
-            if task.done() and not task.cancelled() and task.exception():
-                raise task.exception()  # ServerDied
+        # Until the measured requests have ended; a driver that stops sending (an open loop at its
+        # cool-down cap) does not end the level, one that raised (ServerDied) does.
+        waiting = {finished, guard, *drivers}
+        while not finished.done():
+            ended, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in ended:
+                if task is not finished and task.exception():
+                    raise task.exception()
     finally:
         for task in [*drivers, *list(tasks), guard, finished]:
             task.cancel()

@@ -143,6 +143,16 @@ def test_open_loop_sends_at_the_rate(bench, server):
     assert 0.15 < sends[-1] - sends[0] < 1.5
 
 
+def test_an_open_loop_at_its_cool_down_cap_waits_for_the_measured_requests(bench, server):
+    # 100 req/s: all 1 + 2 x 3 requests are sent within ~0.1 s, each streams 20 x 20 ms = 0.4 s
+    load = serving.level("request_rate", 100.0, "sweep")
+    requests = _requests(20, (20,))
+    records = asyncio.run(bench._run_level(Engine(bench, server), load, requests, 1, 3, random.Random(2)))
+    assert len(records) == 7  # the cap: warm-up + 2 x measured
+    _, measured, _ = serving.split(records, 1, 3)
+    assert all(r["error"] is None and len(r["chunk_s"]) == 20 for r in measured)
+
+
 def test_a_server_that_dies_mid_level_raises(bench, server):
     load = serving.level("concurrency", 2, "sweep")
     with pytest.raises(bench.ServerDied, match="exited with code 1"):
