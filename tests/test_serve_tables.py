@@ -178,3 +178,14 @@ def test_bench_serve_result_files(rows, study):
     assert c4["request_goodput"] == pytest.approx(3 / 0.47)
     assert c4["errors"] == ["", "", "", "server answered 500"] and c4["output_lens"] == [4, 4, 4, 0]
     json.dumps(c4)
+
+
+def test_html_report_has_the_serving_sections_and_plots(rows, tmp_path):
+    from cellbench import diagnostics, report_html
+
+    points = _points(rows)
+    drawn = plots.write_plots(points, tmp_path / "plots")
+    page = report_html.page("s", "base", points, [], [], diagnostics.cells(points), drawn, tmp_path / "r" / "i.html")
+    assert "Serving: capacity under SLO" in page and "Serving: load levels" in page
+    assert "../plots/serve-latency.png" in page and "../plots/serve-goodput.png" in page
+    assert "1.67×" in page and "rate 3.5 req/s (search) · 16→4" in page
