@@ -178,6 +178,9 @@ def _levels(points: pd.DataFrame) -> pd.DataFrame:
     return points[(points["status"] == "ok") & points["load_kind"].notna()]
 
 
+MS_COLUMNS = ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")  # drawn in ms
+SERIES_NAMES = {"ttft_p50_s": "p50", "ttft_p90_s": "p90", "tpot_p50_s": "p50", "tpot_p90_s": "p90",
+                "goodput_rps": "goodput", "requests_s": "req/s"}  # fmt: skip
 LOAD_AXIS = {"concurrency": "concurrency (requests in flight)", "request_rate": "request rate (req/s, offered)"}
 
 
@@ -199,13 +202,13 @@ def _load_panels(points: pd.DataFrame, path: Path, rows: list[tuple[str, list[tu
             group = group.sort_values(kind)
             sweep, probes = group[group["load_phase"] != "search"], group[group["load_phase"] == "search"]
             for row, (ylabel, series) in enumerate(rows):
-                ax = axes[row][column]
-                for index, (metric, style) in enumerate(series):
-                    scale = 1000 if metric.endswith("_s") else 1
-                    label = f"{name} {metric.split('_')[0]} {metric.split('_')[1]}" if len(series) > 1 else name
-                    lines = ax.plot(sweep[kind], sweep[metric] * scale, style, marker="o", label=label)
-                    colour = lines[0].get_color() if index == 0 else None
-                    ax.scatter(probes[kind], probes[metric] * scale, marker="x", color=colour or lines[0].get_color())
+                ax, colour = axes[row][column], None
+                for metric, style in series:  # one colour per cell: p50 and p90 (or goodput and req/s) alike
+                    scale = 1000 if metric in MS_COLUMNS else 1
+                    label = f"{name} {SERIES_NAMES[metric]}" if len(series) > 1 else name
+                    (line,) = ax.plot(sweep[kind], sweep[metric] * scale, style, marker="o", color=colour, label=label)
+                    colour = line.get_color()
+                    ax.scatter(probes[kind], probes[metric] * scale, marker="x", color=colour)
                 ax.set_ylabel(ylabel)
                 ax.set_xlabel(LOAD_AXIS[kind])
                 ax.grid(alpha=0.3)

@@ -74,8 +74,11 @@ def point_line(cell: dict, round: int, raw: dict, index: int, now: float, contai
     shape = f"{load}, {point['input_len']}→{point['output_len']}"
     repeat = f"repeat {point.get('repeat', 0) + 1}/{cell['sweep']['repeats']}"
     speed = f"{tok_s:.1f} tok/s" if tok_s is not None else "? tok/s"
+    where = f"point {done}/{total}"
+    if point.get("load_phase") == "search":  # the capacity search's probes come after the planned points
+        where, left = f"search probe {done - total}", 0.0
     return (
-        f"cellbench: {cell['name']} round {round}/{cell['sweep']['rounds']}: point {done}/{total} "
+        f"cellbench: {cell['name']} round {round}/{cell['sweep']['rounds']}: {where} "
         f"({shape}, {repeat}) {speed}, elapsed {duration(now - container_start)}, left ~{duration(left)}"
     )
 
