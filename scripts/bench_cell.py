@@ -9,6 +9,7 @@ host turns them into metrics with the tested functions of the cellbench package.
 library only, besides the engine: the same script runs in every image.
 """
 
+import asyncio
 import bisect
 import contextlib
 import gzip
@@ -30,13 +31,15 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-# The engine declarations, the secret-name rule and the flags rule, shared with the host package:
-# mounted at /cellbench-contract in a container, the package's own file when run from a checkout.
+# The engine declarations, the secret-name rule and the flags rule, and the serving definitions
+# (serving.py), shared with the host package: mounted at /cellbench-contract in a container, the
+# package's own files when run from a checkout.
 for _folder in ("/cellbench-contract", str(Path(__file__).resolve().parents[1] / "workflow" / "cellbench")):
     if Path(_folder, "contract.py").is_file():
         sys.path.insert(0, _folder)
         break
 import contract  # noqa: E402
+import serving  # noqa: E402
 
 # Variables that choose kernels, devices and threads: vLLM's, the OpenMP/MKL threads, the HIP/HSA/
 # ROCr runtime (the ROCm image sets HSA_ENABLE_IPC_MODE_LEGACY), PyTorch's (TunableOp:
@@ -379,21 +382,27 @@ def chosen_requests(cell: dict, point: dict, repeat: int, count: int, engine) ->
     return [usable[i] for i in dataset_order(cell["sweep"]["seed"], point, repeat, count, len(usable))]
 
 
-def point_requests(cell: dict, point: dict, repeat: int, count: int, engine) -> list[tuple[list[int], int]]:
+def point_requests(cell: dict, point: dict, repeat, count: int, engine) -> list[tuple[list[int], int]]:
     """(prompt token ids, output tokens) of the `count` requests of a point's repeat (-1: the
     warm-up), in the engine's vocabulary: the one source of every prompt a cell sends.
     random: prompt_token_ids at the point's lengths (as before datasets existed); shared_prefix:
-    shared_prefix_prompts; jsonl and shipped: the dataset's requests, each with its own lengths."""
+    shared_prefix_prompts; jsonl and shipped: the dataset's requests, each with its own lengths.
+    A serve load level's load enters the seed of random and shared-prefix prompts, so no two
+    levels send the same prompts (vLLM caches prefixes: a repeated prompt is answered faster)."""
     dataset = cell.get("dataset") or {"kind": "random"}
     seed, kind = cell["sweep"]["seed"], dataset["kind"]
+    tag = repeat
+    if point.get("load_kind"):
+        tag = f"{point['load_phase']}:{point['load_kind']}:{serving.load_value(point)}:{repeat}"
     if kind == "random":
-        prompts = prompt_token_ids(seed, point, repeat, count, engine.vocab_size, engine.special_ids)
+        prompts = prompt_token_ids(seed, point, tag, count, engine.vocab_size, engine.special_ids)
     elif kind == "shared_prefix":
-        prompts = shared_prefix_prompts(seed, point, repeat, count, engine.vocab_size, engine.special_ids,
+        prompts = shared_prefix_prompts(seed, point, tag, count, engine.vocab_size, engine.special_ids,
                                         dataset["prefix_len"], dataset.get("num_prefixes", 1))  # fmt: skip
     else:
+        window = repeat if isinstance(repeat, int) else -1  # the server's unloaded warm-up: the warm-up's
         return [
-            (request["ids"], request["output_len"]) for request in chosen_requests(cell, point, repeat, count, engine)
+            (request["ids"], request["output_len"]) for request in chosen_requests(cell, point, window, count, engine)
         ]
     return [(ids, point["output_len"]) for ids in prompts]
 
@@ -1030,6 +1039,268 @@ class TransformersEngine:
         }
 
 
+# ---------------------------------------------------------------------------------------------
+# Serve mode under load: an asyncio client on the standard library's streams (HTTP/1.1, chunked
+# transfer encoding, server-sent events), one connection per request as vLLM's client opens one
+# per request stream. Per request it records when it was sent and when every chunk carrying
+# text arrived (perf_counter seconds from the level's start); cellbench.serving turns those into
+# TTFT, TPOT, ITL, E2E latency and goodput, on the host as here.
+
+
+class ServerDied(RuntimeError):
+    """The server process exited while a level ran."""
+
+
+def body_lines(reads: list[tuple[float, bytes]], chunked: bool) -> list[tuple[float, bytes]]:
+    """(arrival time, line) of every line of a response body received as `reads` ((time, bytes)
+    in order), chunked transfer encoding decoded: a line's time is that of the read that
+    completed it. Parsing waits until the stream ended, so a read costs one append while it
+    streams (the time stamps of every other request's chunks wait for no parsing)."""
+    raw = b"".join(data for _, data in reads)
+    ends, total = [], 0
+    for when, data in reads:
+        total += len(data)
+        ends.append((total, when))
+    # The decoded body as (raw offset, decoded bytes) pieces.
+    pieces, at = [], 0
+    if chunked:
+        while at < len(raw):
+            eol = raw.find(b"\r\n", at)
+            if eol < 0:
+                break
+            size = int(raw[at:eol].split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                break
+            pieces.append((eol + 2, raw[eol + 2 : eol + 2 + size]))
+            at = eol + 2 + size + 2
+    else:
+        pieces.append((0, raw))
+    lines, pending = [], b""
+    for offset, piece in pieces:
+        start = 0
+        while (eol := piece.find(b"\n", start)) >= 0:
+            done_at = offset + eol + 1  # the raw offset that completes the line
+            when = next(t for end, t in ends if end >= done_at)
+            lines.append((when, (pending + piece[start:eol]).strip()))
+            pending, start = b"", eol + 1
+        pending += piece[start:]
+    return lines
+
+
+def body_complete(raw_tail: bytes, chunked: bool) -> bool:
+    """Whether a chunked body's terminating chunk has arrived (a server may keep the connection)."""
+    return chunked and (raw_tail.endswith(b"\r\n0\r\n\r\n") or raw_tail == b"0\r\n\r\n")
+
+
+async def stream_completion(port: int, body: dict, record: dict, start: float, path: str = "/v1/completions") -> None:
+    """POST a streamed completion to 127.0.0.1:port; fill `record` (send_s, chunk_s, end_s,
+    output_tokens, prompt_tokens, error). A failed request is data: its error, never an exception
+    (cancellation excepted)."""
+    payload = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    record["send_s"] = time.perf_counter() - start  # before the connection, as vLLM's client starts its clock
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head.encode() + payload)
+        await writer.drain()
+        status = (await reader.readline()).decode("latin-1").split()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        reads: list[tuple[float, bytes]] = []
+        tail = b""
+        while data := await reader.read(65536):
+            reads.append((time.perf_counter(), data))
+            tail = (tail + data)[-16:]
+            if body_complete(tail, chunked):
+                break
+        if len(status) < 2 or status[1] != "200":
+            text = b"".join(data for _, data in reads)[:200]
+            record["error"] = f"server answered {' '.join(status[1:])[:60]}: {text!r}"
+            return
+        for when, line in body_lines(reads, chunked):
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                record["chunk_s"].append(when - start)
+            if chunk.get("usage"):
+                record["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
+                record["output_tokens"] = chunk["usage"]["completion_tokens"]
+        if not record["chunk_s"]:
+            record["error"] = "the stream carried no text"
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        record["end_s"] = time.perf_counter() - start
+        if writer is not None:
+            writer.close()
+
+
+def new_record(prompt: list[int]) -> dict:
+    return {"prompt_tokens": len(prompt), "output_tokens": 0, "send_s": None, "chunk_s": [], "end_s": None,
+            "error": None}  # fmt: skip
+
+
+async def _run_level(engine, load: dict, requests: list, warmup: int, measured: int, rng: random.Random) -> list:
+    """Run one load level against the server; return its request records in send order: `warmup`
+    requests, `measured` requests, then cool-down requests that keep the load on until every
+    measured request has ended (those still running then are cancelled). Closed loop: each of
+    `concurrency` workers sends its next request when its last one ends. Open loop: a request
+    every gamma-distributed gap (serving.arrival_gaps), however many are in flight, and at most
+    `measured` cool-down requests."""
+    start = time.perf_counter()
+    records: list[dict] = []
+    tasks: set[asyncio.Task] = set()
+    left = {"measured": measured}
+    done = asyncio.Event()
+    if measured == 0:
+        done.set()
+
+    async def one() -> None:
+        index = len(records)
+        prompt, output_len = requests[index % len(requests)]  # cool-down past the list reuses prompts
+        record = new_record(prompt)
+        records.append(record)
+        try:
+            await engine.send(prompt, output_len, record, start)
+        except asyncio.CancelledError:
+            record["error"] = "cancelled: the level ended"
+            record["end_s"] = time.perf_counter() - start
+            raise
+        if warmup <= index < warmup + measured:
+            left["measured"] -= 1
+            if left["measured"] == 0:
+                done.set()
+
+    def launch() -> asyncio.Task:
+        task = asyncio.ensure_future(one())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    async def worker() -> None:
+        while not done.is_set():
+            if not engine.alive():  # no burst of refused connections before the watchdog looks
+                raise ServerDied(engine.death())
+            await launch()
+
+    async def arrivals() -> None:
+        gaps = serving.arrival_gaps(load["request_rate"], load["burstiness"], rng)
+        due = 0.0
+        # An overloaded server never catches up: at most as many cool-down requests as measured ones.
+        for _ in range(warmup + 2 * measured):
+            await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+            if done.is_set():
+                return
+            if not engine.alive():
+                raise ServerDied(engine.death())
+            launch()
+            due += next(gaps)
+
+    async def watchdog() -> None:
+        while engine.alive():
+            await asyncio.sleep(0.5)
+        raise ServerDied(engine.death())
+
+    if load["load_kind"] == "concurrency":
+        drivers = [asyncio.ensure_future(worker()) for _ in range(load["concurrency"])]
+    else:
+        drivers = [asyncio.ensure_future(arrivals())]
+    guard = asyncio.ensure_future(watchdog())
+    finished = asyncio.ensure_future(done.wait())
+    try:
+        # Until the measured requests have ended; a driver that stops sending (an open loop at its
+        # cool-down cap) does not end the level, one that raised (ServerDied) does.
+        waiting = {finished, guard, *drivers}
+        while not finished.done():
+            ended, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in ended:
+                if task is not finished and task.exception():
+                    raise task.exception()
+    finally:
+        for task in [*drivers, *list(tasks), guard, finished]:
+            task.cancel()
+        await asyncio.gather(*drivers, *list(tasks), guard, finished, return_exceptions=True)
+    return records
+
+
+def run_level(engine, cell: dict, point: dict, repeat, latency_s: float | None) -> dict:
+    """One load level of a serve cell (`point`: the sweep point and its load), measured: the raw
+    record the host turns into a row (cellbench.measure.level_columns)."""
+    found = serving.settings(cell["serve"])
+    plan = serving.plan(point, found["requests_per_level"], found["warmup_requests"], latency_s)
+    wave = serving.in_flight(point, latency_s)
+    # Enough distinct prompts for warm-up, the measured requests and a long cool-down.
+    count = plan["warmup"] + 2 * plan["measured"] + 2 * wave
+    requests = point_requests(cell, point, repeat, count, engine)
+    rng = random.Random(f"{cell['sweep']['seed']}:arrivals:{serving.label(point)}:{point['input_len']}:"
+                        f"{point['output_len']}:{repeat}")  # fmt: skip
+    sample = cpu_sample()
+    started_at_s = time.time()
+    begin = time.perf_counter()
+    records = asyncio.run(_run_level(engine, point, requests, plan["warmup"], plan["measured"], rng))
+    wall = time.perf_counter() - begin
+    return {**point, "repeat": repeat, "wall_s": wall, "warmup_requests": plan["warmup"],
+            "measured_requests": plan["measured"], "unloaded_latency_s": latency_s, "requests": records,
+            **host_share(sample, cpu_sample()), "started_at_s": started_at_s, "finished_at_s": time.time()}  # fmt: skip
+
+
+def unloaded_latency(engine, cell: dict, point: dict, count: int) -> float | None:
+    """Median E2E latency of `count` requests of the point sent one after another (the server's
+    warm-up, and what a request-rate level's size is planned from)."""
+    requests = point_requests(cell, {**point, "load_kind": None}, "unloaded", count, engine)
+    latencies = []
+    for prompt, output_len in requests:
+        record = new_record(prompt)
+        start = time.perf_counter()
+        asyncio.run(engine.send(prompt, output_len, record, start))
+        if record["error"]:
+            raise RuntimeError(f"warm-up request failed: {record['error']}")
+        latencies.append(serving.request_timings(record)["e2e_s"])
+    return serving.percentile(latencies, 50)
+
+
+def measure_levels(engine, cell: dict, raw: dict, raw_path: Path) -> None:
+    """Every load level of a serve cell on this one server: per sweep point (input x output
+    length), warm-up, the swept levels (each `repeats` times), then the capacity search. raw.json
+    is rewritten after each level, so a server that dies keeps the levels already measured."""
+    found = serving.settings(cell["serve"])
+    search = found["search"]
+    shapes = list(dict.fromkeys((p["input_len"], p["output_len"]) for p in cell["points"]))
+    if search:
+        raw["search"] = {"done": False, "searches": []}
+    for input_len, output_len in shapes:
+        shape = {"input_len": input_len, "output_len": output_len}
+        latency = unloaded_latency(engine, cell, {"batch_size": 1, **shape}, max(1, cell["sweep"]["warmup"]))
+        for point in [p for p in cell["points"] if (p["input_len"], p["output_len"]) == (input_len, output_len)]:
+            for repeat in range(cell["sweep"]["repeats"]):
+                raw["points"].append(run_level(engine, cell, point, repeat, latency))
+                write_json(raw_path, raw)
+        if not search:
+            continue
+        record = {**shape, "metric": search["metric"], "probes": [], "outcome": None}
+        raw["search"]["searches"].append(record)
+        while (value := serving.next_probe([(p["load"], p["held"]) for p in record["probes"]], search)) is not None:
+            load = serving.level(search["metric"], value, "search", found["burstiness"])
+            point = {"batch_size": load["concurrency"] or 0, **shape, **load}
+            level = run_level(engine, cell, point, 0, latency)
+            figures = serving.level_figures(level["requests"], level["warmup_requests"], level["measured_requests"],
+                                            found["slo"])  # fmt: skip
+            record["probes"].append({"load": value, "slo_share": figures["slo_share"],
+                                     "held": serving.passed(figures, search["slo_share"])})  # fmt: skip
+            raw["points"].append(level)
+            write_json(raw_path, raw)
+        record["outcome"] = serving.outcome([(p["load"], p["held"]) for p in record["probes"]], search)
+        write_json(raw_path, raw)
+    if search:
+        raw["search"]["done"] = True
+
+
 class VllmServer:
     """vLLM's OpenAI-compatible server on 127.0.0.1 inside this container (still --network none),
     and a streaming client beside it. Load time = server start until /health answers.
@@ -1060,9 +1331,7 @@ class VllmServer:
         threading.Thread(target=self._echo, daemon=True).start()
         while not self._healthy():
             if self.process.poll() is not None:
-                errors = [line for line in self.log if re.search(r"Error|Exception", line)]
-                last = errors[-1].strip() if errors else "no error line in its log"
-                raise RuntimeError(f"vLLM server exited with code {self.process.returncode}: {last}")
+                raise RuntimeError(self.death())
             time.sleep(0.5)
         self.request_rate = cell["serve"].get("request_rate")
         self.seed = cell["sweep"]["seed"]
@@ -1111,12 +1380,29 @@ class VllmServer:
                 )
         return found
 
-    def _stream(self, prompt: list[int], output_len: int, start: float, record: dict) -> None:
-        body = {
+    def completion_body(self, prompt: list[int], output_len: int) -> dict:
+        """A streamed /v1/completions request of exactly output_len tokens (ignore_eos)."""
+        return {
             "model": self.model_path, "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
             "ignore_eos": True, "temperature": 1.0, "top_p": 1.0, "stream": True,
             "stream_options": {"include_usage": True},
         }  # fmt: skip
+
+    async def send(self, prompt: list[int], output_len: int, record: dict, start: float) -> None:
+        """One request of a load level through the asyncio client (stream_completion)."""
+        await stream_completion(self.PORT, self.completion_body(prompt, output_len), record, start)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def death(self) -> str:
+        """The server's exit as one line: its code and the last error line of its log."""
+        errors = [line for line in self.log if re.search(r"Error|Exception", line)]
+        last = errors[-1].strip() if errors else "no error line in its log"
+        return f"vLLM server exited with code {self.process.returncode}: {last}"[:500]
+
+    def _stream(self, prompt: list[int], output_len: int, start: float, record: dict) -> None:
+        body = self.completion_body(prompt, output_len)
         connection = http.client.HTTPConnection("127.0.0.1", self.PORT, timeout=600)
         record["send_s"] = time.perf_counter() - start
         connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -1238,7 +1524,10 @@ def main(cell_path: str) -> int:
         # progress with the repeats; perf_counter times the repeats themselves.
         raw["measuring_at_s"] = time.time()
         write_json(raw_path, raw)
-        for point in cell["points"]:
+        levels = cell["mode"] == "serve" and serving.has_levels(cell["serve"])
+        if levels:  # load levels against the one server; else every point as a batch, as ever
+            measure_levels(engine, cell, raw, raw_path)
+        for point in [] if levels else cell["points"]:
             count = point["batch_size"]
             warmup = as_batch(point_requests(cell, point, -1, count, engine))
             if raw.get("dataset") is None and cell.get("dataset_prompts"):

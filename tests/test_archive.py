@@ -2,6 +2,7 @@
 reason and nothing written. The archives are built here from a results dir of real Parquet
 (rows from the same code a cell run uses), then tampered with member by member."""
 
+import copy
 import hashlib
 import io
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cellbench import archive, cli, config, measure, metrics
+from cellbench import archive, cli, config, measure, metrics, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "src-machine"
@@ -766,3 +767,22 @@ def test_mutated_metrics_are_refused_in_one_line_or_aggregate(tmp_path):
         )
         outcomes["imported"] += 1
     assert outcomes["refused"] and sum(outcomes.values()) == 16
+
+
+def test_a_serve_cell_with_load_levels_may_hold_its_levels_and_probes(study):
+    study = copy.deepcopy(study[0])
+    study["defaults"]["sweep"]["batch_size"] = [1]
+    serve = {"concurrency": [1, 4], "request_rate": [2], "slo": {"ttft_ms": 500},
+             "search": {"metric": "request_rate", "low": 1, "high": 8, "resolution": 0.5}}  # fmt: skip
+    study["cells"] = [{"name": "served", "mode": "serve", "serve": serve}]
+    study["baseline"] = "served"
+    resolved = config.resolve(study)
+    (cell_id,) = resolved["cells"]
+    member = f"cells/{cell_id}/round-1/metrics.parquet"
+    manifest = {"study": resolved["study"], "members": [member]}
+    # 1 shape x 2 repeats: 3 levels x 2 + probes (doubling 1 2 4 8: 4, halving 7 -> 0.5: 5) + 1
+    limit = 3 * 2 + 4 + 5 + 1
+    assert study["defaults"]["sweep"]["repeats"] == 2 and serving.rows_per_shape(serve, 2) == limit
+    archive.check_study(resolved, manifest, {member: limit})
+    with pytest.raises(archive.ArchiveError, match=f"{limit + 1} rows, more than the {limit} points x repeats"):
+        archive.check_study(resolved, manifest, {member: limit + 1})

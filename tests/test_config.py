@@ -420,7 +420,7 @@ def test_switching_studies_without_metadata_rebuilds_the_tables(tmp_path):
     default, other = ROOT / "config" / "config.yaml", ROOT / "config" / "rocm-awq.yaml"
     # After every input the repo gives the rules (a fresh checkout is seconds old), before now.
     sources = [p for folder in ("containers", "scripts") for p in (ROOT / folder).rglob("*") if p.is_file()]
-    sources.append(ROOT / "workflow" / "cellbench" / "contract.py")  # run_cell's input too
+    sources += [ROOT / "workflow" / "cellbench" / name for name in ("contract.py", "serving.py")]  # run_cell's inputs
     start = max(p.stat().st_mtime for p in sources) + 1
     time.sleep(max(0.0, start + 5 - time.time()))
     _fabricate_results(tmp_path, default, start)
@@ -552,3 +552,25 @@ def test_study_record_is_written_only_when_it_changes(study, tmp_path):
     assert config.write_study_record(target, study, config.resolve(study))
     assert len(paths.study_round_files(target)) == 2 * len(resolved["cells"])
     assert [p.name for p in target.parent.iterdir()] == ["study.json"]  # no temporary file left
+
+
+def test_the_serve_study_validates_and_has_load_levels():
+    _, resolved = config.read(ROOT / "config" / "serve.yaml")
+    cells = {c["name"]: c for c in resolved["cells"].values()}
+    assert set(cells) == {"vllm-bf16", "vllm-fp32"}
+    assert {(c["mode"], c["serve"]["search"]["metric"]) for c in cells.values()} == {("serve", "request_rate")}
+
+
+def test_load_settings_enter_the_cell_id_only_as_given(study):
+    study["defaults"]["sweep"]["batch_size"] = [1]
+    study["cells"] = [
+        {"name": "old", "mode": "serve", "serve": {"request_rate": 4}},
+        {"name": "levels", "mode": "serve", "serve": {"concurrency": [1, 4]}},
+    ]
+    study["baseline"] = "old"
+    cells = {c["name"]: c for c in config.resolve(study)["cells"].values()}
+    # no default is filled into a cell's serve settings: an older serve study keeps its ids
+    assert cells["old"]["serve"] == {"request_rate": 4}
+    assert cells["levels"]["serve"] == {"concurrency": [1, 4]}
+    given = dict(cells["levels"], serve={"concurrency": [1, 4], "requests_per_level": 8})
+    assert config.cell_hash(given) != config.cell_hash(cells["levels"])

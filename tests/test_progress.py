@@ -110,3 +110,18 @@ def test_follower_prints_points_as_raw_json_grows(tmp_path):
     assert lines[1] == "cellbench: vllm-bf16 round 1/3: engine loaded in 1s, measuring 4 repeats"
     assert lines[2].startswith("cellbench: vllm-bf16 round 1/3: point 1/4 (batch 8, 128→64, repeat 1/2) 256.0 tok/s")
     assert len(lines) == 3
+
+
+def test_load_levels_and_search_probes_are_named():
+    from cellbench import serving
+
+    cell = {"name": "srv", "mode": "serve", "sweep": {"batch_size": [1], "input_len": [128], "output_len": [64],
+            "repeats": 1, "rounds": 1}, "serve": {"concurrency": [4], "search": {"metric": "request_rate",
+            "low": 1, "high": 2, "resolution": 1}, "slo": {"ttft_ms": 1}}}  # fmt: skip
+    level = {**_point(4, 0, 4.0, 1005.0), **serving.level("concurrency", 4, "sweep")}
+    probe = {**_point(0, 0, 4.0, 1010.0), **serving.level("request_rate", 1.5, "search")}
+    raw = {"measuring_at_s": 1000.0, "load_s": 70.0, "points": [level, probe]}
+    first = progress.point_line(cell, 1, raw, 0, now=1006.0, container_start=900.0)
+    assert "point 1/1 (concurrency 4, 128→64, repeat 1/1)" in first
+    second = progress.point_line(cell, 1, raw, 1, now=1011.0, container_start=900.0)
+    assert "search probe 1 (rate 1.5 req/s (search), 128→64, repeat 1/1)" in second

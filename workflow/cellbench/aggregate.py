@@ -8,23 +8,40 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 
-from . import config, contract, effective, metrics, quality, stats
+from . import config, contract, effective, metrics, quality, serving, stats
 
-POINT = list(metrics.POINT)
+# A point: the sweep's point and, for a serve cell's load level, `load_point`: one string naming
+# the level (load_point_expr), "" elsewhere, so older rows (null load columns) group as before.
+POINT = [*metrics.POINT, "load_point"]
 KEY = ["machine_id", "cell_id", *POINT]
 # Per-point columns taken from the first row of a point.
 POINT_COLUMNS = [
     "study", "cell_name", "engine", "image", "model", "dtype", "quantization", "status", "error",
     "effective_dtype", "effective_quantization", "effective_eager", "effective_json", "load_s",
     "peak_memory_mb", "device_name", "device_arch", "schema_version", "method_version", "host_load_max",
-    "overrides_json", "findings_json", "weight_bytes", "versions_json",
+    "overrides_json", "findings_json", "weight_bytes", "versions_json", *metrics.LOAD,
     "dataset_kind", "dataset_name", "dataset_sha256", "dataset_prefix_len",
 ]  # fmt: skip
 # The lengths of a point's requests, averaged over repeats (a dataset's differ from repeat to repeat).
 DATASET_MEANS = ["prompt_tokens_mean", "prompt_tokens_p50", "prompt_tokens_p90",
                  "output_tokens_mean", "output_tokens_p50", "output_tokens_p90"]  # fmt: skip
 # Serving figures averaged over repeats where the rows have them (serve-mode cells).
-SERVE_MEANS = ["ttft_p99_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s"]
+SERVE_MEANS = ["ttft_p99_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s", "ttft_p90_s", "tpot_p90_s", "requests_s",
+               "slo_share", "goodput_rps", "requests_measured", "requests_failed"]  # fmt: skip
+
+
+def load_point_expr() -> pl.Expr:
+    """'sweep:concurrency=4', 'search:request_rate=2.5', 'sweep:request_rate=1.0 b0.5' (burstiness
+    other than 1), or "" for a row that is not a load level."""
+    value = pl.coalesce(pl.col("concurrency").cast(pl.String), pl.col("request_rate").cast(pl.String), pl.lit("?"))
+    bursty = pl.when(pl.col("burstiness").is_not_null() & (pl.col("burstiness") != 1.0))
+    level = pl.concat_str(
+        [pl.col("load_phase").fill_null("sweep"), pl.lit(":"), pl.col("load_kind"), pl.lit("="), value,
+         bursty.then(pl.concat_str([pl.lit(" b"), pl.col("burstiness").cast(pl.String)])).otherwise(pl.lit(""))]
+    )  # fmt: skip
+    return pl.when(pl.col("load_kind").is_null()).then(pl.lit("")).otherwise(level).alias("load_point")
+
+
 _SEVERITY = ("ok", "failed", "unsupported", "timeout")  # worst last
 CV_FLAG = 0.05  # a point whose repeats spread more than this is flagged, not trusted silently
 
@@ -50,7 +67,7 @@ def cell_points(
         pl.col(c).cast(schema[c]) if c in names else pl.lit(None, schema[c]).alias(c) for c in metrics.COLUMNS
     )
     # Files written before rounds existed hold one round.
-    frame = frame.with_columns(pl.col("round").fill_null(1))
+    frame = frame.with_columns(pl.col("round").fill_null(1), load_point_expr())
     flags = round_flags(frame, settings)
     frame = frame.join(flags, on=["machine_id", "cell_id", "round"], how="left")
     # A point none of whose ok rounds is clean keeps its flagged rounds as its figure (a busy
@@ -135,8 +152,21 @@ def cell_points(
             .fill_null(describe_effective(None))
         )
         .join(same_as, on=["machine_id", "cell_id"], how="left", maintain_order="left")
+        .join(serve_settings(cells), on=["machine_id", "cell_id"], how="left", maintain_order="left")
         .to_pandas()
     )
+
+
+def serve_settings(cells: pl.DataFrame) -> pl.DataFrame:
+    """Per machine and serve cell with load levels, its `serve` settings as JSON (`serve_json`:
+    the SLO and the search its levels were judged by), with the defaults filled in."""
+    found = []
+    for row in cells.iter_rows(named=True):
+        cell = json.loads(row["settings_json"])
+        if cell.get("mode") == "serve" and serving.has_levels(cell.get("serve")):
+            found.append((row["machine_id"], row["cell_id"], json.dumps(serving.settings(cell["serve"]))))
+    schema = {"machine_id": pl.String, "cell_id": pl.String, "serve_json": pl.String}
+    return pl.DataFrame(found, schema=schema, orient="row")
 
 
 def quality_rows(frame: pl.LazyFrame) -> pl.LazyFrame:
@@ -377,7 +407,9 @@ def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CO
     # Only the columns used: each group's sort would otherwise move all of them (0.5 s at 10,000 cells).
     judged = [c for c in ("quality_verdict", "quality_reason") if c in points]
     columns = ["machine_id", *POINT, "cell_name", "output_tok_s", "vs_baseline", *LIST_COLUMNS, *judged]
-    ok = points.loc[(points["status"] == "ok") & points["output_tok_s"].notna(), columns]
+    # A capacity search's probes are the search's, not points cells are compared at.
+    probe = points["load_phase"].eq("search") if "load_phase" in points else False
+    ok = points.loc[(points["status"] == "ok") & points["output_tok_s"].notna() & ~probe, columns]
     rows = []
     for key, group in ok.groupby(["machine_id", *POINT]):
         out = group["quality_verdict"].map(quality.excluded) if judged else pd.Series(False, index=group.index)
@@ -410,3 +442,48 @@ def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CO
         ]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def capacities(points: pd.DataFrame, baseline_name: str) -> pd.DataFrame:
+    """Per machine and cell that ran a capacity search: its answer (cellbench.serving.outcome)
+    from its probes pooled over rounds, each probe held when its mean SLO share over rounds
+    reaches the search's slo_share (a probe whose requests all failed did not hold), and the
+    ratio of its capacity to the baseline cell's on the same machine (same metric)."""
+    columns = ["machine_id", "cell_id", "cell_name", "metric", "capacity", "bound", "reason", "slo", "slo_share",
+               "probes", "vs_baseline"]  # fmt: skip
+    if points.empty or "serve_json" not in points or points["serve_json"].isna().all():
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for (machine, cell_id), group in points[points["serve_json"].notna()].groupby(["machine_id", "cell_id"]):
+        serve = json.loads(group["serve_json"].iloc[0])
+        search = serve.get("search")
+        if not search:
+            continue
+        probes_rows = group[group["load_phase"] == "search"]
+        values = probes_rows["concurrency" if search["metric"] == "concurrency" else "request_rate"]
+        measured = probes_rows[values.notna()]
+        share = search["slo_share"]
+        probes = [
+            (float(load), row["status"] == "ok" and pd.notna(row["slo_share"]) and row["slo_share"] >= share)
+            for load, row in zip(values[values.notna()], measured.to_dict("records"), strict=True)
+        ]
+        found = serving.outcome(probes, search)
+        unfinished = probes_rows[values.isna() & (probes_rows["status"] != "ok")]
+        if not unfinished.empty:
+            error = unfinished["error"].dropna()
+            found = {
+                "capacity": None,
+                "bound": "none",
+                "reason": "search did not finish: " + (error.iloc[0] if not error.empty else "no error recorded"),
+            }
+        rows.append({"machine_id": machine, "cell_id": cell_id, "cell_name": group["cell_name"].iloc[0],
+                     "metric": search["metric"], **found, "slo": serve["slo"], "slo_share": search["slo_share"],
+                     "probes": len(probes)})  # fmt: skip
+    table = pd.DataFrame(rows, columns=columns[:-1])
+    base = table[table["cell_name"] == baseline_name][["machine_id", "metric", "capacity"]]
+    table = table.merge(base.rename(columns={"capacity": "_base"}), on=["machine_id", "metric"], how="left")
+    table["vs_baseline"] = [
+        c / b if pd.notna(c) and pd.notna(b) and b else None
+        for c, b in zip(table["capacity"], table["_base"], strict=True)
+    ]
+    return table.drop(columns="_base").sort_values(["machine_id", "cell_name"]).reset_index(drop=True)

@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import atomic, config, metrics, paths
+from . import atomic, config, metrics, paths, serving
 from .digest import sha256_file
 
 FORMAT = "cellbench-archive"
@@ -523,12 +523,26 @@ def check_study(resolved: dict, manifest: dict, rows: dict[str, int]) -> None:
             # measure.points(sweep) is their product: counted, never built (the lists are the archive's)
             per_round = math.prod(len(sweep[axis]) for axis in metrics.POINT) * max(1, _int(sweep.get("repeats")))
             rounds = _int(sweep.get("rounds", 1))  # studies resolved before rounds have one
+            per_round = _level_rows(cells[cell], sweep, per_round)
         if per_round is None or rounds < 1:
             raise ArchiveError(rel, f"cell {cell} is not a cell of study/resolved.json (or its sweep is malformed)")
         if k > rounds:
             raise ArchiveError(rel, f"round {k} of a cell the study runs {rounds} rounds of")
         if rel in rows and rows[rel] > per_round:
             raise ArchiveError(rel, f"{rows[rel]} rows, more than the {per_round} points x repeats of its round")
+
+
+def _level_rows(cell: dict, sweep: dict, per_round: int | None) -> int | None:
+    """A serve cell with load levels: rows per round are its levels and search probes at each
+    sweep shape (serving.rows_per_shape); None when its serve settings are malformed."""
+    serve = cell.get("serve")
+    try:
+        if cell.get("mode") != "serve" or not serving.has_levels(serve):
+            return per_round
+        shapes = math.prod(len(sweep[axis]) for axis in metrics.POINT)
+        return shapes * serving.rows_per_shape(serve, max(1, _int(sweep.get("repeats"))))
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError):
+        return None
 
 
 def _int(value) -> int:

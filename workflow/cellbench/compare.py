@@ -121,6 +121,8 @@ def render(table: pd.DataFrame, name_a: str, name_b: str, confidence: float) -> 
     ]
     for _, r in table.sort_values(["machine_id", "cell_name", *POINT]).iterrows():
         point = f"{r['batch_size']}×{r['input_len']}→{r['output_len']}"
+        if r.get("load_point"):  # a serve load level: 'sweep:concurrency=4'
+            point = f"{r['load_point']} {r['input_len']}→{r['output_len']}"
         a = f"{fmt(r['a_tok_s'])} [{fmt(r['a_low'])}, {fmt(r['a_high'])}]"
         b = f"{fmt(r['b_tok_s'])} [{fmt(r['b_low'])}, {fmt(r['b_high'])}]"
         if r["significance"] == "unknown":

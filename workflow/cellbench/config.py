@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import atomic, contract, datasets, locks, paths
+from . import atomic, contract, datasets, locks, paths, serving
 
 if TYPE_CHECKING:
     import jsonschema
@@ -616,6 +616,52 @@ def _check_engine(cell: dict, model: dict, where: str) -> None:
         served = ", ".join(name for name, e in sorted(contract.ENGINES.items()) if e.serve)
         raise ConfigError(f"{where}: mode serve is implemented for {served} cells only, not {engine.name}")
     _check_profile(cell, engine, where)
+    if cell["mode"] == "serve":
+        _check_serve(cell, where)
+
+
+# serve keys that only load levels use.
+LEVEL_KEYS = ("burstiness", "requests_per_level", "warmup_requests", "slo")
+
+
+def _check_serve(cell: dict, where: str) -> None:
+    """Load levels, SLO and search settings that pass the schema one by one but not together."""
+    serve = cell["serve"]
+    found = serving.settings(serve)
+    scalar_rate = isinstance(serve.get("request_rate"), int | float) and not isinstance(serve.get("request_rate"), bool)
+    if scalar_rate and (found["concurrency"] or found["search"]):
+        raise ConfigError(
+            f"{where}: serve.request_rate: one number is the older per-point rate; with load levels "
+            f"give a list, e.g. request_rate: [{serve['request_rate']}]"
+        )
+    if not serving.has_levels(serve):
+        given = [key for key in LEVEL_KEYS if key in serve]
+        if given:
+            raise ConfigError(
+                f"{where}: serve.{given[0]} applies to load levels; add serve.concurrency, a request_rate list "
+                "or serve.search"
+            )
+        return
+    batch = cell["sweep"]["batch_size"]
+    if len(batch) > 1:
+        raise ConfigError(
+            f"{where}: sweep.batch_size {batch}: a cell with load levels takes its load from serve "
+            "(concurrency, request_rate); give one batch_size"
+        )
+    search = found["search"]
+    rates = bool(found["request_rate"]) or (search or {}).get("metric") == "request_rate"
+    if "burstiness" in serve and not rates:
+        raise ConfigError(f"{where}: serve.burstiness applies to request_rate levels; the cell has none")
+    if not search:
+        return
+    if not found["slo"]:
+        raise ConfigError(f"{where}: serve.search needs serve.slo: the budgets a probed load must hold")
+    if search["low"] >= search["high"]:
+        raise ConfigError(f"{where}: serve.search.low {search['low']} is not below high {search['high']}")
+    if search["metric"] == "concurrency":
+        for key in ("low", "high", "resolution"):
+            if not float(search[key]).is_integer():
+                raise ConfigError(f"{where}: serve.search.{key}: {search[key]} is not a whole concurrency")
 
 
 def _check_profile(cell: dict, engine: contract.Engine, where: str) -> None:

@@ -139,6 +139,8 @@ def docker_run_command(
 ) -> list[str]:
     gpus = gpus or []
     environ = os.environ if environ is None else environ
+    # The serving definitions (stdlib only, like contract.py) are mounted beside it.
+    serving_file = os.path.join(os.path.dirname(os.path.abspath(contract_file)), "serving.py")
     argv = [
         runtime, "run", "--rm", "--init",
         "--name", container_name(cell["id"], run_id),
@@ -149,6 +151,7 @@ def docker_run_command(
         "-v", f"{os.path.abspath(model_dir)}:{MOUNT_MODEL}:ro",
         "-v", f"{os.path.abspath(scripts_dir)}:{MOUNT_SCRIPTS}:ro",
         "-v", f"{os.path.abspath(contract_file)}:{contract.MOUNT_CONTRACT}/contract.py:ro",
+        "-v", f"{serving_file}:{contract.MOUNT_CONTRACT}/serving.py:ro",
         "-v", f"{os.path.abspath(out_dir)}:{MOUNT_OUT}:rw",
     ]  # fmt: skip
     for key, value in sorted((labels or {}).items()):

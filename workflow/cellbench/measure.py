@@ -11,7 +11,7 @@ import json
 import math
 import re
 
-from . import config, contract, datasets, devices, metrics, quality_texts
+from . import config, contract, datasets, devices, metrics, quality_texts, serving
 
 # (pattern in the engine log or error, status): a cell asked for what the engine cannot do.
 UNSUPPORTED = [
@@ -31,38 +31,20 @@ def points(sweep: dict) -> list[dict]:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    rank = (len(values) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return values[low] + (values[high] - values[low]) * (rank - low)
+    """Linear-interpolated percentile (numpy's default), q in [0, 100] (cellbench.serving's)."""
+    return serving.percentile(values, q)
 
 
 def tpot(request: dict) -> float | None:
-    if request.get("latency_s") is None or request.get("ttft_s") is None or request["output_tokens"] < 2:
-        return None
-    return (request["latency_s"] - request["ttft_s"]) / (request["output_tokens"] - 1)
+    return serving.tpot(request.get("latency_s"), request.get("ttft_s"), request["output_tokens"])
 
 
 def streamed_timings(request: dict) -> dict:
-    """TTFT, E2E latency and inter-token latencies of a streamed request, vLLM's way.
-
-    A serve-mode client records, relative to the start of the point, when it sent the request
-    (`send_s`) and when each streamed chunk that carried output arrived (`chunk_s`). TTFT is
-    first chunk - send, latency is last chunk - send, ITLs are the gaps between consecutive
-    chunks (a chunk holding several tokens is one gap, as in vLLM's serving benchmark)."""
-    chunks = request.get("chunk_s") or []
-    if not chunks:
-        return {**request, "ttft_s": None, "latency_s": None, "itl_s": []}
-    send = request["send_s"]
-    return {
-        **request,
-        "ttft_s": chunks[0] - send,
-        "latency_s": chunks[-1] - send,
-        "itl_s": [later - earlier for earlier, later in itertools.pairwise(chunks)],
-    }
+    """TTFT, E2E latency and inter-token latencies of a streamed request, vLLM's way
+    (cellbench.serving.request_timings): `send_s` is when the client sent it and `chunk_s` when
+    each streamed chunk that carried output arrived, relative to the start of the point."""
+    timed = serving.request_timings(request)
+    return {**request, "ttft_s": timed["ttft_s"], "latency_s": timed["e2e_s"], "itl_s": timed["itl_s"]}
 
 
 def _mean(values: list) -> float | None:
@@ -176,24 +158,27 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
     }
     rows = []
     measured: dict[tuple, int] = {}
+    slo = serving.settings(cell.get("serve"))["slo"]
     for point in raw.get("points", []):
-        key = tuple(point[k] for k in metrics.POINT)
+        key = point_key(point)
         measured[key] = measured.get(key, 0) + 1
+        figures = level_columns(point, slo) if point.get("load_kind") else point_metrics(point)
+        failed = point.get("load_kind") and not figures["requests_s"]
         rows.append(
             {
                 **base,
                 **{k: point[k] for k in (*metrics.POINT, "repeat")},
-                **point_metrics(point),
+                **{k: point.get(k) for k in metrics.LOAD},
+                **figures,
                 **request_lengths(point["requests"]),
                 "host_foreign_cpu": point.get("host_foreign_cpu"),
                 "host_steal_cpu": point.get("host_steal_cpu"),
-                "status": "ok",
-                "error": None,
+                "status": "failed" if failed else "ok",
+                "error": level_error(point) if failed else None,
             }
         )
-    for point in points(cell["sweep"]):
-        key = tuple(point[k] for k in metrics.POINT)
-        if measured.get(key, 0) >= cell["sweep"]["repeats"]:
+    for point in planned_points(cell):
+        if measured.get(point_key(point), 0) >= cell["sweep"]["repeats"]:
             continue
         rows.append(
             {
@@ -204,6 +189,124 @@ def rows_for_cell(cell: dict, raw: dict | None, context: dict, *, status: str, e
                 "error": error or "point was not measured",
             }
         )
+    rows += search_rows(cell, raw, base, status, error)
+    return rows
+
+
+def point_key(point: dict) -> tuple:
+    """What names a point of a round: the sweep point and, for a load level, the level."""
+    return tuple(point.get(k) for k in (*metrics.POINT, *metrics.LOAD))
+
+
+def planned_points(cell: dict) -> list[dict]:
+    """Every point a round of the cell must measure: the sweep's points; for a serve cell with
+    load levels, each sweep point (input x output length) at each swept level, its batch_size the
+    level's concurrency (0 for a request rate: an open loop has no fixed batch). The capacity
+    search's probes are not known in advance (search_rows)."""
+    if cell.get("mode") != "serve" or not serving.has_levels(cell.get("serve")):
+        return points(cell["sweep"])
+    planned = []
+    for point in points(cell["sweep"]):
+        for load in serving.sweep_levels(cell["serve"]):
+            planned.append({**point, "batch_size": load["concurrency"] or 0, **load})
+    return planned
+
+
+def level_columns(point: dict, slo: dict) -> dict:
+    """A load level's row figures over its steady-state window (cellbench.serving.level_figures)."""
+    figures = serving.level_figures(point["requests"], point["warmup_requests"], point["measured_requests"], slo)
+
+    def seconds(name: str, stat: str) -> float | None:
+        value = figures[f"{stat}_{name}_ms"]
+        return None if value is None else value / 1000
+
+    return {
+        "duration_s": figures["duration"],
+        "output_tokens": figures["total_output_tokens"],
+        "output_tok_s": figures["output_throughput"],
+        "total_tok_s": figures["total_token_throughput"],
+        "requests_s": figures["request_throughput"],
+        **{f"latency_{q}_s": seconds("e2el", q) for q in ("p50", "p90", "p99")},
+        **{f"ttft_{q}_s": seconds("ttft", q) for q in ("p50", "p90", "p99")},
+        **{f"tpot_{q}_s": seconds("tpot", q) for q in ("p50", "p90", "p99")},
+        **{f"itl_{q}_s": seconds("itl", q) for q in ("p50", "p90", "p99")},
+        "ttft_mean_s": seconds("ttft", "mean"),
+        "tpot_mean_s": seconds("tpot", "mean"),
+        "itl_mean_s": seconds("itl", "mean"),
+        "requests_measured": figures["requests_measured"],
+        "requests_warmup": figures["requests_warmup"],
+        "requests_failed": figures["failed"],
+        "slo_share": figures["slo_share"],
+        "goodput_rps": figures["request_goodput"],
+    }
+
+
+def bench_serve_results(cell: dict, raw: dict | None, context: dict) -> list[tuple[str, dict]]:
+    """(name, result) of every load level of a round, in the shape `vllm bench serve
+    --save-result` writes (vllm/benchmarks/serve.py, main and benchmark), figures over the level's
+    measured requests: a closed-loop level is vLLM's `--request-rate inf --max-concurrency C`.
+    Per-request lists hold the measured requests (times in s; failed ones 0, as vLLM's)."""
+    found = []
+    slo = serving.settings(cell.get("serve"))["slo"]
+    for point in (raw or {}).get("points", []):
+        if not point.get("load_kind"):
+            continue
+        figures = serving.level_figures(point["requests"], point["warmup_requests"], point["measured_requests"], slo)
+        _, sample, _ = serving.split(point["requests"], point["warmup_requests"], point["measured_requests"])
+        timed = [serving.request_timings(r) for r in sample]
+        closed = point["load_kind"] == "concurrency"
+        result = {
+            "date": (raw or {}).get("started_at"),
+            "endpoint_type": "vllm",
+            "backend": "vllm",
+            "label": cell["name"],
+            "model_id": cell["model"],
+            "tokenizer_id": cell["model"],
+            "num_prompts": figures["requests_measured"],
+            "request_rate": "inf" if closed else point["request_rate"],
+            "burstiness": 1.0 if closed else point["burstiness"],
+            "max_concurrency": point["concurrency"] if closed else None,
+            **{k: v for k, v in figures.items() if k not in ("good", "slo_share", "first_error",
+                                                               "requests_warmup", "requests_measured")},
+            "input_lens": [r.get("prompt_tokens") or 0 for r in sample],
+            "output_lens": [r.get("output_tokens") or 0 if t["ok"] else 0 for r, t in zip(sample, timed, strict=True)],
+            "ttfts": [t["ttft_s"] or 0.0 for t in timed],
+            "itls": [t["itl_s"] for t in timed],
+            "latencies": [t["e2e_s"] or 0.0 for t in timed],
+            "start_times": [r.get("send_s") for r in sample],
+            "errors": [r.get("error") or "" for r in sample],
+            # What vLLM's file has no key for: where the level comes from and how it was measured.
+            "cellbench": {
+                "cell_id": cell["id"], "round": context.get("round"), "machine_id": context.get("machine_id"),
+                "run_id": context.get("run_id"), "load_phase": point["load_phase"], "repeat": point["repeat"],
+                "input_len": point["input_len"], "output_len": point["output_len"],
+                "requests_warmup": figures["requests_warmup"], "requests_measured": figures["requests_measured"],
+                "slo": slo or None, "slo_share": figures["slo_share"],
+                "definitions": "cellbench.serving (steady-state window: warm-up and cool-down requests excluded)",
+            },
+        }  # fmt: skip
+        found.append((serving.result_name(point), result))
+    return found
+
+
+def level_error(point: dict) -> str:
+    """Why a level has no figures: none of its measured requests completed."""
+    errors = [r["error"] for r in point.get("requests", []) if r.get("error")]
+    why = f": {errors[0]}" if errors else ""
+    return f"every measured request of the level failed{why}"[:500]
+
+
+def search_rows(cell: dict, raw: dict, base: dict, status: str, error: str | None) -> list[dict]:
+    """A failed row for a capacity search that did not finish (its probes are rows already)."""
+    search = serving.settings(cell.get("serve"))["search"] if cell.get("mode") == "serve" else None
+    if not search or (raw.get("search") or {}).get("done"):
+        return []
+    rows = []
+    for point in points(cell["sweep"]):
+        load = {**dict.fromkeys(metrics.LOAD), "load_kind": search["metric"], "load_phase": "search"}
+        rows.append({**base, **point, "batch_size": 0, **load, "repeat": None,
+                     "status": status if status != "ok" else "failed",
+                     "error": error or "the capacity search did not finish"})  # fmt: skip
     return rows
 
 

@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # pandas and polars cost a third of a second to import; cells
 METHOD_VERSION = 1
 # The columns that name a point of a cell's sweep (one definition for every module).
 POINT = ("batch_size", "input_len", "output_len")
+# The columns that name a serve cell's load level (null on other rows): with POINT, a point.
+LOAD = ("load_kind", "concurrency", "request_rate", "burstiness", "load_phase")
 STATUSES = ("ok", "failed", "timeout", "unsupported")
 
 _STR, _INT, _F64, _BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
@@ -121,8 +123,23 @@ COLUMN_HISTORY: dict[int, dict[str, tuple[pa.DataType, bool, str]]] = {
         "quality_greedy_json": (_STR, True, "greedy continuations of the quality prompts, JSON list of texts"),
         "quality_method_version": (_INT, True, "version of the quality texts and method"),
     },
-    # Serve load points' columns (issue 17, another branch); empty until that branch is merged.
-    4: {},
+    # Serving under load (cellbench.serving defines every figure): a serve cell's load levels
+    # are points of their own, swept or probed by the capacity search on one server start. Null
+    # on rows that are not a load level (offline cells, older serve points).
+    4: {
+        "load_kind": (_STR, True, "concurrency (closed loop) | request_rate (open loop); null: not a load level"),
+        "concurrency": (_INT, True, "closed-loop level: requests kept in flight"),
+        "request_rate": (_F64, True, "open-loop level: requests sent per second (seeded gamma arrivals)"),
+        "burstiness": (_F64, True, "open-loop level: gamma shape of the arrival gaps (1: Poisson)"),
+        "load_phase": (_STR, True, "sweep (a level of the study) | search (a probe of the capacity search)"),
+        "requests_measured": (_INT, True, "requests of the level's steady-state window (its figures)"),
+        "requests_warmup": (_INT, True, "requests sent first at the level and left out of its figures"),
+        "requests_failed": (_INT, True, "measured requests that failed (counted as missing the SLO)"),
+        "slo_share": (_F64, True, "share of measured requests meeting every SLO budget; null: no SLO"),
+        "goodput_rps": (_F64, True, "measured requests meeting the SLO per second of the window (vLLM's goodput)"),
+        "ttft_p90_s": (_F64, True, "time to first token, 90th percentile"),
+        "tpot_p90_s": (_F64, True, "time per output token after the first, 90th percentile"),
+    },
     # The cell's prompts (cellbench.datasets states the contract), on every row of a file written
     # since: where they came from, and the lengths of the repeat's requests as the engine counted
     # them (a jsonl or shipped dataset's points have input_len and output_len 0: each request has

@@ -16,6 +16,7 @@ an archive, or an imported archive's folder.
           provenance.json               cell_provenance
           engine.log                    cell_log
           telemetry.parquet             cell_telemetry       the host's samples of the container
+          bench-serve/<level>.json      serve_result         a serve load level, vLLM's result JSON
         .run-<run_id>/                  run_dir              a round in progress; removed after it
       summary.parquet                   summary              aggregate
       tables/                           tables_dir
@@ -142,6 +143,20 @@ def cell_profile_trace(cell_id: str, round: int | str = 1, results: Path = RESUL
     return round_dir(cell_id, round, results) / ROUND_PROFILE_TRACE
 
 
+# A serve cell's load levels, each also as the JSON `vllm bench serve --save-result` writes
+# (cellbench.measure.bench_serve_results), beside the round's rows; not archived, like telemetry.
+ROUND_SERVE_RESULTS = "bench-serve"
+
+
+def serve_results_dir(cell_id: str, round: int | str, results: Path = RESULTS) -> Path:
+    return round_dir(cell_id, round, results) / ROUND_SERVE_RESULTS
+
+
+def serve_result(cell_id: str, round: int | str, name: str, results: Path = RESULTS) -> Path:
+    """One load level's vLLM-format result: `name` from cellbench.serving.result_name."""
+    return serve_results_dir(cell_id, round, results) / f"{name}.json"
+
+
 def run_dir(cell_id: str, run_id: str, results: Path = RESULTS) -> Path:
     """Where a round runs (a hidden folder beside its rounds, on their file system, so that
     publishing its files is a rename); removed when the round ends."""
@@ -189,7 +204,15 @@ def plots_dir(results: Path = RESULTS) -> Path:
 
 
 # The plots the explain step draws, in order.
-PLOTS = ("throughput.png", "latency.png", "machines.png", "quality.png", "telemetry.png")
+PLOTS = (
+    "throughput.png",
+    "latency.png",
+    "machines.png",
+    "quality.png",
+    "telemetry.png",
+    "serve-latency.png",
+    "serve-goodput.png",
+)
 
 
 def plot(name: str, plots: Path | None = None) -> Path:

@@ -24,7 +24,11 @@ def _save(fig, path: Path) -> None:
 
 
 def _ok(points: pd.DataFrame) -> pd.DataFrame:
-    return points[(points["status"] == "ok") & points["output_tok_s"].notna()] if not points.empty else points
+    """Points measured successfully that are no serve load level (those have plots of their own)."""
+    if points.empty:
+        return points
+    levels = points["load_kind"].notna() if "load_kind" in points else False
+    return points[(points["status"] == "ok") & points["output_tok_s"].notna() & ~levels]
 
 
 def _empty(ax, text: str) -> None:
@@ -167,6 +171,67 @@ def machines(points: pd.DataFrame, path: Path) -> None:
     _figure(points, path, _machines)
 
 
+def _levels(points: pd.DataFrame) -> pd.DataFrame:
+    """The serve load levels measured successfully."""
+    if points.empty or "load_kind" not in points:
+        return points.iloc[0:0]
+    return points[(points["status"] == "ok") & points["load_kind"].notna()]
+
+
+MS_COLUMNS = ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")  # drawn in ms
+SERIES_NAMES = {"ttft_p50_s": "p50", "ttft_p90_s": "p90", "tpot_p50_s": "p50", "tpot_p90_s": "p90",
+                "goodput_rps": "goodput", "requests_s": "req/s"}  # fmt: skip
+LOAD_AXIS = {"concurrency": "concurrency (requests in flight)", "request_rate": "request rate (req/s, offered)"}
+
+
+def _load_panels(points: pd.DataFrame, path: Path, rows: list[tuple[str, list[tuple[str, str]]]], title: str) -> None:
+    """One column of panels per load kind, one row per (y label, [(column, line style)]): a line
+    per machine x cell x prompt shape over its swept levels, its search probes as crosses."""
+    levels = _levels(points)
+    kinds = [k for k in ("concurrency", "request_rate") if not levels.empty and (levels["load_kind"] == k).any()]
+    fig, axes = plt.subplots(len(rows), max(1, len(kinds)), figsize=(max(6, 5.5 * len(kinds)), 3.6 * len(rows)),
+                             squeeze=False)  # fmt: skip
+    if not kinds:
+        for ax in axes.flat:
+            _empty(ax, "no serve load level measured")
+    several = levels["machine_id"].nunique() > 1 if not levels.empty else False
+    for column, kind in enumerate(kinds):
+        of_kind = levels[levels["load_kind"] == kind]
+        for (machine, cell, inp, out), group in of_kind.groupby(["machine_id", "cell_name", "input_len", "output_len"]):
+            name = f"{cell}{' @ ' + machine if several else ''} ({inp}→{out})"
+            group = group.sort_values(kind)
+            sweep, probes = group[group["load_phase"] != "search"], group[group["load_phase"] == "search"]
+            for row, (ylabel, series) in enumerate(rows):
+                ax, colour = axes[row][column], None
+                for metric, style in series:  # one colour per cell: p50 and p90 (or goodput and req/s) alike
+                    scale = 1000 if metric in MS_COLUMNS else 1
+                    label = f"{name} {SERIES_NAMES[metric]}" if len(series) > 1 else name
+                    (line,) = ax.plot(sweep[kind], sweep[metric] * scale, style, marker="o", color=colour, label=label)
+                    colour = line.get_color()
+                    ax.scatter(probes[kind], probes[metric] * scale, marker="x", color=colour)
+                ax.set_ylabel(ylabel)
+                ax.set_xlabel(LOAD_AXIS[kind])
+                ax.grid(alpha=0.3)
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def serve_latency(points: pd.DataFrame, path: Path) -> None:
+    """TTFT and TPOT p50 (solid) and p90 (dashed) against the load, per cell (ms)."""
+    rows = [("TTFT, ms", [("ttft_p50_s", "-"), ("ttft_p90_s", "--")]),
+            ("TPOT, ms", [("tpot_p50_s", "-"), ("tpot_p90_s", "--")])]  # fmt: skip
+    _load_panels(points, path, rows, "Serving latency vs load (p50 solid, p90 dashed; ×: capacity-search probes)")
+
+
+def serve_goodput(points: pd.DataFrame, path: Path) -> None:
+    """Goodput (requests meeting the SLO per second) and request throughput against the load."""
+    rows = [("requests / s", [("goodput_rps", "-"), ("requests_s", ":")])]
+    _load_panels(points, path, rows, "Goodput (solid) and request throughput (dotted) vs load")
+
+
 SPAN_COLOURS = ("C2", "C4", "C1", "C6", "C8", "C9", "C5")  # not the lines' blue (CPU) and red (memory)
 
 
@@ -206,4 +271,7 @@ def write_plots(points: pd.DataFrame, plots_dir: Path, telemetry_rounds: list[di
         written.append(paths.plot(name, plots_dir))
     telemetry(telemetry_rounds or [], paths.plot("telemetry.png", plots_dir))
     written.append(paths.plot("telemetry.png", plots_dir))
+    for name, draw in (("serve-latency.png", serve_latency), ("serve-goodput.png", serve_goodput)):
+        draw(points, paths.plot(name, plots_dir))
+        written.append(paths.plot(name, plots_dir))
     return written

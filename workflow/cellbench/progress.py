@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import measure, paths
+from . import measure, paths, serving
 
 
 def duration(seconds: float | None) -> str:
@@ -37,7 +37,7 @@ def duration(seconds: float | None) -> str:
 
 def repeats_total(cell: dict) -> int:
     """Measured repeats of one round: every point of the sweep, `repeats` times."""
-    return len(cell.get("points") or measure.points(cell["sweep"])) * cell["sweep"]["repeats"]
+    return len(cell.get("points") or measure.planned_points(cell)) * cell["sweep"]["repeats"]
 
 
 def time_left(spent_s: float, done: int, total: int) -> float | None:
@@ -70,12 +70,16 @@ def point_line(cell: dict, round: int, raw: dict, index: int, now: float, contai
     tok_s = point_tok_s(point)
     spent = max(0.0, point.get("finished_at_s", now) - measuring_since(raw, container_start))
     left = time_left(spent, done, total)
+    load = serving.label(point) if point.get("load_kind") else f"batch {point['batch_size']}"
     lengths = "dataset lengths" if point["input_len"] == 0 else f"{point['input_len']}→{point['output_len']}"
-    shape = f"batch {point['batch_size']}, {lengths}"
+    shape = f"{load}, {lengths}"
     repeat = f"repeat {point.get('repeat', 0) + 1}/{cell['sweep']['repeats']}"
     speed = f"{tok_s:.1f} tok/s" if tok_s is not None else "? tok/s"
+    where = f"point {done}/{total}"
+    if point.get("load_phase") == "search":  # the capacity search's probes come after the planned points
+        where, left = f"search probe {done - total}", 0.0
     return (
-        f"cellbench: {cell['name']} round {round}/{cell['sweep']['rounds']}: point {done}/{total} "
+        f"cellbench: {cell['name']} round {round}/{cell['sweep']['rounds']}: {where} "
         f"({shape}, {repeat}) {speed}, elapsed {duration(now - container_start)}, left ~{duration(left)}"
     )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import polars as pl
 
-from . import aggregate, atomic, paths, quality
+from . import aggregate, atomic, paths, quality, serving
 from .tables import Mark, Stack, Table, fmt, fmt_point, fmt_ratio, listed, ratio_text
 
 
@@ -69,7 +69,8 @@ SERVING_COLUMNS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_
 def serving_table(points: pd.DataFrame) -> tuple[Table, list[str]]:
     """Serve-mode points: TTFT, TPOT, ITL and E2E latency in ms (means over repeats of each
     percentile), and the line saying where the rest are when the table is cut."""
-    served, cut = listed(points[points["itl_p50_s"].notna()], "served points")
+    levels = points["load_kind"].notna() if "load_kind" in points else False  # their own table
+    served, cut = listed(points[points["itl_p50_s"].notna() & ~levels], "served points")
     table = Table(["machine", "cell", "batch × in→out", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                    "ITL p50", "ITL p99", "E2E p50", "E2E p99"], numeric=frozenset(range(3, 11)))  # fmt: skip
     for _, r in served.iterrows():
@@ -126,7 +127,107 @@ def serving_markdown(points: pd.DataFrame) -> list[str]:
     if "itl_p50_s" not in points or points["itl_p50_s"].isna().all():
         return []
     table, cut = serving_table(points)
+    if not table.rows:
+        return []
     return ["", "## Serving latency (ms, vLLM's definitions)", "", table.markdown(), *cut]
+
+
+def capacity_text(row) -> str:
+    """'3.2 req/s', '≥ 16 concurrent' (the search's upper bound held), 'none'."""
+    if pd.isna(row["capacity"]):
+        return "none"
+    unit = serving.UNITS[row["metric"]]
+    value = f"{row['capacity']:g} {unit}"
+    return f"≥ {value}" if row["bound"] == "at least" else value
+
+
+def capacity_table(capacity: pd.DataFrame, baseline_name: str) -> Table:
+    """Per machine and cell that searched: the highest load holding its SLO, and × the baseline's."""
+    table = Table(["machine", "cell", "capacity", "SLO", "× baseline", "probes", "how found"],
+                  numeric=frozenset({2, 4, 5}))  # fmt: skip
+    for row in capacity.to_dict("records"):
+        ratio = "baseline" if row["cell_name"] == baseline_name else fmt_ratio(row["vs_baseline"])
+        table.add(
+            [row["machine_id"], row["cell_name"], capacity_text(row), serving.slo_text(row["slo"], row["slo_share"]),
+             ratio, str(row["probes"]), row["reason"]],
+            bad=pd.isna(row["capacity"]),
+        )  # fmt: skip
+    return table
+
+
+def capacity_sentences(capacity: pd.DataFrame, baseline_name: str) -> list[str]:
+    """'- m1: vllm-bf16: 3.2 req/s at SLO share ≥ 0.9 (TTFT ≤ 500 ms); 1.28× the baseline's.'"""
+    lines = []
+    for row in capacity.to_dict("records"):
+        text = f"- {row['machine_id']}: `{row['cell_name']}`: "
+        if pd.isna(row["capacity"]):
+            text += f"no capacity at {serving.slo_text(row['slo'], row['slo_share'])}: {row['reason']}."
+        else:
+            text += f"{capacity_text(row)} at {serving.slo_text(row['slo'], row['slo_share'])}"
+            if row["cell_name"] != baseline_name and pd.notna(row["vs_baseline"]):
+                text += f"; {fmt_ratio(row['vs_baseline'])} the baseline's"
+            text += "."
+        lines.append(text)
+    return lines
+
+
+def _ms(row, column: str) -> str:
+    value = row.get(column)
+    return fmt(value * 1000 if value is not None and pd.notna(value) else None, ".1f")
+
+
+def load_levels(points: pd.DataFrame) -> pd.DataFrame:
+    """The serve load levels among the points, by machine, cell, phase, kind and load."""
+    if points.empty or "load_kind" not in points:
+        return points.iloc[0:0]
+    levels = points[points["load_kind"].notna()]
+    levels = levels.assign(_phase=levels["load_phase"].map({"sweep": 0, "search": 1}))  # the sweep first
+    order = ["machine_id", "cell_name", "input_len", "output_len", "_phase", "load_kind", "concurrency",
+             "request_rate"]  # fmt: skip
+    return levels.sort_values(order, na_position="last").drop(columns="_phase")
+
+
+def levels_table(points: pd.DataFrame) -> tuple[Table, list[str]]:
+    """Every load level: requests measured, throughput, goodput, SLO share and latency percentiles
+    (means over repeats and rounds of each figure)."""
+    shown, cut = listed(load_levels(points), "load levels")
+    table = Table(["machine", "cell", "load · in→out", "status", "measured (failed)", "req/s", "goodput req/s",
+                   "SLO share", "TTFT p50", "TTFT p90", "TPOT p50", "TPOT p90", "E2E p50", "E2E p90"],
+                  numeric=frozenset(range(4, 14)))  # fmt: skip
+    for r in shown.to_dict("records"):
+        measured = "—"
+        if pd.notna(r.get("requests_measured")):
+            measured = f"{r['requests_measured']:.0f} ({fmt(r.get('requests_failed'), '.0f', '0')})"
+        table.add(
+            [r["machine_id"], r["cell_name"], fmt_point(r), r["status"], measured, fmt(r.get("requests_s"), ".2f"),
+             fmt(r.get("goodput_rps"), ".2f"), fmt(r.get("slo_share"), ".0%"), _ms(r, "ttft_p50_s"),
+             _ms(r, "ttft_p90_s"), _ms(r, "tpot_p50_s"), _ms(r, "tpot_p90_s"), _ms(r, "latency_p50_s"),
+             _ms(r, "latency_p90_s")],
+            bad=r["status"] != "ok",
+        )  # fmt: skip
+    return table, cut
+
+
+def serving_load_markdown(points: pd.DataFrame, baseline_name: str) -> list[str]:
+    """The serve sections: capacity under SLO per cell (when a cell searched), and every level."""
+    if load_levels(points).empty:
+        return []
+    out = []
+    capacity = aggregate.capacities(points, baseline_name)
+    if not capacity.empty:
+        out += ["", "## Serving: capacity under SLO", "",
+                "The highest load at which a cell's share of measured requests meeting every SLO budget "
+                "held, found on one server start by doubling from the search's lower bound, then bisection "
+                "(cellbench.serving); × baseline is the ratio to the baseline cell's capacity on the same machine.",
+                "", capacity_table(capacity, baseline_name).markdown(), "",
+                *capacity_sentences(capacity, baseline_name)]  # fmt: skip
+    table, cut = levels_table(points)
+    out += ["", "## Serving: load levels (ms; vLLM's definitions, over each level's measured requests)", "",
+            table.markdown(), *cut, "",
+            "Each level ran on the cell's one server start: warm-up requests first, then the measured ones, "
+            "with the load kept on until the last measured request ended; req/s, goodput and SLO share are over "
+            "the measured requests' window (first send to last answer)."]  # fmt: skip
+    return out
 
 
 MIN_ROUNDS = 2  # an interval needs two rounds; fewer and no fastest cell or difference is stated
@@ -460,6 +561,7 @@ def summary_markdown(
     table, cut = points_table(points, baseline_name, confidence)
     out += [table.markdown(), *cut]
     out += serving_markdown(points)
+    out += serving_load_markdown(points, baseline_name)
     out += prompts_markdown(points)
     if not cells.empty and (cells["status"] != "ok").any():
         table, cut = failed_table(cells)

@@ -15,7 +15,18 @@ import jinja2
 import pandas as pd
 
 from . import diagnostics, paths, quality
-from .report import POINT_HEADERS, engine_ran, point_cells, quality_cell, quality_method, quality_table
+from .aggregate import capacities
+from .report import (
+    POINT_HEADERS,
+    capacity_table,
+    engine_ran,
+    levels_table,
+    load_levels,
+    point_cells,
+    quality_cell,
+    quality_method,
+    quality_table,
+)
 from .tables import Table, fmt, ratio_text
 from .verdicts import verdict_table
 
@@ -78,12 +89,16 @@ def page(
 ) -> str:
     machines = sorted(points["machine_id"].unique()) if not points.empty else []
     measured = quality.measured(points)
+    served = not load_levels(points).empty
+    capacity = capacities(points, baseline_name) if served else None
     tolerance = quality.tolerance({"quality_tolerance": tolerance})
     shown = [
         (os.path.relpath(plot, html_path.parent), plot.stem)
         for plot in plots
         # machine-by-machine bars say nothing with one machine, speed vs quality nothing without quality
-        if not (plot.name == "machines.png" and len(machines) < 2) and not (plot.name == "quality.png" and not measured)
+        if not (plot.name == "machines.png" and len(machines) < 2)
+        and not (plot.name == "quality.png" and not measured)
+        and not (plot.name.startswith("serve-") and not served)
     ]
     return (
         environment()
@@ -96,6 +111,8 @@ def page(
             verdicts=verdict_table(verdicts) if verdicts else None,
             sentences=sentences,
             points=points_table(points),
+            capacity=capacity_table(capacity, baseline_name) if capacity is not None and not capacity.empty else None,
+            levels=levels_table(points)[0] if served else None,
             quality=quality_table(points)[0] if measured else None,
             quality_method=quality_method(points, tolerance) if measured else "",
             diagnostics=diagnostics.table(cells),

@@ -208,7 +208,7 @@ def prepare_round(
         dataset_prompts = datasets.cell_entry(cell.get("dataset", datasets.DEFAULT))
     except datasets.DatasetError as exc:
         raise RunnerError(f"dataset {exc}") from None
-    cell_json = {**cell, "points": measure.points(cell["sweep"]), "model_path": model_path, "model_gguf": gguf,
+    cell_json = {**cell, "points": measure.planned_points(cell), "model_path": model_path, "model_gguf": gguf,
                  # The quality step's texts, on the one round that measures it (else null).
                  "quality_texts": quality_texts.cell_entry(cell.get("quality", False), round),
                  "dataset_prompts": dataset_prompts,
@@ -332,9 +332,27 @@ def record_round(prepared: PreparedRound, ran: ContainerRun, *, study: str, conf
         staged[trace] = paths.cell_profile_trace(cell["id"], prepared.round)
     else:  # a rerun without a profile leaves no trace of an earlier one beside its rows
         paths.cell_profile_trace(cell["id"], prepared.round).unlink(missing_ok=True)
+    staged.update(stage_serve_results(prepared, raw, context))
     paths.round_dir(cell["id"], prepared.round).mkdir(parents=True, exist_ok=True)
     _publish(staged)
     return record["status"]
+
+
+def stage_serve_results(prepared: PreparedRound, raw: dict | None, context: dict) -> dict[Path, Path]:
+    """Each load level's vLLM-format JSON (measure.bench_serve_results), written in the run
+    directory -> where it is published; an earlier run's files of the round are removed."""
+    cell, folder = prepared.cell, paths.serve_results_dir(prepared.cell["id"], prepared.round)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    staged = {}
+    for name, result in measure.bench_serve_results(cell, raw, context):
+        work = prepared.work / paths.ROUND_SERVE_RESULTS / f"{name}.json"
+        work.parent.mkdir(exist_ok=True)
+        atomic.write_json(work, result)
+        staged[work] = paths.serve_result(cell["id"], prepared.round, name)
+    if staged:
+        folder.mkdir(parents=True, exist_ok=True)
+    return staged
 
 
 def engine_facts(

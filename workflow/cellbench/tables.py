@@ -41,11 +41,34 @@ def fmt_ratio(value) -> str:
 
 def fmt_point(row) -> str:
     """'8 × 128→64': batch size × input→output tokens; '8 × shakespeare' where each request has
-    its own lengths, from a dataset (input_len and output_len 0)."""
-    if row["input_len"] == 0 and row["output_len"] == 0:
-        name = row.get("dataset_name")
-        return f"{row['batch_size']} × {name if isinstance(name, str) else 'dataset'}"
+    its own lengths, from a dataset (input_len and output_len 0); a serve load level:
+    'concurrency 4 · 128→64', 'rate 2.5 req/s · 128→64', '… (search)'."""
+    from_dataset = row["input_len"] == 0 and row["output_len"] == 0
+    name = row.get("dataset_name")
+    dataset = name if isinstance(name, str) else "dataset"
+    if isinstance(row.get("load_kind"), str):
+        return f"{load_label(row)} · " + (dataset if from_dataset else f"{row['input_len']}→{row['output_len']}")
+    if from_dataset:
+        return f"{row['batch_size']} × {dataset}"
     return f"{row['batch_size']} × {row['input_len']}→{row['output_len']}"
+
+
+def load_label(row) -> str:
+    """A row's load level in words (cellbench.serving.label); null figures from pandas are NaN."""
+    from . import serving
+
+    def value(key):
+        found = row.get(key)
+        return None if found is None or (isinstance(found, float) and pd.isna(found)) else found
+
+    kind = row["load_kind"]
+    if value("concurrency" if kind == "concurrency" else "request_rate") is None:
+        return f"{kind.replace('_', ' ')} ?" + (" (search)" if row.get("load_phase") == "search" else "")
+    load = {"load_kind": kind, "concurrency": value("concurrency"), "request_rate": value("request_rate"),
+            "burstiness": value("burstiness"), "load_phase": value("load_phase")}  # fmt: skip
+    if load["concurrency"] is not None:
+        load["concurrency"] = int(load["concurrency"])
+    return serving.label(load)
 
 
 def ratio_text(row, column: str = "vs_baseline", significance: str = "vs_baseline_significance") -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import atomic
+from . import atomic, serving
 
 VERSION = 1
 _F64, _STR, _INT = pa.float64(), pa.string(), pa.int64()
@@ -230,7 +230,8 @@ def parse_amd_smi(text: str) -> list[dict]:
 
 
 def point_label(point: dict) -> str:
-    return f"batch {point['batch_size']}, {point['input_len']}→{point['output_len']}, repeat {point['repeat'] + 1}"
+    load = serving.label(point) if point.get("load_kind") else f"batch {point['batch_size']}"
+    return f"{load}, {point['input_len']}→{point['output_len']}, repeat {point['repeat'] + 1}"
 
 
 def marks(raw: dict | None) -> list[tuple[float, float, str]]:

@@ -8,6 +8,7 @@ rule run_cell:
         model=lambda wildcards: paths.model_manifest(CELLS[wildcards.cell_id]["model"]),
         bench=ROOT / "scripts" / "bench_cell.py",
         contract=ROOT / "workflow" / "cellbench" / "contract.py",
+        serving=ROOT / "workflow" / "cellbench" / "serving.py",
     output:
         metrics=paths.cell_metrics(paths.CELL_ID, paths.ROUND),
         provenance=paths.cell_provenance(paths.CELL_ID, paths.ROUND),

@@ -37,6 +37,16 @@ rule report:
             caption="../report/telemetry.rst",
             category="Plots",
         ),
+        serve_latency=report(
+            paths.plot("serve-latency.png"),
+            caption="../report/serve-latency.rst",
+            category="Plots",
+        ),
+        serve_goodput=report(
+            paths.plot("serve-goodput.png"),
+            caption="../report/serve-goodput.rst",
+            category="Plots",
+        ),
     log:
         paths.step_log("report"),
     params:
