@@ -191,11 +191,16 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
     atomic.write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
+_POLARS_SCHEMA: list = [None, None]  # (SCHEMA, its polars schema): converting costs ms, scans ask often
+
+
 def polars_schema() -> pl.Schema:
     """SCHEMA in polars' types."""
     import polars as pl
 
-    return pl.from_arrow(SCHEMA.empty_table()).schema
+    if _POLARS_SCHEMA[0] is not SCHEMA:  # derived again if SCHEMA was replaced (tests grow the history)
+        _POLARS_SCHEMA[:] = [SCHEMA, pl.from_arrow(SCHEMA.empty_table()).schema]
+    return _POLARS_SCHEMA[1]
 
 
 def stored_schema_version(file: pq.ParquetFile) -> str:
@@ -333,23 +338,12 @@ def _scan(paths: list[str], file_column: str | None = None) -> pl.LazyFrame:
 
 def combine_metrics(paths: Iterable[str | Path], out: str | Path) -> None:
     """Every row of the metrics files in one Parquet file, streamed (10,000 cells never sit in
-    memory at once); rows of another schema version are refused, naming their file."""
-    import polars as pl
+    memory at once); rows of another schema version are refused, naming their file. A full
+    aggregation: `cellbench aggregate` keeps a cache so that it reads only the files that changed
+    (cellbench.rowcache, which this calls with no cache)."""
+    from . import rowcache
 
-    paths = [str(path) for path in paths]
-
-    def write(tmp: str) -> None:
-        if not paths:
-            pq.write_table(SCHEMA.empty_table(), tmp)
-            return
-        try:
-            _scan(paths).sink_parquet(tmp, metadata={k.decode(): v.decode() for k, v in SCHEMA.metadata.items()})
-        except (pl.exceptions.PolarsError, OSError):
-            pq.write_table(_read_each(paths), tmp)  # one file at a time, to name the file at fault
-        if not _wrong_version(pl.scan_parquet(tmp)).head(1).collect().is_empty():
-            _refuse_wrong_version(paths)
-
-    atomic.write_with(out, write)
+    rowcache.combine(paths, out, None)
 
 
 def _wrong_version(frame: pl.LazyFrame) -> pl.LazyFrame:

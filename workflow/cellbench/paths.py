@@ -160,6 +160,12 @@ def summary(results: Path = RESULTS) -> Path:
     return results / "summary.parquet"
 
 
+def aggregate_cache(results: Path = RESULTS) -> Path:
+    """What `cellbench aggregate` keeps between runs so that it reads only the metrics files that
+    changed (cellbench.rowcache); deleting it costs one full aggregation, nothing else."""
+    return results / "cache" / "aggregate"
+
+
 def tables_dir(results: Path = RESULTS) -> Path:
     return results / "tables"
 
