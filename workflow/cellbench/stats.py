@@ -27,10 +27,11 @@ DEFAULT_CONFIDENCE = 0.95
 
 @functools.lru_cache(maxsize=4096)
 def t_quantile(confidence: float, df: float) -> float:
-    """Two-sided Student's t critical value."""
-    from scipy.stats import t  # only the aggregation needs it
+    """Two-sided Student's t critical value: the inverse of the t distribution's CDF, which is
+    what scipy.stats.t.ppf computes too; scipy.special alone imports in a third of the time."""
+    from scipy.special import stdtrit  # only the aggregation needs it
 
-    return float(t.ppf(0.5 + confidence / 2, df))
+    return float(stdtrit(df, 0.5 + confidence / 2))
 
 
 def _mean(values: Sequence[float]) -> float:
