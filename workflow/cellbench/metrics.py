@@ -167,17 +167,23 @@ def to_table(rows: Iterable[dict]) -> pa.Table:
             raise SchemaError(f"row {index}: missing required column(s) {missing}")
         if row["status"] not in STATUSES:
             raise SchemaError(f"row {index}: status {row['status']!r} not in {STATUSES}")
-    # Parsed as JSON lines by Arrow, not converted with pa.array: converting Python objects makes
-    # pyarrow import pandas, a third of a second that every cell's run would pay for a few rows.
-    lines = "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode()
+    return rows_table(rows, SCHEMA)
+
+
+def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Python rows -> an Arrow table in `schema` (keys it lacks read as null, others are left
+    out). Parsed as JSON lines by Arrow, not converted with pa.array, from_pylist or even
+    Schema.empty_table: each of those makes pyarrow import pandas, a third of a second that every
+    cell's run would pay for a few rows (metrics, telemetry, profile)."""
+    lines = "".join(json.dumps({n: row.get(n) for n in schema.names}, default=_plain) + "\n" for row in rows).encode()
     if not lines:
-        return SCHEMA.empty_table()
+        return pa.Table.from_batches([], schema=schema)
     table = pa_json.read_json(
         io.BytesIO(lines),
         read_options=pa_json.ReadOptions(block_size=len(lines)),  # a row must not straddle blocks
-        parse_options=pa_json.ParseOptions(explicit_schema=SCHEMA),
+        parse_options=pa_json.ParseOptions(explicit_schema=schema),
     )
-    return table.cast(SCHEMA)
+    return table.cast(schema)
 
 
 def _plain(value):
