@@ -34,10 +34,8 @@ try:
     )
     config.clear()
     config.update(study)
-    JOBS = {
-        cell_id: scheduling.job_resources(cell)
-        for cell_id, cell in STUDY["cells"].items()
-    }
+    # Constants where every cell agrees, functions of the job's cell id elsewhere.
+    RUN_CELL = scheduling.run_cell_attributes(STUDY["cells"])
     ROUND_PRIORITY = scheduling.round_priorities(STUDY["cells"])
     MACHINE_ID = provenance.machine_id(config.get("machine_id"))
 except study_config.ConfigError as error:
