@@ -166,6 +166,12 @@ def aggregate_cache(results: Path = RESULTS) -> Path:
     return results / "cache" / "aggregate"
 
 
+def progress_cache(results: Path = RESULTS) -> Path:
+    """What each round's study line keeps of the rounds' provenance (cellbench.progress), so that
+    it reads only the rounds finished since; safe to delete."""
+    return results / "cache" / "progress.json"
+
+
 def tables_dir(results: Path = RESULTS) -> Path:
     return results / "tables"
 
