@@ -37,7 +37,9 @@ def snakemake(workdir: Path, *args: str, snakefile: Path = ROOT / "Snakefile", c
     argv = ["snakemake", "--cores", "1", "--snakefile", str(snakefile), "--directory", str(workdir),
             "--configfile", str(workdir / "study.yaml"), *args]  # fmt: skip
     started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CELLBENCH_MACHINE_ID": "bench"})
+    # This checkout's cellbench in the rules' commands, not whichever one is installed.
+    env = {**os.environ, "CELLBENCH_MACHINE_ID": "bench", "PYTHONPATH": str(snakefile.parent / "workflow")}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if check and done.returncode:
         raise SystemExit(f"snakemake failed ({done.returncode}):\n{done.stderr[-3000:]}")
