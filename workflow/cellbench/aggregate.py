@@ -384,7 +384,9 @@ def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CO
             "quality_excluded": len(dropped),
         }  # fmt: skip
         if not kept.empty:
-            means = {r["cell_name"]: round_dict(r) for r in kept.to_dict("records")}
+            # From the columns, not to_dict("records"): that boxed every column of 200,000 rows (5 s).
+            columns = zip(kept["cell_name"], kept["round_numbers"], kept["round_means"], strict=True)
+            means = {name: round_dict({"round_numbers": n, "round_means": m}) for name, n, m in columns}
             leaders, margin, runner_up = stats.rank(means, confidence)
             best = kept.set_index("cell_name").loc[leaders[0]]
             row.update(

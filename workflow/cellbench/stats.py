@@ -131,6 +131,10 @@ def rank(
     margin = ratio_interval(means[best], means[order[1]], confidence)
     if significance(margin) == "faster":
         return [best], margin, order[1]
+    if sum(1 for v in means[best].values() if v and v > 0) < 2:
+        # The best has no interval against any cell (ratio_interval needs 2 rounds on each side):
+        # every cell ties with it, as the loop below would find one ratio at a time.
+        return order, margin, order[1]
     tied = [best] + [
         name for name in order[1:] if significance(ratio_interval(means[best], means[name], confidence)) != "faster"
     ]
