@@ -10,11 +10,12 @@ min_version("9.0")
 
 ROOT = Path(workflow.basedir)
 sys.path.insert(0, str(ROOT / "workflow"))
+# Modules without pandas or polars: every snakemake invocation (on Slurm, every cell's job)
+# reads this file.
 from cellbench import (
     config as study_config,
     images,
     lifecycle,
-    machines,
     paths,
     provenance,
 )  # noqa: E402

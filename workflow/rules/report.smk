@@ -8,7 +8,7 @@ rule aggregate:
         # The study itself (rewritten only when it changes): tables of another study are stale.
         study=paths.study_file(),
         # Globbed when the DAG is built: after `cellbench import`, the next run refreshes the tables.
-        imported=lambda wildcards: machines.imported_metrics(),
+        imported=lambda wildcards: paths.imported_metrics(),
     output:
         summary=paths.summary(),
         markdown=paths.summary_markdown(),
