@@ -10,11 +10,12 @@ min_version("9.0")
 
 ROOT = Path(workflow.basedir)
 sys.path.insert(0, str(ROOT / "workflow"))
+# Modules without pandas or polars: every snakemake invocation (on Slurm, every cell's job)
+# reads this file.
 from cellbench import (
     config as study_config,
     images,
     lifecycle,
-    machines,
     paths,
     provenance,
 )  # noqa: E402
@@ -34,10 +35,8 @@ try:
     )
     config.clear()
     config.update(study)
-    JOBS = {
-        cell_id: scheduling.job_resources(cell)
-        for cell_id, cell in STUDY["cells"].items()
-    }
+    # Constants where every cell agrees, functions of the job's cell id elsewhere.
+    RUN_CELL = scheduling.run_cell_attributes(STUDY["cells"])
     ROUND_PRIORITY = scheduling.round_priorities(STUDY["cells"])
     MACHINE_ID = provenance.machine_id(config.get("machine_id"))
 except study_config.ConfigError as error:

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -175,3 +176,36 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic.write_with(path, explode)
     assert path.read_text().strip().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_a_cells_run_writes_its_parquet_files_without_importing_pandas_or_polars(tmp_path):
+    """`cellbench run-cell` runs once per cell: pandas and polars cost it 0.3-0.5 s each to import.
+    pyarrow's own conversion of Python rows (pa.array, from_pylist, Schema.empty_table) imports
+    pandas; metrics.rows_table does not."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import cellbench.cli
+from cellbench import metrics, profiles, telemetry
+out = {str(tmp_path)!r}
+metrics.write_parquet(out + "/m.parquet", metrics.to_table([]))
+telemetry.write_parquet(out + "/t.parquet", [{{"t_s": 1.5, "source": "cgroup-v2", "cpu_cores": 0.25}}])
+op = {{"op": "mm", "calls": 2.0, "self_us": 3.0, "total_us": 4.0, "share": 1.0}}
+profiles.write_parquet(out + "/p.parquet", [op])
+print(sorted(m for m in ("pandas", "polars", "scipy") if m in sys.modules))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(metrics.__file__).parents[1])}  # this checkout's cellbench
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "[]"
+    from cellbench import telemetry
+
+    assert pq.read_table(tmp_path / "t.parquet").to_pylist()[0] | {"t_rel_s": 9} == {
+        name: None for name in telemetry.COLUMNS
+    } | {"t_s": 1.5, "source": "cgroup-v2", "cpu_cores": 0.25, "t_rel_s": 9}
+    assert pq.read_schema(tmp_path / "t.parquet") == telemetry.SCHEMA
+    assert pq.read_table(tmp_path / "p.parquet").to_pylist() == [
+        {"op": "mm", "calls": 2.0, "self_us": 3.0, "total_us": 4.0, "share": 1.0, "phase": None}
+    ]
+    assert pq.read_schema(tmp_path / "m.parquet") == metrics.SCHEMA

@@ -109,6 +109,8 @@ def test_the_layout_by_hand():
     assert paths.report_html() == Path("results/report/index.html")
     assert paths.runs_dir() == Path("results/runs")
     assert paths.archive_dir() == Path("results/archive")
+    assert paths.aggregate_cache() == Path("results/cache/aggregate")
+    assert paths.progress_cache() == Path("results/cache/progress.json")
     assert paths.imported_archive("m1", "A1") == Path("results/imported/m1/A1")
     # Another root: the names inside an archive, or an imported archive's folder.
     assert str(paths.cell_metrics(cell, 1, Path())) == f"cells/{cell}/round-1/metrics.parquet"

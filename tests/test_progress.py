@@ -86,6 +86,31 @@ def test_read_rounds_from_the_study_record_and_provenance(tmp_path):
     assert (study, rounds) == ("s", [(cell_id, "ok", 12.5), (cell_id, None, None)])
 
 
+def test_read_rounds_reads_only_provenance_whose_stat_changed(tmp_path):
+    cell_id = "vllm-0123456789"
+    (tmp_path / "study.json").write_text(json.dumps({"study": "s", "cells": {cell_id: 2}}))
+    paths.round_dir(cell_id, 1, tmp_path).mkdir(parents=True)
+    prov = paths.cell_provenance(cell_id, 1, tmp_path)
+    prov.write_text(json.dumps({"status": "ok", "container_wall_s": 12.5}))
+    cache = paths.progress_cache(tmp_path)
+    assert progress.read_rounds(tmp_path / "study.json", tmp_path, cache)[1][0] == (cell_id, "ok", 12.5)
+    st = prov.stat()
+    key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    assert json.loads(cache.read_text()) == {"version": 1, "rounds": {str(prov): [*key, "ok", 12.5]}}
+    # A cached entry whose stat matches is taken as it is: the file is not read.
+    cache.write_text(json.dumps({"version": 1, "rounds": {str(prov): [*key, "failed", 3.0]}}))
+    assert progress.read_rounds(tmp_path / "study.json", tmp_path, cache)[1][0] == (cell_id, "failed", 3.0)
+    # A rerun (a new file in its place) changes the stat: read again.
+    prov.write_text(json.dumps({"status": "timeout", "container_wall_s": 99.0}))
+    assert progress.read_rounds(tmp_path / "study.json", tmp_path, cache)[1][0] == (cell_id, "timeout", 99.0)
+    for junk in ("not json", "[]", '{"version": 1, "rounds": {"x": [1, 2]}}', '{"version": 2, "rounds": {}}'):
+        cache.write_text(junk)  # a cache not in its shape is ignored
+        assert progress.read_rounds(tmp_path / "study.json", tmp_path, cache)[1] == [
+            (cell_id, "timeout", 99.0),
+            (cell_id, None, None),
+        ]
+
+
 def test_no_study_record_no_study_line(tmp_path):
     assert progress.study_progress(tmp_path / "absent.json") is None
 

@@ -46,3 +46,43 @@ def test_runtime_comes_from_the_machine_not_the_study():
     assert runtimes.runtime_from_env({"CELLBENCH_RUNTIME": "podman"}) == "podman"
     with pytest.raises(runtimes.RuntimeSetupError, match="CELLBENCH_RUNTIME='rkt'"):
         runtimes.runtime_from_env({"CELLBENCH_RUNTIME": "rkt"})
+
+
+def test_per_cell_is_a_constant_where_every_cell_agrees_else_a_lookup_by_cell_id():
+    from types import SimpleNamespace
+
+    assert scheduling.per_cell({"a-1": 4, "b-2": 4}) == 4  # Snakemake calls nothing per job
+    lookup = scheduling.per_cell({"a-1": 4, "b-2": 8})
+    assert callable(lookup)
+    assert [lookup(SimpleNamespace(cell_id=c)) for c in ("a-1", "b-2")] == [4, 8]
+
+
+def test_run_cell_attributes(study):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    every = {cell["id"]: cell for cell in config.expand_cells(study)}
+    cpu = {cell_id: cell for cell_id, cell in every.items() if cell["image"] == "cpu"}
+    first, second = sorted(cpu)[:2]
+    same = scheduling.run_cell_attributes(cpu)
+    model = cpu[first]["model"]
+    assert same["image"] == Path("results/images/cpu.json")
+    assert same["model"] == Path(f"results/models/{model}/manifest.json")
+    assert same["model_dir"] == Path(f"results/models/{model}")
+    assert (same["gpu"], same["gres"]) == (0, "")
+    # The llama.cpp cell has its own image: a lookup for the image alone.
+    images = scheduling.run_cell_attributes(every)["image"]
+    assert {images(SimpleNamespace(cell_id=c)).name for c in every} == {"cpu.json", "llamacpp.json"}
+    cpu[second]["timeout_s"] = 3600  # one cell with its own time limit: a lookup for that resource only
+    mixed = scheduling.run_cell_attributes(cpu)
+    assert callable(mixed["runtime"]) and not callable(mixed["mem_mb"]) and not callable(mixed["image"])
+    assert mixed["runtime"](SimpleNamespace(cell_id=second)) == 70  # 60 min + the 10 min margin
+    assert mixed["runtime"](SimpleNamespace(cell_id=first)) == scheduling.runtime_min(cpu[first]["timeout_s"])
+
+
+def test_plain_copy_copies_deeply():
+    settings = {"engine_args": {"a": [1, {"b": 2}]}, "dtype": "bfloat16", "n": None}
+    copied = config.plain_copy(settings)
+    assert copied == settings
+    copied["engine_args"]["a"][1]["b"] = 3
+    assert settings["engine_args"]["a"][1]["b"] == 2

@@ -58,6 +58,27 @@ def test_tie_rule_names_a_winner_only_when_significant():
     assert stats.rank({"A": {1: 100}, "C": {1: 50}})[0] == ["A", "C"]
 
 
+def test_a_best_cell_with_one_round_ties_with_every_cell_as_the_comparisons_would_say():
+    """rank's shortcut (no interval for a best of fewer than 2 rounds) gives what comparing the
+    best with each cell gives, cell by cell."""
+
+    def slow(means):
+        order = sorted(means, key=lambda name: -stats._mean(list(means[name].values())))
+        best = order[0]
+        return [best] + [
+            name for name in order[1:] if stats.significance(stats.ratio_interval(means[best], means[name])) != "faster"
+        ]
+
+    cases = [
+        {"A": {1: 100}, "B": {1: 90, 2: 91, 3: 89}, "C": {1: 10, 2: 11}},  # best has 1 round: all tie
+        {"A": {1: 100, 2: 0}, "B": {1: 50, 2: 51}},  # a round of 0 does not count: 1 usable round
+        {"A": {1: 100, 2: 101, 3: 99}, "B": {1: 101, 2: 98}, "C": {1: 50, 2: 51, 3: 49}},  # the long way
+    ]
+    for means in cases:
+        assert stats.rank(means)[0] == slow(means)
+    assert stats.rank(cases[0])[0] == ["A", "B", "C"] and stats.rank(cases[2])[0] == ["A", "B"]
+
+
 def test_between_and_within_round_spread():
     # round means 11 and 15: sd 2.828 / 13 = 21.8 %; repeats vary by sd 1.414 in each: 10.9 %
     rows = [_row("base", 1, 0, 10), _row("base", 1, 1, 12), _row("base", 2, 0, 14), _row("base", 2, 1, 16)]

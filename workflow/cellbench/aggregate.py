@@ -258,11 +258,11 @@ def rounds_run(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def _t(confidence: float, df: pl.Expr) -> pl.Expr:
-    """Student's t critical value per row (scipy on the column: a handful of distinct dfs)."""
-    from scipy.stats import t
+    """Student's t critical value per row (on the column: a handful of distinct dfs), as stats.t_quantile."""
+    from scipy.special import stdtrit
 
     return df.map_batches(
-        lambda s: pl.Series(t.ppf(0.5 + confidence / 2, s.cast(pl.Float64).to_numpy())), return_dtype=pl.Float64
+        lambda s: pl.Series(stdtrit(s.cast(pl.Float64).to_numpy(), 0.5 + confidence / 2)), return_dtype=pl.Float64
     )
 
 
@@ -421,7 +421,9 @@ def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CO
             "quality_excluded": len(dropped),
         }  # fmt: skip
         if not kept.empty:
-            means = {r["cell_name"]: round_dict(r) for r in kept.to_dict("records")}
+            # From the columns, not to_dict("records"): that boxed every column of 200,000 rows (5 s).
+            columns = zip(kept["cell_name"], kept["round_numbers"], kept["round_means"], strict=True)
+            means = {name: round_dict({"round_numbers": n, "round_means": m}) for name, n, m in columns}
             leaders, margin, runner_up = stats.rank(means, confidence)
             best = kept.set_index("cell_name").loc[leaders[0]]
             row.update(

@@ -90,13 +90,18 @@ def _points(args):
 
 
 def cmd_aggregate(args) -> int:
-    from . import compare, machines, profiles, report
+    import time
+
+    from . import compare, machines, profiles, report, rowcache
 
     files = list(args.metrics)
     if args.study_file:  # the study's own rounds, from the file: a list on the command line has a size limit
         files = [str(path) for path in paths.study_round_files(Path(args.study_file))] + files
-    metrics.combine_metrics(files, args.summary)
+    cache = None if args.no_cache else Path(args.cache or paths.aggregate_cache(Path(args.summary).parent))
+    rows = rowcache.combine(files, args.summary, cache)
+    started = time.perf_counter()
     points, statistics, tolerance = _points(args)
+    took = {"points": time.perf_counter() - started}
     confidence = config.statistics({"statistics": statistics or {}})["confidence"]
     where = (
         profiles.markdown_section(profiles.report_sections(Path(args.study_file), baseline=args.baseline_name))
@@ -107,10 +112,14 @@ def cmd_aggregate(args) -> int:
         points, args.study, args.baseline_name, Path(args.tables), confidence, tolerance, extra=where
     )
     written += machines.write_tables(points, args.machine_id, Path(args.tables))
+    took["tables"] = time.perf_counter() - started - took["points"]
     print("cellbench: tables: " + ", ".join(str(p) for p in written))
     run = compare.snapshot(Path(args.summary), args.machine_id or provenance.machine_id(None))
+    took["snapshot"] = time.perf_counter() - started - took["points"] - took["tables"]
     if run:
         print(f"cellbench: this machine's rows kept as run {run.stem} (cellbench compare {run.stem} LATER_RUN)")
+    # Where an aggregation's time went (benchmarks/aggregate_scale.py reads this line).
+    print(f"cellbench: aggregate: {rows.line()}; " + ", ".join(f"{k} {v:.2f} s" for k, v in took.items()))
     return 0
 
 
@@ -349,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine-id", default=None, help="this machine: the reference of machines.md")
     p.add_argument("--statistics", default=None, help="the study's statistics settings as JSON")
     p.add_argument("--study-file", default=None, help=f"{paths.study_file()}: aggregate every round of its cells")
+    p.add_argument("--cache", default=None, help=f"default: {paths.aggregate_cache()} beside --summary")
+    p.add_argument("--no-cache", action="store_true", help="a full aggregation: read every metrics file")
     p.add_argument("metrics", nargs="*")
     p.set_defaults(func=cmd_aggregate)
 

@@ -476,6 +476,16 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
 
 
+def plain_copy(value):
+    """A deep copy of plain data (dicts, lists, scalars: what a study holds), several times
+    faster than copy.deepcopy, which a 10,000-cell study called 10,000 times (1-4 s)."""
+    if isinstance(value, dict):
+        return {key: plain_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain_copy(item) for item in value]
+    return value
+
+
 def expand_cells(config: dict) -> list[dict]:
     """Every cell of the study, resolved: defaults <- study defaults <- group <- axis values."""
     base = _merge(schema_defaults(), config.get("defaults", {}))
@@ -484,7 +494,7 @@ def expand_cells(config: dict) -> list[dict]:
         settings = _merge(base, {k: v for k, v in group.items() if k not in ("name", "axes")})
         axes = group.get("axes", {})
         for values in itertools.product(*axes.values()):
-            cell = copy.deepcopy(settings)
+            cell = plain_copy(settings)
             labels = [group["name"]]
             for key, value in zip(axes, values, strict=True):
                 _set_axis(cell, key, value)

@@ -9,7 +9,6 @@ schema version only adds columns (metrics.COLUMN_HISTORY), which read as null wh
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 
@@ -37,25 +36,10 @@ def device_text(rows: pd.DataFrame) -> str:
     return ", ".join(sorted(names)) or "—"
 
 
-def imported_metrics(results: Path = paths.RESULTS) -> list[str]:
-    """Imported metrics files to aggregate: per machine and cell, only the newest archive's
-    (archive ids are UTC stamps), so a machine that shared twice is not counted twice."""
-    files = [file for pattern in paths.imported_metrics_patterns(results) for file in glob.glob(str(pattern))]
-    return newest_per_machine_cell(sorted(files))
-
-
-def newest_per_machine_cell(files: list[str]) -> list[str]:
-    """.../imported/<machine>/<archive>/cells/<cell>/[round-<k>/]metrics.parquet: keep the files
-    of the greatest archive per (machine, cell)."""
-    newest: dict[tuple[str, str], str] = {}
-    found = []
-    for path in files:
-        parts = Path(path).parts
-        at = len(parts) - 1 - parts[::-1].index(paths.CELLS_DIR)
-        machine, archive, cell = parts[at - 2], parts[at - 1], parts[at + 1]
-        found.append((machine, cell, archive, path))
-        newest[(machine, cell)] = max(archive, newest.get((machine, cell), archive))
-    return sorted(path for machine, cell, archive, path in found if archive == newest[(machine, cell)])
+# Where imported metrics files are found (paths, so that the Snakefile need not import this
+# module and pandas with it).
+imported_metrics = paths.imported_metrics
+newest_per_machine_cell = paths.newest_per_machine_cell
 
 
 def machine_order(machines, local: str) -> list[str]:

@@ -202,17 +202,23 @@ def to_table(rows: Iterable[dict]) -> pa.Table:
             raise SchemaError(f"row {index}: missing required column(s) {missing}")
         if row["status"] not in STATUSES:
             raise SchemaError(f"row {index}: status {row['status']!r} not in {STATUSES}")
-    # Parsed as JSON lines by Arrow, not converted with pa.array: converting Python objects makes
-    # pyarrow import pandas, a third of a second that every cell's run would pay for a few rows.
-    lines = "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode()
+    return rows_table(rows, SCHEMA)
+
+
+def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Python rows -> an Arrow table in `schema` (keys it lacks read as null, others are left
+    out). Parsed as JSON lines by Arrow, not converted with pa.array, from_pylist or even
+    Schema.empty_table: each of those makes pyarrow import pandas, a third of a second that every
+    cell's run would pay for a few rows (metrics, telemetry, profile)."""
+    lines = "".join(json.dumps({n: row.get(n) for n in schema.names}, default=_plain) + "\n" for row in rows).encode()
     if not lines:
-        return SCHEMA.empty_table()
+        return pa.Table.from_batches([], schema=schema)
     table = pa_json.read_json(
         io.BytesIO(lines),
         read_options=pa_json.ReadOptions(block_size=len(lines)),  # a row must not straddle blocks
-        parse_options=pa_json.ParseOptions(explicit_schema=SCHEMA),
+        parse_options=pa_json.ParseOptions(explicit_schema=schema),
     )
-    return table.cast(SCHEMA)
+    return table.cast(schema)
 
 
 def _plain(value):
@@ -226,11 +232,16 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
     atomic.write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
+_POLARS_SCHEMA: list = [None, None]  # (SCHEMA, its polars schema): converting costs ms, scans ask often
+
+
 def polars_schema() -> pl.Schema:
     """SCHEMA in polars' types."""
     import polars as pl
 
-    return pl.from_arrow(SCHEMA.empty_table()).schema
+    if _POLARS_SCHEMA[0] is not SCHEMA:  # derived again if SCHEMA was replaced (tests grow the history)
+        _POLARS_SCHEMA[:] = [SCHEMA, pl.from_arrow(SCHEMA.empty_table()).schema]
+    return _POLARS_SCHEMA[1]
 
 
 def stored_schema_version(file: pq.ParquetFile) -> str:
@@ -368,23 +379,12 @@ def _scan(paths: list[str], file_column: str | None = None) -> pl.LazyFrame:
 
 def combine_metrics(paths: Iterable[str | Path], out: str | Path) -> None:
     """Every row of the metrics files in one Parquet file, streamed (10,000 cells never sit in
-    memory at once); rows of another schema version are refused, naming their file."""
-    import polars as pl
+    memory at once); rows of another schema version are refused, naming their file. A full
+    aggregation: `cellbench aggregate` keeps a cache so that it reads only the files that changed
+    (cellbench.rowcache, which this calls with no cache)."""
+    from . import rowcache
 
-    paths = [str(path) for path in paths]
-
-    def write(tmp: str) -> None:
-        if not paths:
-            pq.write_table(SCHEMA.empty_table(), tmp)
-            return
-        try:
-            _scan(paths).sink_parquet(tmp, metadata={k.decode(): v.decode() for k, v in SCHEMA.metadata.items()})
-        except (pl.exceptions.PolarsError, OSError):
-            pq.write_table(_read_each(paths), tmp)  # one file at a time, to name the file at fault
-        if not _wrong_version(pl.scan_parquet(tmp)).head(1).collect().is_empty():
-            _refuse_wrong_version(paths)
-
-    atomic.write_with(out, write)
+    rowcache.combine(paths, out, None)
 
 
 def _wrong_version(frame: pl.LazyFrame) -> pl.LazyFrame:

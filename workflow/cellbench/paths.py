@@ -177,6 +177,18 @@ def summary(results: Path = RESULTS) -> Path:
     return results / "summary.parquet"
 
 
+def aggregate_cache(results: Path = RESULTS) -> Path:
+    """What `cellbench aggregate` keeps between runs so that it reads only the metrics files that
+    changed (cellbench.rowcache); deleting it costs one full aggregation, nothing else."""
+    return results / "cache" / "aggregate"
+
+
+def progress_cache(results: Path = RESULTS) -> Path:
+    """What each round's study line keeps of the rounds' provenance (cellbench.progress), so that
+    it reads only the rounds finished since; safe to delete."""
+    return results / "cache" / "progress.json"
+
+
 def tables_dir(results: Path = RESULTS) -> Path:
     return results / "tables"
 
@@ -261,6 +273,29 @@ def imported_metrics_patterns(results: Path = RESULTS) -> list[Path]:
     hold one per cell (cells/<cell_id>/metrics.parquet)."""
     archives = imported_archive("*", "*", results)
     return [cell_metrics("*", "*", archives), cell_dir("*", archives) / "metrics.parquet"]
+
+
+def imported_metrics(results: Path = RESULTS) -> list[str]:
+    """Imported metrics files to aggregate: per machine and cell, only the newest archive's
+    (archive ids are UTC stamps), so a machine that shared twice is not counted twice."""
+    import glob
+
+    files = [file for pattern in imported_metrics_patterns(results) for file in glob.glob(str(pattern))]
+    return newest_per_machine_cell(sorted(files))
+
+
+def newest_per_machine_cell(files: list[str]) -> list[str]:
+    """.../imported/<machine>/<archive>/cells/<cell>/[round-<k>/]metrics.parquet: keep the files
+    of the greatest archive per (machine, cell)."""
+    newest: dict[tuple[str, str], str] = {}
+    found = []
+    for path in files:
+        parts = Path(path).parts
+        at = len(parts) - 1 - parts[::-1].index(CELLS_DIR)
+        machine, archive, cell = parts[at - 2], parts[at - 1], parts[at + 1]
+        found.append((machine, cell, archive, path))
+        newest[(machine, cell)] = max(archive, newest.get((machine, cell), archive))
+    return sorted(path for machine, cell, archive, path in found if archive == newest[(machine, cell)])
 
 
 def image_log(image: str) -> Path:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import atomic
-from .tables import Table, fmt
+from .tables import Table, fmt, isna
+
+if TYPE_CHECKING:  # pandas only where profiles are read: `run-cell` writes them and must not import it
+    import pandas as pd
 
 SCHEMA = pa.schema(
     [
@@ -51,11 +54,15 @@ def read_profile_json(path: Path) -> dict | None:
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    from .metrics import rows_table  # pyarrow's own conversion imports pandas: every cell would pay for it
+
+    table = rows_table(rows, SCHEMA)
     atomic.write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame(pq.read_table(path).to_pylist(), columns=SCHEMA.names)  # a null phase stays None
 
 
@@ -105,7 +112,7 @@ def diff(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
 
 def _percent(value) -> str:
-    return "—" if value is None or pd.isna(value) else fmt(100 * value, ".1f") + " %"
+    return "—" if isna(value) else fmt(100 * value, ".1f") + " %"
 
 
 def top_table(frame: pd.DataFrame, n: int = TOP) -> Table:

@@ -10,9 +10,10 @@ Markdown writes each as text; HTML escapes every piece (Jinja's autoescape) and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas loads where tables are made, not in `run-cell` (which imports this via profiles)
+    import pandas as pd
 
 # Rows of one markdown table a person can read; beyond, the table shows the first ones and says
 # where all of them are (summary.csv and summary.parquet have every row at any size).
@@ -27,16 +28,27 @@ def listed(frame: pd.DataFrame, what: str, where: str = "`summary.csv`") -> tupl
     return frame.head(LISTED_ROWS), ["", f"The first {LISTED_ROWS:,} of {len(frame):,} {what}; all are in {where}."]
 
 
+def isna(value) -> bool:
+    """pandas.isna of one value, without importing pandas for None and floats (NaN is not itself)."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return value != value
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
 def fmt(value, spec: str = ".1f", missing: str = "—") -> str:
     """A number in `spec`, or `missing` for None and NaN."""
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+    if value is None or (isinstance(value, float) and isna(value)):
         return missing
     return format(value, spec)
 
 
 def fmt_ratio(value) -> str:
     """'0.52×', or '—'."""
-    return fmt(value, ".2f") + "×" if value is not None and not pd.isna(value) else "—"
+    return fmt(value, ".2f") + "×" if value is not None and not isna(value) else "—"
 
 
 def fmt_point(row) -> str:
@@ -59,7 +71,7 @@ def load_label(row) -> str:
 
     def value(key):
         found = row.get(key)
-        return None if found is None or (isinstance(found, float) and pd.isna(found)) else found
+        return None if isna(found) else found
 
     kind = row["load_kind"]
     if value("concurrency" if kind == "concurrency" else "request_rate") is None:
@@ -75,10 +87,10 @@ def ratio_text(row, column: str = "vs_baseline", significance: str = "vs_baselin
     """'0.52× [0.50, 0.54]', '≈ 1.01× [0.97, 1.05]' (interval holds 1: no significant difference),
     or '1.01× (no interval)' with fewer than 2 rounds; `column`, `column`_low/_high hold the ratio."""
     value = row.get(column)
-    if value is None or pd.isna(value):
+    if value is None or isna(value):
         return "—"
     mark = row.get(significance)
-    if mark == "unknown" or pd.isna(row.get(f"{column}_low")):
+    if mark == "unknown" or isna(row.get(f"{column}_low")):
         return f"{fmt_ratio(value)} (no interval)"
     interval = f"{fmt_ratio(value)} [{fmt(row[f'{column}_low'], '.2f')}, {fmt(row[f'{column}_high'], '.2f')}]"
     return f"≈ {interval}" if mark == "same" else interval

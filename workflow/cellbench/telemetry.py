@@ -265,7 +265,9 @@ def label_samples(samples: list[dict], raw: dict | None, container_start: float)
 
 
 def to_table(samples: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist([{name: s.get(name) for name in COLUMNS} for s in samples], schema=SCHEMA)
+    from .metrics import rows_table  # pyarrow's own conversion imports pandas: every cell would pay for it
+
+    return rows_table(samples, SCHEMA)
 
 
 def write_parquet(path: Path, samples: list[dict]) -> None:

@@ -6,7 +6,8 @@
 rule archive:
     input:
         study=paths.study_file(),
-        cells=[
+        # A function: made only when the archive is asked for, not whenever the Snakefile is read.
+        cells=lambda wildcards: [
             path
             for name in paths.ROUND_FILES
             for path in paths.round_files(CELLS, name)

@@ -4,8 +4,8 @@
 
 rule run_cell:
     input:
-        image=lambda wildcards: paths.image_manifest(CELLS[wildcards.cell_id]["image"]),
-        model=lambda wildcards: paths.model_manifest(CELLS[wildcards.cell_id]["model"]),
+        image=RUN_CELL["image"],
+        model=RUN_CELL["model"],
         bench=ROOT / "scripts" / "bench_cell.py",
         contract=ROOT / "workflow" / "cellbench" / "contract.py",
         serving=ROOT / "workflow" / "cellbench" / "serving.py",
@@ -23,15 +23,15 @@ rule run_cell:
     priority: lambda wildcards: ROUND_PRIORITY[(wildcards.cell_id, int(wildcards.round))]
     resources:
         # One Slurm job per cell asks for the cell's own CPUs, memory, GPUs and time limit.
-        cpus_per_task=lambda wildcards: JOBS[wildcards.cell_id]["cpus_per_task"],
-        mem_mb=lambda wildcards: JOBS[wildcards.cell_id]["mem_mb"],
-        runtime=lambda wildcards: JOBS[wildcards.cell_id]["runtime"],
-        gres=lambda wildcards: JOBS[wildcards.cell_id]["gres"],
+        cpus_per_task=RUN_CELL["cpus_per_task"],
+        mem_mb=RUN_CELL["mem_mb"],
+        runtime=RUN_CELL["runtime"],
+        gres=RUN_CELL["gres"],
         # `--resources gpu=K` bounds the GPUs of cells running at once; cellbench.slots picks which.
-        gpu=lambda wildcards: CELLS[wildcards.cell_id]["resources"]["gpus"],
+        gpu=RUN_CELL["gpu"],
     params:
         cell=lambda wildcards: json.dumps(CELLS[wildcards.cell_id], sort_keys=True),
-        model_dir=lambda wildcards: paths.model_dir(CELLS[wildcards.cell_id]["model"]),
+        model_dir=RUN_CELL["model_dir"],
         study=STUDY["study"],
         config_hash=STUDY["config_hash"],
         machine_id=MACHINE_ID,

@@ -3,11 +3,12 @@
 
 rule aggregate:
     input:
-        metrics=paths.round_files(CELLS),
+        # A function, so that the list is made when the job is, not at parse time for every run.
+        metrics=lambda wildcards: paths.round_files(CELLS),
         # The study itself (rewritten only when it changes): tables of another study are stale.
         study=paths.study_file(),
         # Globbed when the DAG is built: after `cellbench import`, the next run refreshes the tables.
-        imported=lambda wildcards: machines.imported_metrics(),
+        imported=lambda wildcards: paths.imported_metrics(),
     output:
         summary=paths.summary(),
         markdown=paths.summary_markdown(),
