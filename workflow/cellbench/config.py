@@ -601,6 +601,11 @@ def _check_engine(cell: dict, model: dict, where: str) -> None:
     if cell["mode"] == "serve" and not engine.serve:
         served = ", ".join(name for name, e in sorted(contract.ENGINES.items()) if e.serve)
         raise ConfigError(f"{where}: mode serve is implemented for {served} cells only, not {engine.name}")
+    if cell["mode"] == "serve" and engine.name == "llamacpp":
+        try:  # the rule the container renders llama-server's command line with
+            contract.llama_server_flags(cell["engine_args"], max(cell["sweep"]["batch_size"]))
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
     _check_profile(cell, engine, where)
 
 
