@@ -771,7 +771,7 @@ class TransformersEngine:
 class OpenAIServer:
     """An OpenAI-compatible server on 127.0.0.1 inside this container (still --network none), and
     a streaming client beside it. Load time = server start until /health answers. Subclasses
-    give the command line (start) and the sampling fields of a request (sampling).
+    give the command line (start) and a request's body (completion_body: sampling, length).
 
     A point sends its batch_size requests at once (closed loop, concurrency = batch size), or
     with seeded Poisson arrivals at serve.request_rate. Per request it records the send time and
@@ -790,12 +790,19 @@ class OpenAIServer:
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._echo, daemon=True).start()
         while not self._healthy():
-            if self.process.poll() is not None:
+            if not self.alive():
                 time.sleep(0.2)  # the echo thread reads the last lines
-                errors = [line for line in self.log if re.search(self.ERROR_LINE, line)]
-                last = errors[-1].strip() if errors else "no error line in its log"
-                raise RuntimeError(f"{self.NAME} exited with code {self.process.returncode}: {last}")
+                raise RuntimeError(self.death())
             time.sleep(0.5)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def death(self) -> str:
+        """The server's exit as one line: its code and the last error line of its log."""
+        errors = [line for line in self.log if re.search(self.ERROR_LINE, line)]
+        last = errors[-1].strip() if errors else "no error line in its log"
+        return f"{self.NAME} exited with code {self.process.returncode}: {last}"[:500]
 
     def _echo(self) -> None:
         for line in self.process.stdout:
@@ -819,13 +826,12 @@ class OpenAIServer:
             raise RuntimeError(f"{self.NAME} answered {response.status} to GET {path}: {data[:300]!r}")
         return json.loads(data)
 
-    def sampling(self, output_len: int) -> dict:
-        """The request fields that fix the sampling and the output length."""
+    def completion_body(self, prompt: list[int], output_len: int) -> dict:
+        """A streamed /v1/completions request of exactly output_len tokens (ignore_eos)."""
         raise NotImplementedError
 
     def _stream(self, prompt: list[int], output_len: int, start: float, record: dict) -> None:
-        body = {"model": self.model_path, "prompt": prompt, **self.sampling(output_len), "stream": True,
-                "stream_options": {"include_usage": True}}  # fmt: skip
+        body = self.completion_body(prompt, output_len)
         connection = http.client.HTTPConnection("127.0.0.1", self.PORT, timeout=600)
         record["send_s"] = time.perf_counter() - start
         connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -911,9 +917,12 @@ class VllmServer(OpenAIServer):
         self.vocab_size = len(tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
 
-    def sampling(self, output_len: int) -> dict:
-        return {"max_tokens": output_len, "min_tokens": output_len, "ignore_eos": True, "temperature": 1.0,
-                "top_p": 1.0}  # fmt: skip
+    def completion_body(self, prompt: list[int], output_len: int) -> dict:
+        return {
+            "model": self.model_path, "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
+            "ignore_eos": True, "temperature": 1.0, "top_p": 1.0, "stream": True,
+            "stream_options": {"include_usage": True},
+        }  # fmt: skip
 
     def effective(self) -> dict:
         """What the server's engine resolved, read from the config line it logs at start."""
@@ -1055,11 +1064,14 @@ class LlamaServer(OpenAIServer):
         self.request_rate = cell["serve"].get("request_rate")
         self.seed = cell["sweep"]["seed"]
 
-    def sampling(self, output_len: int) -> dict:
+    def completion_body(self, prompt: list[int], output_len: int) -> dict:
         # As the offline llama.cpp engine samples: temperature 1 with top-k, top-p, min-p and the
         # repeat penalty off (llama-server's defaults are 40, 0.95, 0.05, 1.0); a fixed length.
-        return {"max_tokens": output_len, "ignore_eos": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                "min_p": 0.0, "repeat_penalty": 1.0}  # fmt: skip
+        return {
+            "model": self.model_path, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True,
+            "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "stream": True,
+            "stream_options": {"include_usage": True},
+        }  # fmt: skip
 
     def effective(self) -> dict:
         try:
