@@ -496,10 +496,9 @@ def _enum_name(value) -> str | None:
     return None if value is None else getattr(value, "name", str(value))
 
 
-def check_stored_quantization(cell: dict, desc: str) -> None:
-    """llama.cpp runs a GGUF as stored: a cell asking for another quantization is refused
-    (`desc`: llama.cpp's model description, e.g. "llama ?B Q4_1", its last word the file type)."""
-    stored = desc.split()[-1]
+def check_stored_quantization(cell: dict, stored: str) -> None:
+    """llama.cpp runs a GGUF as stored: a cell asking for another quantization than the file's
+    type (`stored`, e.g. Q4_1) is refused."""
     if cell["quantization"] and cell["quantization"].lower() != stored.lower():
         raise ValueError(
             f"quantization {cell['quantization']!r} requested, but {cell['model_gguf']} is {stored}; "
@@ -536,7 +535,7 @@ class LlamaCppEngine:
         self.requested, self.env_names = list(cell["engine_args"]), list(cell["env"])
         self.args = {"n_threads": threads, "n_threads_batch": threads, "seed": cell["sweep"]["seed"], **args}
         self.llm = Llama(model_path=f"/model/{cell['model_gguf']}", n_gpu_layers=0, verbose=True, **self.args)
-        check_stored_quantization(cell, self.llm._model.desc())
+        check_stored_quantization(cell, self.llm._model.desc().split()[-1])  # "llama ?B Q4_1"
         self.vocab_size = self.llm.n_vocab()
         vocab = self.llm._model.vocab
         import llama_cpp
@@ -992,8 +991,10 @@ def server_slots(cell: dict) -> int:
 def llama_server_argv(cell: dict, threads: int) -> list[str]:
     """llama-server's command line for a cell (contract.llama_server_flags maps its engine_args)."""
     defaults = {"threads": threads, "threads_batch": threads, "cont_batching": True}
+    # Verbosity 4 (trace) logs what llama.cpp's library resolved at start (context, batch sizes,
+    # flash attention, KV cache types, threads), which effective() reads; a few lines per request.
     return [LLAMA_SERVER, "--model", f"/model/{cell['model_gguf']}", "--host", "127.0.0.1",
-            "--port", str(OpenAIServer.PORT), "--seed", str(cell["sweep"]["seed"]),
+            "--port", str(OpenAIServer.PORT), "--seed", str(cell["sweep"]["seed"]), "--log-verbosity", "4",
             *contract.llama_server_flags(cell["engine_args"], server_slots(cell), defaults)]  # fmt: skip
 
 
@@ -1012,25 +1013,30 @@ def llama_server_resolved(log: str, props: dict | None) -> dict:
         "n_threads_batch": r"n_threads_batch = (\d+)\)",
         "type_k": r"K \((\w+)\):",
         "type_v": r"V \((\w+)\):",
-        "build": r"^build: (.+)$",
+        "system_info": r"system_info: .*? \| (.+)$",
     }
     for key, pattern in patterns.items():
         match = re.search(pattern, log, re.MULTILINE)
         if match:
             value = match.group(1).strip()
             found[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
-    if "type_k" in found:  # as the offline engine reports it: ggml's type number
-        found["type_k"] = GGML_TYPES.get(found["type_k"], found["type_k"])
-    # The context logs the requested mode ("auto"), then what auto chose: the last one said.
-    modes = re.findall(r"flash_attn\s*=\s*(\w+)|Flash Attention was auto, set to (\w+)", log)
+    for key in ("type_k", "type_v"):  # as the offline engine reports them: ggml's type numbers
+        if key in found:
+            found[key] = GGML_TYPES.get(found[key], found[key])
+    # The context logs the mode asked for ("auto"), then what auto resolved to: the last one said.
+    modes = re.findall(
+        r"llama_context: flash_attn\s*=\s*(\w+)|Flash Attention (enabled)|Flash Attention not supported, set to (\w+)",
+        log,
+    )
     if modes:
-        mode = modes[-1][1] or modes[-1][0]
+        mode = next(group for group in modes[-1] if group)
         found["flash_attn_type"] = FLASH_ATTN_TYPES.get(mode, mode)
     if props:
         settings = props.get("default_generation_settings") or {}
         found["n_slots"] = props.get("total_slots")
         found["n_ctx_slot"] = settings.get("n_ctx", found.get("n_ctx_slot"))
-        found["build"] = props.get("build_info", found.get("build"))
+        found["build"] = props.get("build_info")
+        found["quantization"] = props.get("model_ftype", found.get("quantization"))
     return found
 
 
@@ -1053,7 +1059,6 @@ class LlamaServer(OpenAIServer):
             raise ValueError(f"model {cell['model']}: the prepared model keeps no GGUF file for llama.cpp")
         self.model_path = f"/model/{cell['model_gguf']}"
         vocab_model = Llama(model_path=self.model_path, vocab_only=True, verbose=False)
-        check_stored_quantization(cell, vocab_model._model.desc())
         self.vocab_size = vocab_model.n_vocab()
         vocab = vocab_model._model.vocab
         self.special_ids = {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_control(vocab, t)}
@@ -1061,6 +1066,13 @@ class LlamaServer(OpenAIServer):
         self.cell, self.requested = cell, list(cell["engine_args"])
         self.argv = llama_server_argv(cell, len(os.sched_getaffinity(0)))  # the container's CPUs
         self.start(self.argv, " ".join(self.argv))
+        # The file type its start log names (a vocab-only load has no model description).
+        stored = llama_server_resolved("".join(self.log), None).get("quantization")
+        try:
+            check_stored_quantization(cell, stored) if stored else None
+        except ValueError:
+            self.close()
+            raise
         self.request_rate = cell["serve"].get("request_rate")
         self.seed = cell["sweep"]["seed"]
 
@@ -1109,8 +1121,8 @@ class LlamaServer(OpenAIServer):
 
     def quality(self, texts: dict) -> dict:
         raise QualityUnsupported(
-            "llama-server gives no prompt log-probabilities (its /v1/completions refuses echo and its logprobs "
-            "cover generated tokens only), so the reference text's NLL cannot be scored"
+            "llama-server gives no prompt log-probabilities (its /v1/completions ignores echo and prompt_logprobs; "
+            "its logprobs cover generated tokens only), so the reference text's NLL cannot be scored"
         )
 
 

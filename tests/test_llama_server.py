@@ -3,6 +3,7 @@ engine_args rule shared by the study check and the container, and what effective
 the server's start log and GET /props (recorded from the real server in the llamacpp image:
 tests/fixtures/llama-server/)."""
 
+import json
 import os
 from pathlib import Path
 
@@ -90,3 +91,60 @@ def test_sampling_matches_the_offline_llamacpp_engine(bench):
         "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "stream": True,
         "stream_options": {"include_usage": True},
     }  # fmt: skip
+
+
+def test_effective_from_the_recorded_log_and_props(bench):
+    log = (FIXTURES / "start.log").read_text()
+    props = json.loads((FIXTURES / "props.json").read_text())
+    found = bench.llama_server_resolved(log, props)
+    system_info = found.pop("system_info")
+    assert system_info.startswith("CPU : SSE3 = 1") and "OPENMP = 1" in system_info
+    assert found == {
+        "quantization": "Q4_1",  # /props model_ftype; the log's "file type = Q4_1" agrees
+        "n_ctx": 1024,  # 4 slots x 256
+        "n_ctx_slot": 256,
+        "n_batch": 1024,  # llama.cpp caps its default 2048 at n_ctx
+        "n_ubatch": 512,
+        "kv_unified": False,
+        "n_threads": 2,
+        "n_threads_batch": 2,
+        "type_k": 1,  # f16
+        "type_v": 1,
+        "flash_attn_type": 1,  # asked auto (-1), resolved to enabled
+        "n_slots": 4,
+        "build": "b0-unknown",  # the sdist's llama.cpp carries no git commit
+    }
+    # Without /props (it did not answer) the log alone gives the same context and file type.
+    alone = bench.llama_server_resolved(log, None)
+    assert alone["quantization"] == "Q4_1" and alone["n_ctx_slot"] == 256 and "n_slots" not in alone
+
+
+def test_effective_of_a_server_reports_what_the_contract_promises(bench, monkeypatch):
+    server = bench.LlamaServer.__new__(bench.LlamaServer)
+    server.log = [(FIXTURES / "start.log").read_text()]
+    server.argv, server.cell = ["llama-server"], {"env": {}}
+    server.requested = ["max_model_len", "n_batch", "flash_attn"]
+    props = json.loads((FIXTURES / "props.json").read_text())
+    monkeypatch.setattr(server, "_get", lambda path: props)
+    monkeypatch.setattr(server, "_server_env", lambda: {})
+    effective = server.effective()
+    assert contract.missing_reports({"engine": "llamacpp", **effective}, "llamacpp") == []
+    # Requested names as llama-server resolved them; flash_attn's resolution is flash_attn_type.
+    assert effective["engine_args"] == {"max_model_len": 256, "n_batch": 1024}
+    assert effective["mode"] == "serve" and effective["server"] == "llama-server"
+
+
+def test_the_recorded_stream_carries_usage_in_its_last_chunk():
+    events = [line[6:] for line in (FIXTURES / "stream.txt").read_text().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert sum(bool(c["choices"][0]["text"]) for c in chunks) <= 8  # a token may end inside a UTF-8 character
+    assert chunks[-1]["usage"]["completion_tokens"] == 8 and chunks[-1]["usage"]["prompt_tokens"] == 16
+    assert chunks[-1]["timings"]["predicted_n"] == 8  # llama-server's own timings ride along
+
+
+def test_quality_is_unsupported_with_a_one_line_reason(bench):
+    server = bench.LlamaServer.__new__(bench.LlamaServer)
+    result = bench.measure_quality(server, {"prompts": ["a"], "max_tokens": 1, "chunks": ["b"]})
+    assert result["status"] == "unsupported" and "\n" not in result["error"]
+    assert result["error"].startswith("llama-server gives no prompt log-probabilities")
