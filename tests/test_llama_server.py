@@ -5,6 +5,7 @@ tests/fixtures/llama-server/)."""
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,13 @@ def test_quality_is_unsupported_with_a_one_line_reason(bench):
     result = bench.measure_quality(server, {"prompts": ["a"], "max_tokens": 1, "chunks": ["b"]})
     assert result["status"] == "unsupported" and "\n" not in result["error"]
     assert result["error"].startswith("llama-server gives no prompt log-probabilities")
+
+
+def test_a_server_that_exits_at_start_fails_with_its_error_line(bench, capsys):
+    server = bench.LlamaServer.__new__(bench.LlamaServer)
+    server.PORT = 1  # nothing answers there: only the process's exit ends the wait
+    script = "import sys; print('main: loading model'); print('error: invalid argument: --bogus'); sys.exit(1)"
+    with pytest.raises(RuntimeError) as error:
+        server.start([sys.executable, "-c", script], "llama-server --bogus")
+    assert str(error.value) == "llama-server exited with code 1: error: invalid argument: --bogus"
+    assert "$ llama-server --bogus" in capsys.readouterr().out  # the command, then its log, echoed
