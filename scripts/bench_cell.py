@@ -766,6 +766,16 @@ def _enum_name(value) -> str | None:
     return None if value is None else getattr(value, "name", str(value))
 
 
+def check_stored_quantization(cell: dict, stored: str) -> None:
+    """llama.cpp runs a GGUF as stored: a cell asking for another quantization than the file's
+    type (`stored`, e.g. Q4_1) is refused."""
+    if cell["quantization"] and cell["quantization"].lower() != stored.lower():
+        raise ValueError(
+            f"quantization {cell['quantization']!r} requested, but {cell['model_gguf']} is {stored}; "
+            "llama.cpp runs a GGUF as stored"
+        )
+
+
 class LlamaCppEngine:
     """llama.cpp (llama-cpp-python) on the model's GGUF file, as stored (e.g. Q4_1).
 
@@ -795,12 +805,7 @@ class LlamaCppEngine:
         self.requested, self.env_names = list(cell["engine_args"]), list(cell["env"])
         self.args = {"n_threads": threads, "n_threads_batch": threads, "seed": cell["sweep"]["seed"], **args}
         self.llm = Llama(model_path=f"/model/{cell['model_gguf']}", n_gpu_layers=0, verbose=True, **self.args)
-        stored = self.llm._model.desc().split()[-1]
-        if cell["quantization"] and cell["quantization"].lower() != stored.lower():
-            raise ValueError(
-                f"quantization {cell['quantization']!r} requested, but {cell['model_gguf']} is {stored}; "
-                "llama.cpp runs a GGUF as stored"
-            )
+        check_stored_quantization(cell, self.llm._model.desc().split()[-1])  # "llama ?B Q4_1"
         self.vocab_size = self.llm.n_vocab()
         vocab = self.llm._model.vocab
         import llama_cpp
@@ -1301,9 +1306,10 @@ def measure_levels(engine, cell: dict, raw: dict, raw_path: Path) -> None:
         raw["search"]["done"] = True
 
 
-class VllmServer:
-    """vLLM's OpenAI-compatible server on 127.0.0.1 inside this container (still --network none),
-    and a streaming client beside it. Load time = server start until /health answers.
+class OpenAIServer:
+    """An OpenAI-compatible server on 127.0.0.1 inside this container (still --network none), and
+    a streaming client beside it. Load time = server start until /health answers. Subclasses
+    give the command line (start) and a request's body (completion_body: sampling, length).
 
     A point sends its batch_size requests at once (closed loop, concurrency = batch size), or
     with seeded Poisson arrivals at serve.request_rate. Per request it records the send time and
@@ -1312,32 +1318,29 @@ class VllmServer:
     """
 
     PORT = 8000
-    MODULE = "vllm.entrypoints.openai.api_server"
+    NAME = "server"  # in messages
+    ERROR_LINE = r"Error|Exception"  # a log line that says why the server stopped
 
-    def __init__(self, cell: dict):
-        from transformers import AutoTokenizer
-
-        self.model_path = cell.get("model_path", "/model")
-        args = ["--model", self.model_path, "--host", "127.0.0.1", "--port", str(self.PORT), "--dtype", cell["dtype"],
-                "--seed", str(cell["sweep"]["seed"]), "--disable-uvicorn-access-log"]  # fmt: skip
-        if cell["quantization"]:
-            args += ["--quantization", cell["quantization"]]
-        args += contract.cli_flags(cell["engine_args"])
-        print(f"$ {sys.executable} -m {self.MODULE} " + " ".join(args), flush=True)
-        self.env_file = str(Path(os.environ.get("HOME", "/tmp")) / f"server-env-{os.getpid()}.json")
-        argv = server_env_argv(self.env_file, cell["env"], self.MODULE, args)
+    def start(self, argv: list[str], shown: str) -> None:
+        """Start the server (`shown`: its command as the log prints it) and wait until it answers."""
+        print(f"$ {shown}", flush=True)
         self.log: list[str] = []
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._echo, daemon=True).start()
         while not self._healthy():
-            if self.process.poll() is not None:
+            if not self.alive():
+                time.sleep(0.2)  # the echo thread reads the last lines
                 raise RuntimeError(self.death())
             time.sleep(0.5)
-        self.request_rate = cell["serve"].get("request_rate")
-        self.seed = cell["sweep"]["seed"]
-        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.vocab_size = len(tokenizer)
-        self.special_ids = set(tokenizer.all_special_ids)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def death(self) -> str:
+        """The server's exit as one line: its code and the last error line of its log."""
+        errors = [line for line in self.log if re.search(self.ERROR_LINE, line)]
+        last = errors[-1].strip() if errors else "no error line in its log"
+        return f"{self.NAME} exited with code {self.process.returncode}: {last}"[:500]
 
     def _echo(self) -> None:
         for line in self.process.stdout:
@@ -1352,54 +1355,22 @@ class VllmServer:
         except OSError:
             return False
 
-    def effective(self) -> dict:
-        """What the server's engine resolved, read from the config line it logs at start."""
-        text = "".join(self.log)
-        # The server's log names no engine args one by one: none is resolved here (unknown, so
-        # "same as" never claims two serve cells agree on one).
-        # env: the server process's once it answers (its platform has set what it sets), never
-        # this client's; None (unknown) when the wrapper wrote none. Read here, after load_s.
-        env = read_server_env(self.env_file)
-        found = {"engine": "vllm", "mode": "serve", "engine_args": {}, "env": env}
-        patterns = {
-            "dtype": r"dtype=torch\.(\w+)",
-            "quantization": r"quantization=(\w+)",
-            "enforce_eager": r"enforce_eager=(True|False)",
-            "max_model_len": r"max_seq_len=(\d+)",
-            "compilation_mode": r"'mode': <(CompilationMode\.\w+)",
-            # On CPU the server keeps cores for its front end; the engine computes on the rest.
-            "engine_core_ids": r"core ids=\[([0-9, ]*)\]",
-            "reserved_cpus": r"reserved_cpus=\[([0-9, ]*)\]",
-        }
-        for key, pattern in patterns.items():
-            match = re.search(pattern, text)
-            if match:
-                value = match.group(1)
-                found[key] = (
-                    int(value) if value.isdigit() else {"True": True, "False": False, "None": None}.get(value, value)
-                )
-        return found
+    def _get(self, path: str) -> dict:
+        connection = http.client.HTTPConnection("127.0.0.1", self.PORT, timeout=30)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{self.NAME} answered {response.status} to GET {path}: {data[:300]!r}")
+        return json.loads(data)
 
     def completion_body(self, prompt: list[int], output_len: int) -> dict:
         """A streamed /v1/completions request of exactly output_len tokens (ignore_eos)."""
-        return {
-            "model": self.model_path, "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
-            "ignore_eos": True, "temperature": 1.0, "top_p": 1.0, "stream": True,
-            "stream_options": {"include_usage": True},
-        }  # fmt: skip
+        raise NotImplementedError
 
     async def send(self, prompt: list[int], output_len: int, record: dict, start: float) -> None:
         """One request of a load level through the asyncio client (stream_completion)."""
         await stream_completion(self.PORT, self.completion_body(prompt, output_len), record, start)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def death(self) -> str:
-        """The server's exit as one line: its code and the last error line of its log."""
-        errors = [line for line in self.log if re.search(r"Error|Exception", line)]
-        last = errors[-1].strip() if errors else "no error line in its log"
-        return f"vLLM server exited with code {self.process.returncode}: {last}"[:500]
 
     def _stream(self, prompt: list[int], output_len: int, start: float, record: dict) -> None:
         body = self.completion_body(prompt, output_len)
@@ -1408,7 +1379,7 @@ class VllmServer:
         connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
         if response.status != 200:
-            raise RuntimeError(f"vLLM server answered {response.status}: {response.read()[:300]!r}")
+            raise RuntimeError(f"{self.NAME} answered {response.status}: {response.read()[:300]!r}")
         while line := response.readline():
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                 continue
@@ -1428,30 +1399,8 @@ class VllmServer:
         response = connection.getresponse()
         data = response.read()
         if response.status != 200:
-            raise RuntimeError(f"vLLM server answered {response.status}: {data[:300]!r}")
+            raise RuntimeError(f"{self.NAME} answered {response.status}: {data[:300]!r}")
         return json.loads(data)
-
-    def quality(self, texts: dict) -> dict:
-        answer = self._complete({"prompt": texts["prompts"], "max_tokens": texts["max_tokens"], "temperature": 0.0})
-        choices = sorted(answer["choices"], key=lambda choice: choice["index"])
-        nll_sum, nll_tokens = 0.0, 0
-        for chunk in texts["chunks"]:
-            # Token ids in, so the scored ids are known; prompt_logprobs is vLLM's own parameter.
-            ids = self.tokenizer(chunk).input_ids
-            scored = self._complete({"prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0})
-            logprobs = scored["choices"][0].get("prompt_logprobs")
-            if not logprobs:
-                raise QualityUnsupported("the vLLM server returned no prompt_logprobs")
-            for position in range(1, len(ids)):
-                nll_sum -= logprobs[position][str(ids[position])]["logprob"]
-                nll_tokens += 1
-        return {
-            "greedy": [choice["text"] for choice in choices],
-            "greedy_tokens": answer["usage"]["completion_tokens"],
-            "nll_sum": nll_sum,
-            "nll_tokens": nll_tokens,
-            "method": "vllm server /v1/completions: temperature 0; NLL from prompt_logprobs=0 on token-id prompts",
-        }
 
     def generate(self, prompts: list[list[int]], output_len) -> list[dict]:
         lengths = per_request(output_len, len(prompts))
@@ -1487,9 +1436,243 @@ class VllmServer:
             self.process.wait(timeout=30)
 
 
+class VllmServer(OpenAIServer):
+    """vLLM's OpenAI-compatible server (its api_server module, under SERVER_ENV_WRAPPER)."""
+
+    NAME = "vLLM server"
+    MODULE = "vllm.entrypoints.openai.api_server"
+
+    def __init__(self, cell: dict):
+        from transformers import AutoTokenizer
+
+        self.model_path = cell.get("model_path", "/model")
+        args = ["--model", self.model_path, "--host", "127.0.0.1", "--port", str(self.PORT), "--dtype", cell["dtype"],
+                "--seed", str(cell["sweep"]["seed"]), "--disable-uvicorn-access-log"]  # fmt: skip
+        if cell["quantization"]:
+            args += ["--quantization", cell["quantization"]]
+        args += contract.cli_flags(cell["engine_args"])
+        self.env_file = str(Path(os.environ.get("HOME", "/tmp")) / f"server-env-{os.getpid()}.json")
+        argv = server_env_argv(self.env_file, cell["env"], self.MODULE, args)
+        self.start(argv, f"{sys.executable} -m {self.MODULE} " + " ".join(args))
+        self.request_rate = cell["serve"].get("request_rate")
+        self.seed = cell["sweep"]["seed"]
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.vocab_size = len(tokenizer)
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def completion_body(self, prompt: list[int], output_len: int) -> dict:
+        return {
+            "model": self.model_path, "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
+            "ignore_eos": True, "temperature": 1.0, "top_p": 1.0, "stream": True,
+            "stream_options": {"include_usage": True},
+        }  # fmt: skip
+
+    def effective(self) -> dict:
+        """What the server's engine resolved, read from the config line it logs at start."""
+        text = "".join(self.log)
+        # The server's log names no engine args one by one: none is resolved here (unknown, so
+        # "same as" never claims two serve cells agree on one).
+        # env: the server process's once it answers (its platform has set what it sets), never
+        # this client's; None (unknown) when the wrapper wrote none. Read here, after load_s.
+        env = read_server_env(self.env_file)
+        found = {"engine": "vllm", "mode": "serve", "engine_args": {}, "env": env}
+        patterns = {
+            "dtype": r"dtype=torch\.(\w+)",
+            "quantization": r"quantization=(\w+)",
+            "enforce_eager": r"enforce_eager=(True|False)",
+            "max_model_len": r"max_seq_len=(\d+)",
+            "compilation_mode": r"'mode': <(CompilationMode\.\w+)",
+            # On CPU the server keeps cores for its front end; the engine computes on the rest.
+            "engine_core_ids": r"core ids=\[([0-9, ]*)\]",
+            "reserved_cpus": r"reserved_cpus=\[([0-9, ]*)\]",
+        }
+        for key, pattern in patterns.items():
+            match = re.search(pattern, text)
+            if match:
+                value = match.group(1)
+                found[key] = (
+                    int(value) if value.isdigit() else {"True": True, "False": False, "None": None}.get(value, value)
+                )
+        return found
+
+    def quality(self, texts: dict) -> dict:
+        answer = self._complete({"prompt": texts["prompts"], "max_tokens": texts["max_tokens"], "temperature": 0.0})
+        choices = sorted(answer["choices"], key=lambda choice: choice["index"])
+        nll_sum, nll_tokens = 0.0, 0
+        for chunk in texts["chunks"]:
+            # Token ids in, so the scored ids are known; prompt_logprobs is vLLM's own parameter.
+            ids = self.tokenizer(chunk).input_ids
+            scored = self._complete({"prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0})
+            logprobs = scored["choices"][0].get("prompt_logprobs")
+            if not logprobs:
+                raise QualityUnsupported("the vLLM server returned no prompt_logprobs")
+            for position in range(1, len(ids)):
+                nll_sum -= logprobs[position][str(ids[position])]["logprob"]
+                nll_tokens += 1
+        return {
+            "greedy": [choice["text"] for choice in choices],
+            "greedy_tokens": answer["usage"]["completion_tokens"],
+            "nll_sum": nll_sum,
+            "nll_tokens": nll_tokens,
+            "method": "vllm server /v1/completions: temperature 0; NLL from prompt_logprobs=0 on token-id prompts",
+        }
+
+
+LLAMA_SERVER = "/opt/llama.cpp/bin/llama-server"  # built with llama-bench and the libraries (containers/llamacpp)
+
+# ggml's enum ggml_type values of the KV cache types llama-server takes (ggml/include/ggml.h),
+# so a serve cell reports type_k as the offline llama.cpp engine does (params.type_k).
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+FLASH_ATTN_TYPES = {"auto": -1, "disabled": 0, "enabled": 1}  # llama.h's llama_flash_attn_type
+
+
+def server_slots(cell: dict) -> int:
+    """The parallel slots a llama-server cell asks for by default: as many as it ever sends at
+    once (its largest batch or concurrency level), so those requests decode together."""
+    return serving.most_in_flight(cell.get("serve"), [point["batch_size"] for point in cell["points"]])
+
+
+def llama_server_argv(cell: dict, threads: int) -> list[str]:
+    """llama-server's command line for a cell (contract.llama_server_flags maps its engine_args)."""
+    defaults = {"threads": threads, "threads_batch": threads, "cont_batching": True}
+    # Verbosity 4 (trace) logs what llama.cpp's library resolved at start (context, batch sizes,
+    # flash attention, KV cache types, threads), which effective() reads; a few lines per request.
+    return [LLAMA_SERVER, "--model", f"/model/{cell['model_gguf']}", "--host", "127.0.0.1",
+            "--port", str(OpenAIServer.PORT), "--seed", str(cell["sweep"]["seed"]), "--log-verbosity", "4",
+            *contract.llama_server_flags(cell["engine_args"], server_slots(cell), defaults)]  # fmt: skip
+
+
+def llama_server_resolved(log: str, props: dict | None) -> dict:
+    """What llama-server resolved, from its start log (llama.cpp's context and KV-cache lines, its
+    system_info line) and its GET /props answer; a key whose line is missing is left out."""
+    found = {}
+    patterns = {
+        "quantization": r"file type\s*=\s*(\S+)",
+        "n_ctx": r"llama_context: n_ctx\s*=\s*(\d+)",
+        "n_ctx_slot": r"llama_context: n_ctx_seq\s*=\s*(\d+)",
+        "n_batch": r"llama_context: n_batch\s*=\s*(\d+)",
+        "n_ubatch": r"llama_context: n_ubatch\s*=\s*(\d+)",
+        "kv_unified": r"llama_context: kv_unified\s*=\s*(true|false)",
+        "n_threads": r"n_threads = (\d+) \(n_threads_batch",
+        "n_threads_batch": r"n_threads_batch = (\d+)\)",
+        "type_k": r"K \((\w+)\):",
+        "type_v": r"V \((\w+)\):",
+        "system_info": r"system_info: .*? \| (.+)$",
+    }
+    for key, pattern in patterns.items():
+        match = re.search(pattern, log, re.MULTILINE)
+        if match:
+            value = match.group(1).strip()
+            found[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
+    for key in ("type_k", "type_v"):  # as the offline engine reports them: ggml's type numbers
+        if key in found:
+            found[key] = GGML_TYPES.get(found[key], found[key])
+    # The context logs the mode asked for ("auto"), then what auto resolved to: the last one said.
+    modes = re.findall(
+        r"llama_context: flash_attn\s*=\s*(\w+)|Flash Attention (enabled)|Flash Attention not supported, set to (\w+)",
+        log,
+    )
+    if modes:
+        mode = next(group for group in modes[-1] if group)
+        found["flash_attn_type"] = FLASH_ATTN_TYPES.get(mode, mode)
+    if props:
+        settings = props.get("default_generation_settings") or {}
+        found["n_slots"] = props.get("total_slots")
+        found["n_ctx_slot"] = settings.get("n_ctx", found.get("n_ctx_slot"))
+        found["build"] = props.get("build_info")
+        found["quantization"] = props.get("model_ftype", found.get("quantization"))
+    return found
+
+
+class LlamaServer(OpenAIServer):
+    """llama.cpp's own llama-server on the cell's GGUF, with parallel slots and continuous
+    batching: a point of batch N is N requests decoded together (-np N), where the offline
+    llama.cpp engine runs them one after another. Built from the same compile as the libraries
+    the offline engine loads. The prompts are the offline engine's (same vocabulary, same control
+    tokens left out), read from the GGUF with llama-cpp-python's vocab-only load.
+    """
+
+    NAME = "llama-server"
+    ERROR_LINE = r"(?i)\berror\b|failed"
+
+    def __init__(self, cell: dict):
+        import llama_cpp
+        from llama_cpp import Llama
+
+        if not cell.get("model_gguf"):
+            raise ValueError(f"model {cell['model']}: the prepared model keeps no GGUF file for llama.cpp")
+        self.model_path = f"/model/{cell['model_gguf']}"
+        vocab_model = Llama(model_path=self.model_path, vocab_only=True, verbose=False)
+        self.vocab_size = vocab_model.n_vocab()
+        vocab = vocab_model._model.vocab
+        self.special_ids = {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_control(vocab, t)}
+        vocab_model.close()
+        self.cell, self.requested = cell, list(cell["engine_args"])
+        self.argv = llama_server_argv(cell, len(os.sched_getaffinity(0)))  # the container's CPUs
+        self.start(self.argv, " ".join(self.argv))
+        # The file type its start log names (a vocab-only load has no model description).
+        stored = llama_server_resolved("".join(self.log), None).get("quantization")
+        try:
+            check_stored_quantization(cell, stored) if stored else None
+        except ValueError:
+            self.close()
+            raise
+        self.request_rate = cell["serve"].get("request_rate")
+        self.seed = cell["sweep"]["seed"]
+
+    def completion_body(self, prompt: list[int], output_len: int) -> dict:
+        # As the offline llama.cpp engine samples: temperature 1 with top-k, top-p, min-p and the
+        # repeat penalty off (llama-server's defaults are 40, 0.95, 0.05, 1.0); a fixed length.
+        return {
+            "model": self.model_path, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True,
+            "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "stream": True,
+            "stream_options": {"include_usage": True},
+        }  # fmt: skip
+
+    def effective(self) -> dict:
+        try:
+            props = self._get("/props")
+        except (OSError, RuntimeError, ValueError):
+            props = None
+        resolved = llama_server_resolved("".join(self.log), props)
+        # The requested args under the study's names, as llama-server resolved those it reports.
+        own = {"max_model_len": "n_ctx_slot", "parallel": "n_slots", "batch_size": "n_batch",
+               "ubatch_size": "n_ubatch", "threads": "n_threads", "threads_batch": "n_threads_batch"}  # fmt: skip
+        engine_args = {}
+        for name in self.requested:
+            key = own.get(contract.LLAMA_SERVER_ALIASES.get(name, name))
+            if key in resolved:
+                engine_args[name] = resolved[key]
+        return {
+            "mode": "serve",
+            "server": "llama-server",
+            **resolved,
+            "argv": self.argv,
+            "engine_args": engine_args,
+            "env": self._server_env(),
+        }
+
+    def _server_env(self) -> dict | None:
+        """The server's environment as it was started with (a C++ process: its /proc environ),
+        selected as for the other engines plus llama-server's own LLAMA_ARG_* settings."""
+        try:
+            pairs = Path(f"/proc/{self.process.pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        environ = dict(pair.decode(errors="replace").split("=", 1) for pair in pairs if b"=" in pair)
+        requested = [*self.cell["env"], *(name for name in environ if name.startswith("LLAMA_ARG_"))]
+        return selected_env(requested, environ)
+
+    def quality(self, texts: dict) -> dict:
+        raise QualityUnsupported(
+            "llama-server gives no prompt log-probabilities (its /v1/completions ignores echo and prompt_logprobs; "
+            "its logprobs cover generated tokens only), so the reference text's NLL cannot be scored"
+        )
+
+
 # One class per engine the contract declares (tests/test_contract.py holds the two lists equal).
 ENGINE_CLASSES = {"vllm": VllmEngine, "llamacpp": LlamaCppEngine, "transformers": TransformersEngine}
-SERVER_CLASSES = {"vllm": VllmServer}
+SERVER_CLASSES = {"vllm": VllmServer, "llamacpp": LlamaServer}
 
 
 def main(cell_path: str) -> int:

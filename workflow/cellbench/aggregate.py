@@ -382,7 +382,9 @@ def describe_effective(effective_json: str | None) -> str:
     elif eff.get("compilation_mode") not in (None, "None"):
         parts.append(f"compile={eff['compilation_mode'].split('.')[-1]}")
     if eff.get("mode") == "serve":
-        parts.append("OpenAI server")
+        parts.append(eff.get("server", "OpenAI server"))
+    if eff.get("n_slots"):  # llama-server's parallel slots
+        parts.append(f"slots={eff['n_slots']}")
     if eff.get("max_num_seqs"):
         parts.append(f"max_num_seqs={eff['max_num_seqs']}")
     return ", ".join(str(p) for p in parts)

@@ -628,6 +628,13 @@ def _check_engine(cell: dict, model: dict, where: str) -> None:
     _check_profile(cell, engine, where)
     if cell["mode"] == "serve":
         _check_serve(cell, where)
+    if cell["mode"] == "serve" and engine.name == "llamacpp":
+        try:  # the rule the container renders llama-server's command line with (levels checked above)
+            contract.llama_server_flags(
+                cell["engine_args"], serving.most_in_flight(cell["serve"], cell["sweep"]["batch_size"])
+            )
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
 
 
 # serve keys that only load levels use.

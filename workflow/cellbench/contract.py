@@ -70,11 +70,13 @@ ENGINES = {
         ),
         Engine(
             name="llamacpp",
-            summary="llama.cpp through llama-cpp-python on the model's GGUF file, as stored",
+            summary="llama.cpp through llama-cpp-python on the model's GGUF file, as stored, or llama.cpp's "
+            "own llama-server (parallel slots, continuous batching) in serve mode",
             packages=("llama_cpp_python",),
             decides=("quantization", "n_threads", "n_batch", "n_ubatch", "flash_attn_type", "type_k"),
             weights_as_stored=True,
             model_file_suffix=".gguf",
+            serve=True,
             fidelity_goal=0.05,
             arg_aliases={"max_model_len": "n_ctx"},
             # llama-cpp-python exposes no per-op timings (ggml's perf counters are not in its API).
@@ -139,3 +141,99 @@ def cli_flags(engine_args: dict) -> list[str]:
         elif value is not None:
             argv += [flag, str(value)]
     return argv
+
+
+# llama-server (serve mode of llamacpp cells): the study's engine_args it takes, each a long
+# option of llama-server (`batch_size` is --batch-size), as cli_flags renders them (True: --flag,
+# False: --no-flag). A declared list, so a misspelled name is refused before anything starts; a
+# flag not here can be added with its kind: int (with its least value), bool, or its choices.
+# Names of llama_cpp.Llama's keyword arguments that mean the same are taken too (LLAMA_SERVER_ALIASES),
+# so one study's engine_args serve offline and serve llamacpp cells.
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+LLAMA_SERVER_FLAGS: dict[str, tuple] = {
+    "parallel": ("int", 1),  # slots: requests decoded together; default serving.most_in_flight
+    "batch_size": ("int", 1),
+    "ubatch_size": ("int", 1),
+    "threads": ("int", 1),
+    "threads_batch": ("int", 1),
+    "threads_http": ("int", 1),
+    "flash_attn": ("choice", ("on", "off", "auto")),
+    "cache_type_k": ("choice", KV_CACHE_TYPES),
+    "cache_type_v": ("choice", KV_CACHE_TYPES),
+    "cont_batching": ("bool",),
+    "cache_prompt": ("bool",),
+    "cache_reuse": ("int", 0),
+    "cache_ram": ("int", -1),  # MiB of host prompt cache; -1 no limit, 0 off
+    "cache_idle_slots": ("bool",),
+    "kv_unified": ("bool",),
+    "context_shift": ("bool",),
+    "ctx_checkpoints": ("int", 0),
+    "warmup": ("bool",),
+    "poll": ("int", 0),
+}
+LLAMA_SERVER_ALIASES = {
+    "n_ctx": "max_model_len",
+    "n_batch": "batch_size",
+    "n_ubatch": "ubatch_size",
+    "n_threads": "threads",
+    "n_threads_batch": "threads_batch",
+}
+# Set by cellbench itself: the model file, the loopback address, the cell's seed; the total
+# context is max_model_len x parallel.
+LLAMA_SERVER_RESERVED = {
+    "model": "the cell's GGUF is the model",
+    "host": "the server listens on 127.0.0.1 inside the container",
+    "port": "the server listens on 127.0.0.1 inside the container",
+    "seed": "the seed is the cell's sweep.seed",
+    "ctx_size": "the total context is max_model_len (the context of one request) x parallel",
+}
+
+
+def llama_server_flags(engine_args: dict, in_flight: int, defaults: dict | None = None) -> list[str]:
+    """A llamacpp serve cell's engine_args as llama-server flags: --parallel (default `in_flight`,
+    the most requests the cell sends at once, so a point of batch N decodes as one batch of N),
+    --ctx-size max_model_len x
+    parallel (llama-server splits its context evenly over its slots), then the other flags sorted
+    by name. `defaults` (the container's: threads, continuous batching) yield to the study's.
+    ValueError naming engine_args.<name> for a name or value llama-server is not given."""
+    args: dict = {}
+    for name, value in engine_args.items():
+        own = LLAMA_SERVER_ALIASES.get(name, name)
+        if own in args and args[own] != value:
+            other = next(n for n in engine_args if n != name and LLAMA_SERVER_ALIASES.get(n, n) == own)
+            raise ValueError(
+                f"engine_args.{name} ({value!r}) and engine_args.{other} ({args[own]!r}) name the same "
+                "llama-server setting; give one"
+            )
+        args[own] = value
+    for name, value in args.items():
+        if name in LLAMA_SERVER_RESERVED:
+            raise ValueError(f"engine_args.{name}: set by cellbench for llama-server ({LLAMA_SERVER_RESERVED[name]})")
+        if name == "max_model_len":
+            kind = ("int", 1)
+        elif name in LLAMA_SERVER_FLAGS:
+            kind = LLAMA_SERVER_FLAGS[name]
+        else:
+            raise ValueError(
+                f"engine_args.{name}: not a llama-server setting cellbench passes (docs/engines.md); it takes "
+                f"max_model_len, {', '.join(LLAMA_SERVER_FLAGS)}"
+            )
+        if name == "flash_attn" and isinstance(value, bool):  # YAML reads a bare on/off as true/false
+            args[name] = value = "on" if value else "off"
+        _check_server_value(name, value, kind)
+    args = {**(defaults or {}), **args}
+    slots = args.pop("parallel", in_flight)
+    per_request = args.pop("max_model_len", None)
+    argv = ["--parallel", str(slots)]
+    if per_request is not None:
+        argv += ["--ctx-size", str(per_request * slots)]
+    return argv + cli_flags(args)
+
+
+def _check_server_value(name: str, value, kind: tuple) -> None:
+    if kind[0] == "bool" and not isinstance(value, bool):
+        raise ValueError(f"engine_args.{name}: {value!r} is not true or false")
+    if kind[0] == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < kind[1]):
+        raise ValueError(f"engine_args.{name}: {value!r} is not an integer of at least {kind[1]}")
+    if kind[0] == "choice" and value not in kind[1]:
+        raise ValueError(f"engine_args.{name}: {value!r} is not one of {', '.join(kind[1])}")

@@ -71,6 +71,17 @@ def has_levels(serve: dict | None) -> bool:
     return bool(found["concurrency"] or found["request_rate"] or found["search"])
 
 
+def most_in_flight(serve: dict | None, batch_sizes: list[int]) -> int:
+    """The most requests a cell sends at once by its own count: its largest batch, concurrency
+    level, or concurrency search bound (a request-rate level's in-flight count is the server's
+    doing). A llama-server cell gets this many parallel slots unless it sets its own."""
+    found = settings(serve)
+    sizes = [*batch_sizes, *found["concurrency"]]
+    if found["search"] and found["search"].get("metric") == "concurrency":
+        sizes.append(int(found["search"]["high"]))
+    return max([1, *(int(size) for size in sizes)])
+
+
 def sweep_levels(serve: dict | None) -> list[dict]:
     """The swept load levels of a cell in the order they run: concurrencies, then rates."""
     found = settings(serve)
