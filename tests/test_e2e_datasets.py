@@ -2,16 +2,10 @@
 Shakespeare set (8 prompts, 4 output tokens each, batch 4, quality off, one round)."""
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from test_e2e_engines import tiny_study
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_e2e_engines import run_study, tiny_study
 
 pytestmark = pytest.mark.e2e
 
@@ -29,12 +23,7 @@ def finished(tmp_path_factory):
     study["study"] = "tiny-datasets"
     study["defaults"]["sweep"].update(batch_size=[4], repeats=1, warmup=1, rounds=1)
     study["defaults"]["quality"] = False
-    (workdir / "study.yaml").write_text(yaml.safe_dump(study))
-    argv = ["snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / "study.yaml")]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CELLBENCH_MACHINE_ID": "e2e"})
-    assert done.returncode == 0, f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return workdir
+    return run_study(workdir, study)
 
 
 def test_the_cell_sent_the_dataset_s_prompts_with_their_own_lengths(finished):

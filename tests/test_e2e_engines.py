@@ -47,6 +47,16 @@ def tiny_study(cells: list[dict]) -> dict:
     return study
 
 
+def run_study(workdir: Path, study: dict) -> Path:
+    """Write `study` into `workdir` and run it to the end through Snakemake (machine id e2e)."""
+    (workdir / "study.yaml").write_text(yaml.safe_dump(study))
+    argv = ["snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "study.yaml")]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CELLBENCH_MACHINE_ID": "e2e"})
+    assert done.returncode == 0, f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return workdir
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("engines")
@@ -68,13 +78,14 @@ def finished(tmp_path_factory):
     return workdir
 
 
-def _rows(workdir: Path, name: str) -> pd.DataFrame:
+def cell_rows(workdir: Path, name: str) -> pd.DataFrame:
+    """Round 1's rows of the one cell named `name`."""
     (cell,) = [p for p in (workdir / "results" / "cells").iterdir() if p.name.rsplit("-", 1)[0] == name]
     return pd.read_parquet(cell / "round-1" / "metrics.parquet")
 
 
 def test_llamacpp_cell_runs_the_q4_1_gguf(finished):
-    rows = _rows(finished, "llamacpp")
+    rows = cell_rows(finished, "llamacpp")
     assert len(rows) == 4 and set(rows["status"]) == {"ok"}
     assert (rows["output_tokens"] == rows["batch_size"] * 8).all()  # fixed output length held
     assert (rows["output_tok_s"] > 0).all() and (rows["ttft_p50_s"] < rows["latency_p50_s"]).all()
@@ -86,12 +97,12 @@ def test_llamacpp_cell_runs_the_q4_1_gguf(finished):
 
 
 def test_llamacpp_refuses_a_quantization_the_gguf_does_not_hold(finished):
-    rows = _rows(finished, "llamacpp-q8")
+    rows = cell_rows(finished, "llamacpp-q8")
     assert set(rows["status"]) == {"failed"} and "is Q4_1" in rows["error"].iloc[0]
 
 
 def test_serve_cell_records_serving_latencies(finished):
-    rows = _rows(finished, "served")
+    rows = cell_rows(finished, "served")
     assert len(rows) == 4 and set(rows["status"]) == {"ok"} and set(rows["mode"]) == {"serve"}
     assert (rows["output_tokens"] == rows["batch_size"] * 8).all()
     for column in ("ttft_p50_s", "tpot_p50_s", "itl_p50_s", "itl_p99_s", "latency_p99_s"):
@@ -101,7 +112,7 @@ def test_serve_cell_records_serving_latencies(finished):
 
 
 def test_transformers_reference_engine(finished):
-    rows = _rows(finished, "hf")
+    rows = cell_rows(finished, "hf")
     assert len(rows) == 4 and set(rows["status"]) == {"ok"}, rows["error"].iloc[0]
     assert (rows["output_tokens"] == rows["batch_size"] * 8).all()
     assert (rows["output_tok_s"] > 0).all() and (rows["ttft_p50_s"] < rows["latency_p50_s"]).all()
@@ -112,7 +123,7 @@ def test_transformers_reference_engine(finished):
 
 @pytest.mark.parametrize("name", ["llamacpp", "served", "hf"])
 def test_each_engine_reports_what_its_declaration_promises(finished, name):
-    rows = _rows(finished, name)
+    rows = cell_rows(finished, name)
     assert contract.missing_reports(json.loads(rows["effective_json"].iloc[0]), rows["engine"].iloc[0]) == []
     assert "engine-contract" not in rows["findings_json"].iloc[0]
 
@@ -129,7 +140,7 @@ def test_tables_compare_the_engines(finished):
 
 @pytest.mark.parametrize("name", ["llamacpp", "hf", "served"])
 def test_each_engine_measures_quality_once_after_its_points(finished, name):
-    rows = _rows(finished, name)
+    rows = cell_rows(finished, name)
     assert set(rows["status"]) == {"ok"}, rows["quality_error"].iloc[0]  # speed rows as before
     assert set(rows["quality_status"]) == {"ok"}, rows["quality_error"].iloc[0]
     greedy = json.loads(rows["quality_greedy_json"].iloc[0])
@@ -141,13 +152,13 @@ def test_each_engine_measures_quality_once_after_its_points(finished, name):
 
 
 def test_a_cell_that_failed_to_load_has_no_quality_but_says_why(finished):
-    rows = _rows(finished, "llamacpp-q8")
+    rows = cell_rows(finished, "llamacpp-q8")
     assert set(rows["quality_status"]) == {"failed"} and rows["quality_bits_per_byte"].isna().all()
     assert rows["quality_error"].iloc[0].startswith("quality step not reached: ")
 
 
 def test_the_corrupted_model_runs_but_its_quality_is_far_off(finished):
-    good, bad = _rows(finished, "hf"), _rows(finished, "hf-corrupted")
+    good, bad = cell_rows(finished, "hf"), cell_rows(finished, "hf-corrupted")
     assert set(bad["status"]) == {"ok"} and set(bad["quality_status"]) == {"ok"}  # its speed rows stand
     assert bad["quality_bits_per_byte"].iloc[0] > 2 * good["quality_bits_per_byte"].iloc[0]
     assert json.loads(bad["quality_greedy_json"].iloc[0]) != json.loads(good["quality_greedy_json"].iloc[0])
@@ -162,4 +173,4 @@ def test_the_corrupted_cell_is_marked_diverged_and_never_named_fastest(finished)
     assert "❌" not in good
     fastest = md.split("## Fastest", 1)[1].split("\n## ", 1)[0]
     assert "| **hf-corrupted**" not in fastest
-    assert len(_rows(finished, "hf-corrupted")) == 4  # its speed rows are kept
+    assert len(cell_rows(finished, "hf-corrupted")) == 4  # its speed rows are kept

@@ -4,17 +4,10 @@ batch 1 and 4 (4 parallel slots, continuous batching) beside an offline llama.cp
 tok/s; the host is busy with other work, so the figures are indicative and no ratio is asserted."""
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
-import pandas as pd
 import pytest
-import yaml
 from cellbench import contract
-from test_e2e_engines import tiny_study
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_e2e_engines import cell_rows, run_study, tiny_study
 
 pytestmark = pytest.mark.e2e
 
@@ -38,21 +31,11 @@ def finished(tmp_path_factory):
     # One thread each: on a host whose cores other work keeps busy, llama.cpp's threads wait for
     # each other at every step (seen: 0.5 tok/s with 2 threads); one thread has no one to wait for.
     study["defaults"]["engine_args"].update(n_threads=1, n_threads_batch=1)
-    (workdir / "study.yaml").write_text(yaml.safe_dump(study))
-    argv = ["snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / "study.yaml")]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CELLBENCH_MACHINE_ID": "e2e"})
-    assert done.returncode == 0, f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return workdir
-
-
-def _rows(workdir: Path, name: str) -> pd.DataFrame:
-    (cell,) = [p for p in (workdir / "results" / "cells").iterdir() if p.name.rsplit("-", 1)[0] == name]
-    return pd.read_parquet(cell / "round-1" / "metrics.parquet")
+    return run_study(workdir, study)
 
 
 def test_llama_server_serves_batch_1_and_4(finished):
-    rows = _rows(finished, "served").sort_values("batch_size")
+    rows = cell_rows(finished, "served").sort_values("batch_size")
     assert list(rows["batch_size"]) == [1, 4] and set(rows["status"]) == {"ok"}, rows["error"].iloc[0]
     assert set(rows["mode"]) == {"serve"} and set(rows["engine"]) == {"llamacpp"}
     assert (rows["output_tokens"] == rows["batch_size"] * 16).all()  # ignore_eos and max_tokens held
@@ -63,7 +46,7 @@ def test_llama_server_serves_batch_1_and_4(finished):
 
 
 def test_llama_server_reports_what_it_resolved(finished):
-    rows = _rows(finished, "served")
+    rows = cell_rows(finished, "served")
     effective = json.loads(rows["effective_json"].iloc[0])
     assert effective["server"] == "llama-server" and effective["mode"] == "serve"
     assert effective["n_slots"] == 4  # the largest batch
@@ -76,14 +59,14 @@ def test_llama_server_reports_what_it_resolved(finished):
 
 
 def test_llama_server_quality_is_unsupported_and_its_speed_rows_stand(finished):
-    rows = _rows(finished, "served")
+    rows = cell_rows(finished, "served")
     assert set(rows["quality_status"]) == {"unsupported"} and set(rows["status"]) == {"ok"}
     assert "prompt log-probabilities" in rows["quality_error"].iloc[0]
 
 
 def test_parallel_slots_against_requests_one_after_another(finished):
-    served = _rows(finished, "served").set_index("batch_size")
-    offline = _rows(finished, "offline").set_index("batch_size")
+    served = cell_rows(finished, "served").set_index("batch_size")
+    offline = cell_rows(finished, "offline").set_index("batch_size")
     assert set(offline["status"]) == {"ok"}
     slots, series = served.loc[4, "output_tok_s"], offline.loc[4, "output_tok_s"]
     # Indicative only: other work shares this host's cores while the test runs.
