@@ -552,3 +552,11 @@ def test_study_record_is_written_only_when_it_changes(study, tmp_path):
     assert config.write_study_record(target, study, config.resolve(study))
     assert len(paths.study_round_files(target)) == 2 * len(resolved["cells"])
     assert [p.name for p in target.parent.iterdir()] == ["study.json"]  # no temporary file left
+
+
+def test_data_files_read_with_libyaml_are_what_the_python_parser_reads():
+    import yaml
+    from cellbench import diagnose, roofline
+
+    for path in (config.SCHEMA_PATH, diagnose.SIGNATURES_PATH, roofline.DEVICES_PATH):
+        assert config.load_data_file(path) == yaml.safe_load(path.read_text()), path
