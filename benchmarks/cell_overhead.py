@@ -48,14 +48,16 @@ def bare_docker_s(image: str, runs: int) -> list[float]:
     return walls
 
 
-def import_s(root: Path, runs: int = 5) -> list[float]:
-    """Wall seconds of a Python process that imports the `cellbench` command of checkout `root`."""
-    env = {**os.environ, "PYTHONPATH": str(root / "workflow")}
-    walls = []
+def import_s(roots: list[Path], runs: int = 7) -> list[list[float]]:
+    """Wall seconds of a Python process that imports the `cellbench` command, per checkout in
+    `roots`, the checkouts in turn (so that the host's drift touches each alike)."""
+    walls: list[list[float]] = [[] for _ in roots]
     for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import cellbench.cli"], check=True, env=env)
-        walls.append(time.perf_counter() - started)
+        for root, into in zip(roots, walls, strict=True):
+            env = {**os.environ, "PYTHONPATH": str(root / "workflow")}
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import cellbench.cli"], check=True, env=env)
+            into.append(time.perf_counter() - started)
     return walls
 
 
@@ -87,7 +89,7 @@ def main() -> None:
             rule = job_wall_s(workdir, f"results/cells/{cell_id}/round-{k}/metrics.parquet")
             overheads.append(rule - provenance["container_wall_s"])
             containers.append(provenance["container_wall_s"])
-    imports = import_s(ROOT)
+    imports = import_s([ROOT, *([args.before] if args.before else [])])
     print(f"{load()} after")
     median, bare_median = statistics.median(overheads), statistics.median(bare)
     ratio = median / bare_median
@@ -97,9 +99,9 @@ def main() -> None:
     print(f"bare `docker run --rm IMAGE true`: {spread(bare)}")
     print(f"ratio {ratio:.2f}x (goal <= {GOAL_RATIO}x: "
           f"{'met' if ratio <= GOAL_RATIO else f'MISSED by {ratio / GOAL_RATIO:.2f}x'})")  # fmt: skip
-    line = f"import cellbench.cli (each cell pays it once): {spread(imports)}"
+    line = f"import cellbench.cli (each cell pays it once): {spread(imports[0])}"
     if args.before:
-        line += f"; before ({args.before}): {spread(import_s(args.before))}"
+        line += f"; before ({args.before}), in turn with it: {spread(imports[1])}"
     print(line)
     print(f"working directory: {workdir}")
 

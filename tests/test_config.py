@@ -597,3 +597,11 @@ def test_load_settings_enter_the_cell_id_only_as_given(study):
     assert cells["levels"]["serve"] == {"concurrency": [1, 4]}
     given = dict(cells["levels"], serve={"concurrency": [1, 4], "requests_per_level": 8})
     assert config.cell_hash(given) != config.cell_hash(cells["levels"])
+
+
+def test_data_files_read_with_libyaml_are_what_the_python_parser_reads():
+    import yaml
+    from cellbench import diagnose, roofline
+
+    for path in (config.SCHEMA_PATH, diagnose.SIGNATURES_PATH, roofline.DEVICES_PATH):
+        assert config.load_data_file(path) == yaml.safe_load(path.read_text()), path

@@ -265,3 +265,12 @@ def test_cellbench_aggregate_keeps_its_cache_beside_the_summary_and_writes_the_s
     line, whole = run("--no-cache")
     assert "100 of 100 metrics files read" in line
     assert incremental == whole and incremental != first
+
+
+def test_a_cache_folder_that_cannot_be_written_gives_a_full_aggregation(study):
+    tmp, files, _ = study
+    blocked = tmp / "blocked"
+    blocked.write_text("a file where the cache folder would be")
+    counts = rowcache.combine(files, tmp / "s.parquet", blocked / "cache")
+    assert counts.files_read == 100 and "not writable" in counts.line()
+    assert (tmp / "s.parquet").read_bytes() == full(files, tmp / "full.parquet")

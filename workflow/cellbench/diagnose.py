@@ -6,7 +6,7 @@ import functools
 import re
 from pathlib import Path
 
-import yaml
+from .config import load_data_file
 
 SIGNATURES_PATH = Path(__file__).with_name("data") / "signatures.yaml"
 # `examples`, or `no_example` saying why the row has none (a pattern whose real line is unknown).
@@ -40,7 +40,7 @@ def check_signature(row: dict) -> dict:
 
 @functools.cache
 def signatures() -> tuple[dict, ...]:
-    rows = yaml.safe_load(SIGNATURES_PATH.read_text())
+    rows = load_data_file(SIGNATURES_PATH)
     checked = tuple(check_signature(row) for row in rows)
     ids = [row["id"] for row in checked]
     if len(ids) != len(set(ids)):

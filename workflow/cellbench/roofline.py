@@ -15,7 +15,7 @@ import functools
 import re
 from pathlib import Path
 
-import yaml
+from .config import load_data_file
 
 DEVICES_PATH = Path(__file__).with_name("data") / "devices.yaml"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -24,7 +24,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 @functools.cache
 def device_table() -> tuple[dict, ...]:
-    return tuple(yaml.safe_load(DEVICES_PATH.read_text()))
+    return tuple(load_data_file(DEVICES_PATH))
 
 
 def stored_weight_bytes(manifest: dict) -> int | None:

@@ -197,11 +197,21 @@ def combine(paths, out: str | Path, cache: str | Path | None) -> Counts:
     is left as it was."""
     started = time.perf_counter()
     paths = [str(path) for path in paths]
+    note = None
+    if cache is not None:
+        try:
+            (Path(cache) / fingerprint()).mkdir(parents=True, exist_ok=True)
+            writable = os.access(Path(cache) / fingerprint(), os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:  # a read-only results folder still aggregates, in full
+            cache, note = None, f"cache folder {cache} not writable: full aggregation"
     if cache is None:
         with tempfile.TemporaryDirectory(prefix="cellbench-rows-") as tmp:
             counts = _combine(paths, Path(out), Path(tmp))
     else:
         counts = _combine(paths, Path(out), Path(cache))
+    counts.notes += [note] if note else []
     counts.seconds = time.perf_counter() - started
     return counts
 
