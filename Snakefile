@@ -1,6 +1,7 @@
 # cellbench: build engine images, prepare models, run every cell of a study in its own
 # container, aggregate Parquet metrics into tables. The logic lives in workflow/cellbench/.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cellbench import (
     lifecycle,
     paths,
     provenance,
+    runtimes,
 )  # noqa: E402
 from cellbench import scheduling  # noqa: E402
 
@@ -39,9 +41,17 @@ try:
     RUN_CELL = scheduling.run_cell_attributes(STUDY["cells"])
     ROUND_PRIORITY = scheduling.round_priorities(STUDY["cells"])
     MACHINE_ID = provenance.machine_id(config.get("machine_id"))
-except study_config.ConfigError as error:
+    # CELLBENCH_RUNTIME: a property of the machine, like its id
+    RUNTIME = runtimes.runtime_from_env()
+except (study_config.ConfigError, runtimes.RuntimeSetupError) as error:
     sys.exit(f"cellbench: {error}")
 CELLS = STUDY["cells"]
+# Images the cells run, saved for cluster nodes that lack them when the study (profiles/slurm)
+# asks: build-image saves those it builds, the run's start those built before.
+ARCHIVED = (
+    sorted({c["image"] for c in CELLS.values()}) if config.get("image_archives") else []
+)
+os.environ[runtimes.ARCHIVES_ENV] = ",".join(ARCHIVED)
 # The tables depend on the study through this file, rewritten only when its content changes:
 # switching or editing the study rebuilds them even without Snakemake's metadata.
 study_config.write_study_record(paths.study_file(), config, STUDY)
@@ -52,6 +62,7 @@ localrules:
     build_image,
     prepare_model,
     aggregate,
+    report,
     archive,
     all,
 
@@ -71,9 +82,14 @@ rule all:
         rules.report.output,
 
 
-# Containers of runs here whose runner died (kill -9, reboot, lost node) are removed first.
+# Containers of runs here whose runner died (kill -9, reboot, lost node) are removed first;
+# images built before this run get their archive now, before any cell needs it on a node.
 onstart:
-    lifecycle.clean_on_start(str(Path.cwd()))
+    lifecycle.clean_on_start(str(Path.cwd()), RUNTIME)
+    try:
+        runtimes.save_archives(paths.image_manifest(name) for name in ARCHIVED)
+    except runtimes.RuntimeSetupError as error:
+        sys.exit(f"cellbench: {error}")
 
 
 onsuccess:

@@ -38,6 +38,16 @@ def test_bandwidth_comes_from_the_study_first_then_the_device_table():
     assert roofline.bandwidth(None, {".*": 20}) is None
 
 
+def test_a_point_without_a_device_name_has_no_bound():
+    # A GPU cell that failed before its engine named the GPU: a null in the column, NaN in pandas.
+    # Found on the two-node test cluster, where the report of such a study crashed on it.
+    import pandas as pd
+
+    points = pd.DataFrame({"device_name": ["NVIDIA H200", None, float("nan")]})
+    assert [roofline.bandwidth(name, {}) for name in points["device_name"]][1:] == [None, None]
+    assert roofline.bandwidth(float("nan"), {".*": 20}) is None
+
+
 @pytest.mark.parametrize(
     "name, gb_s",
     [

@@ -32,7 +32,10 @@ def slurm_run(tmp_path_factory):
     argv = ["snakemake", "--profile", str(ROOT / "profiles" / "slurm"), "--snakefile", str(ROOT / "Snakefile"),
             "--directory", str(workdir), "--configfile", str(workdir / "study.yaml"),
             "--slurm-status-command", "squeue", "--slurm-no-account",
-            "--slurm-init-seconds-before-status-checks", "5", "--latency-wait", "5"]  # fmt: skip
+            "--slurm-init-seconds-before-status-checks", "5", "--latency-wait", "5",
+            # One node that has docker's images: no 5 GB archive of the vLLM image (the two-node
+            # test, tests/test_slurm_cluster.py, covers archives).
+            "--config", "image_archives=False"]  # fmt: skip
     env = {**os.environ, "CELLBENCH_MACHINE_ID": MACHINE, "CELLBENCH_RUNTIME": "podman"}
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"snakemake on Slurm failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"

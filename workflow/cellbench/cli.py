@@ -48,6 +48,19 @@ def cmd_build_image(args) -> int:
     manifest = images.build_image(args.name, json.loads(args.spec), Path(args.out), Path(args.log))
     verb = "reused" if manifest["reused_existing_image"] else "built"
     print(f"cellbench: image {args.name}: {verb} {manifest['tag']} ({manifest['image_id'][:19]})", file=sys.stderr)
+    if args.name in os.environ.get(runtimes.ARCHIVES_ENV, "").split(","):  # asked by profiles/slurm
+        save_archive(Path(args.out))
+    return 0
+
+
+def save_archive(manifest_path: Path) -> None:
+    archive, saved = runtimes.save_manifest_archive(manifest_path)
+    print(f"cellbench: image {archive.stem}: {'saved' if saved else 'already in'} {archive}", file=sys.stderr)
+
+
+def cmd_save_image(args) -> int:
+    for manifest in args.manifest:
+        save_archive(Path(manifest))
     return 0
 
 
@@ -265,6 +278,7 @@ def cmd_clean(args) -> int:
     if not args.containers:
         print("cellbench: clean: say what to clean (--containers)", file=sys.stderr)
         return 2
+    args.runtime = args.runtime or runtimes.runtime_from_env()
     lifecycle.ensure_runtime(args.runtime)
     removed = lifecycle.remove_leftovers(args.runtime, args.origin)
     for container in removed:
@@ -326,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clean", help="remove leftover containers of cellbench runs whose runner is gone")
     p.add_argument("--containers", action="store_true", help="cell containers (label cellbench.cell)")
     p.add_argument("--origin", help="only those started from this working directory")
-    p.add_argument("--runtime", default="docker")
+    p.add_argument("--runtime", choices=runtimes.RUNTIMES, help="default: CELLBENCH_RUNTIME, else docker")
     p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("doctor", help="check this machine (Docker, GPUs, tools, disk) against a study")
@@ -337,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--name", "--spec", "--out", "--log"):
         p.add_argument(flag, required=True)
     p.set_defaults(func=cmd_build_image)
+
+    p = sub.add_parser("save-image", help="docker save built images beside their manifests, for nodes that lack them")
+    p.add_argument("--manifest", nargs="+", required=True, help=f"{paths.image_manifest('NAME')} of built images")
+    p.set_defaults(func=cmd_save_image)
 
     p = sub.add_parser("prepare-model", help="(rule) prepare a model directory and its manifest")
     for flag in ("--name", "--spec", "--out-dir", "--log"):

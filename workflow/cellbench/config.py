@@ -480,8 +480,13 @@ def cell_hash(cell: dict) -> str:
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:10]
 
 
+# Settings of where a study runs, not of what it measures: outside the config hash.
+DEPLOYMENT_KEYS = ("image_archives",)
+
+
 def config_hash(config: dict) -> str:
-    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
+    measured = {key: value for key, value in config.items() if key not in DEPLOYMENT_KEYS}
+    return hashlib.sha256(canonical_json(measured).encode()).hexdigest()[:16]
 
 
 def plain_copy(value):

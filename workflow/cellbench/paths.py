@@ -8,6 +8,7 @@ an archive, or an imported archive's folder.
     results/                            RESULTS
       images/<image>.json               image_manifest       build_image
       images/<image>.tar                image_archive        `docker save` on shared storage
+      images/<image>.tar.json           image_archive_record its image id and sha256
       models/<model>/                   model_dir            prepare_model
       models/<model>/manifest.json      model_manifest
       cells/<cell_id>/                  cell_dir
@@ -80,6 +81,11 @@ def image_manifest(image: str, results: Path = RESULTS) -> Path:
 def image_archive(image: str, results: Path = RESULTS) -> Path:
     """`docker save` of an image on shared storage, for nodes (or runtimes) that lack it."""
     return results / "images" / f"{image}.tar"
+
+
+def image_archive_record(archive: Path) -> Path:
+    """What an image archive holds (image id, sha256, bytes), checked before it is loaded."""
+    return archive.with_name(archive.name + ".json")
 
 
 def model_dir(model: str, results: Path = RESULTS) -> Path:

@@ -45,7 +45,7 @@ def engine_weight_bytes(stored: int | None, stored_dtype: str | None, effective_
 
 def bandwidth(device_name: str | None, study_table: dict[str, float] | None = None) -> tuple[float, str] | None:
     """(GB/s, where it comes from) for a device name: the study's table first, then the package's."""
-    if not device_name:
+    if not isinstance(device_name, str) or not device_name:  # None, or NaN from a failed GPU cell's row
         return None
     for pattern, gb_s in (study_table or {}).items():
         if re.search(pattern, device_name, re.IGNORECASE):

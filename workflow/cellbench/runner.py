@@ -13,8 +13,10 @@ import dataclasses
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -244,6 +246,10 @@ def run_round(prepared: PreparedRound) -> ContainerRun:
             labels={lifecycle.LABEL_RUNNER: lifecycle.runner_label()},
             user=containers.CONTAINER_USER,
         )
+        # The command line in the round's log: what ran where (on a cluster, which node and which
+        # GPUs the scheduler gave), readable even when the runtime refuses it.
+        print(f"cellbench: cell {cell['id']} round {prepared.round} on {socket.gethostname()}: {shlex.join(argv)}",
+              file=sys.stderr)  # fmt: skip
         # The engine runs as an unprivileged user: it may write only its output directory.
         work.chmod(0o777)
         load_before = os.getloadavg()[0]
