@@ -86,3 +86,13 @@ def test_plain_copy_copies_deeply():
     assert copied == settings
     copied["engine_args"]["a"][1]["b"] = 3
     assert settings["engine_args"]["a"][1]["b"] == 2
+
+
+def test_provenance_keeps_the_slurm_job_and_the_gpus_of_its_step():
+    from cellbench import provenance
+
+    environ = {"SLURM_JOB_ID": "25", "SLURM_JOB_NODELIST": "cb-node2", "SLURM_STEP_GPUS": "1", "HOME": "/root",
+               "SLURM_CPUS_ON_NODE": "2"}  # fmt: skip
+    assert provenance.scheduler_facts(environ) == {"SLURM_JOB_ID": "25", "SLURM_JOB_NODELIST": "cb-node2",
+                                                   "SLURM_STEP_GPUS": "1"}  # fmt: skip
+    assert provenance.scheduler_facts({"HOME": "/root"}) == {}

@@ -152,8 +152,8 @@ def test_a_gpu_cell_gets_the_gpu_slurm_gave_it(workdir, two_cells):
     assert done.returncode == 0, f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     record = provenance(workdir, "gpu")
     job = slurm("scontrol", "show", "job", "--details", record["scheduler"]["SLURM_JOB_ID"])
-    assert "NodeList=cb-node2" in job and "gpu:1" in job and "IDX:1" in job
-    assert record["scheduler"]["SLURM_JOB_GPUS"] == "1"
+    assert "NodeList=cb-node2" in job and "TresPerJob=gres:gpu:1" in job
+    assert record["scheduler"]["SLURM_STEP_GPUS"] == "1"  # the GPU Slurm gave the job's step
     argv = record["docker_run"]
     assert argv[argv.index("--device") + 1] == f"nvidia.com/gpu={FAKE_GPU_UUIDS[1]}"
     assert "CUDA_VISIBLE_DEVICES=0" in argv and FAKE_GPU_UUIDS[0] not in " ".join(argv)
@@ -204,10 +204,12 @@ def test_a_node_lost_mid_cell_fails_its_job_and_a_rerun_runs_only_that_cell(work
         cluster("start-node", "cb-node1")
         cluster("start-node", "cb-node2")
     assert run.returncode != 0 and "NODE_FAIL" in output, output[-4000:]
-    lost = next(p for p in (workdir / "results" / "cells").iterdir() if p.name.startswith("lost-"))
-    # Nothing of the lost round: no round folder, no temp files, and no container left on the node.
-    assert not (lost / "round-1").exists()
+    # Back, the node's slurmd ended the failed job's runner: it removed its container and wrote
+    # nothing, so no round folder (nor its run folder) of the lost cell is left.
     wait_for(f"no container on {node}", lambda: node_containers(node, workdir) == [] or None, 60)
+    (log,) = logs.glob("lost-*/round-1.log")
+    assert "interrupted by SIGTERM; container removed, nothing written" in log.read_text()
+    assert [p for p in (workdir / "results" / "cells").glob("lost-*/*")] == []
     kept = provenance(workdir, "kept")
     assert kept["status"] == "ok" and kept["host"]["hostname"] != node
     kept_mtime = (cell_dirs(workdir)["kept"] / "metrics.parquet").stat().st_mtime

@@ -69,10 +69,12 @@ def host_facts() -> dict:
 
 
 def scheduler_facts(environ: dict[str, str] | None = None) -> dict:
-    """The batch job a cell ran in (Slurm's variables), empty when it ran outside one."""
+    """The batch job a cell ran in (Slurm's variables), empty when it ran outside one. The GPUs
+    are the step's where there is one: Snakemake's job step runs the cell under its own `srun`,
+    which drops the job's SLURM_JOB_GPUS and sets SLURM_STEP_GPUS."""
     environ = os.environ if environ is None else environ
     names = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_CLUSTER_NAME", "SLURM_CPUS_PER_TASK",
-             "SLURM_MEM_PER_NODE", "SLURM_JOB_GPUS")  # fmt: skip
+             "SLURM_MEM_PER_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")  # fmt: skip
     return {name: environ[name] for name in names if name in environ}
 
 
