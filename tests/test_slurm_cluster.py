@@ -208,7 +208,8 @@ def test_a_node_lost_mid_cell_fails_its_job_and_a_rerun_runs_only_that_cell(work
     # nothing, so no round folder (nor its run folder) of the lost cell is left.
     wait_for(f"no container on {node}", lambda: node_containers(node, workdir) == [] or None, 60)
     (log,) = logs.glob("lost-*/round-1.log")
-    assert "interrupted by SIGTERM; container removed, nothing written" in log.read_text()
+    ended = "interrupted by SIGTERM; container removed, nothing written"
+    wait_for("the lost runner's last line", lambda: ended in log.read_text(), 30)
     assert [p for p in (workdir / "results" / "cells").glob("lost-*/*")] == []
     kept = provenance(workdir, "kept")
     assert kept["status"] == "ok" and kept["host"]["hostname"] != node
