@@ -176,13 +176,16 @@ def finish(
     means = means.sort([*KEY, "round"], nulls_last=True)
     names = table.columns
     at = names.index(RATIOS_BEFORE)
-    ratios = baseline_ratios(means.lazy(), baseline_id, settings["confidence"]).collect()
-    table = (
-        table.join(ratios, on=KEY, how="left", nulls_equal=True)
+    ratios = baseline_ratios(means.lazy(), baseline_id, settings["confidence"])
+    assessed = assessed_quality(measured, baseline_id, tolerance).lazy()
+    table = (  # lazily: one copy of the table made, not one per step
+        table.lazy()
+        .join(ratios, on=KEY, how="left", nulls_equal=True)
         .select(*names[:at], *RATIO_COLUMNS, *names[at:])
         .sort(["machine_id", *POINT, "cell_name", "cell_id"], maintain_order=True)
-        .join(assessed_quality(measured, baseline_id, tolerance), on=by_cell, how="left", maintain_order="left")
+        .join(assessed, on=by_cell, how="left", maintain_order="left")
         .with_columns(pl.col("quality_reason").fill_null("not measured"))  # cells none of whose rows has quality
+        .collect()
     )
     # Described once per distinct record: a cell repeats its record at every point.
     described = {value: describe_effective(value) for value in table["effective_json"].drop_nulls().unique()}
@@ -461,7 +464,9 @@ def round_dict(row) -> dict[int, float]:
 def _round_dict(numbers, means) -> dict[int, float]:
     """round_dict of one row's two columns (numpy arrays, as pandas holds them)."""
     if isinstance(numbers, np.ndarray) and isinstance(means, np.ndarray):
-        return dict(zip(numbers.tolist(), means.astype(float).tolist(), strict=True))
+        return dict(
+            zip(numbers.tolist(), (means if means.dtype == np.float64 else means.astype(float)).tolist(), strict=True)
+        )
     return round_dict({"round_numbers": numbers, "round_means": means})
 
 

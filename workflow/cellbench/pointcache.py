@@ -21,7 +21,6 @@ already hashes the schema, the polars version and the row cache's format.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +81,14 @@ def _of(frame: pl.DataFrame, cells: pl.DataFrame, keep: bool = True) -> pl.DataF
     return frame.join(cells, on=CELL, how="semi" if keep else "anti", nulls_equal=True)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read(folder: Path, key: str) -> tuple[dict[str, str], dict[str, pl.DataFrame]]:
     """The kept fingerprints and parts, or ({}, {}) where the index or a part does not verify."""
     try:
@@ -92,11 +99,11 @@ def read(folder: Path, key: str) -> tuple[dict[str, str], dict[str, pl.DataFrame
         if index.get("format") != FORMAT or index.get("settings") != key or set(index["files"]) != set(PARTS):
             return {}, {}
         parts = {}
-        for part, name in index["files"].items():
-            data = (folder / name).read_bytes()
-            if hashlib.sha256(data).hexdigest() != name.removesuffix(".arrow").rpartition("-")[2]:
+        for part, sha in index["files"].items():
+            path = folder / f"{part}.arrow"
+            if _sha256(path) != sha:
                 return {}, {}
-            parts[part] = pl.read_ipc(io.BytesIO(data), memory_map=False)
+            parts[part] = pl.read_ipc(path, memory_map=False)
         cells = index["cells"]
         if not isinstance(cells, dict) or not all(isinstance(v, str) for v in cells.values()):
             return {}, {}
@@ -106,25 +113,19 @@ def read(folder: Path, key: str) -> tuple[dict[str, str], dict[str, pl.DataFrame
 
 
 def write(folder: Path, key: str, cells: dict[str, str], parts: dict[str, pl.DataFrame]) -> None:
-    """The parts, each one Arrow IPC file named by its sha256, then the index; older parts removed."""
+    """Each part one Arrow IPC file, then the index with their sha256 (a part rewritten before
+    an index that names it fails its check: computed again)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for part in PARTS:
-        buffer = io.BytesIO()
-        parts[part].rechunk().write_ipc(buffer, compression="lz4")
-        data = buffer.getvalue()
-        name = f"{part}-{hashlib.sha256(data).hexdigest()}.arrow"
-        if not (folder / name).exists():
-            atomic.write_with(folder / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
-        files[part] = name
+        path = folder / f"{part}.arrow"
+        atomic.write_with(path, lambda tmp, frame=parts[part]: frame.write_ipc(tmp, compression="lz4"))
+        files[part] = _sha256(path)
     body = json.dumps({"format": FORMAT, "settings": key, "files": files, "cells": cells}, separators=(",", ":"))
     data = body.encode()
     atomic.write_with(
         folder / INDEX, lambda tmp: Path(tmp).write_bytes(hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
     )
-    for path in folder.iterdir():
-        if path.suffix == ".arrow" and path.name not in files.values():
-            path.unlink(missing_ok=True)
 
 
 def cell_points(rows: rowcache.Counts, baseline_id: str, statistics: dict | None = None, tolerance: dict | None = None):
@@ -168,8 +169,11 @@ def cell_points(rows: rowcache.Counts, baseline_id: str, statistics: dict | None
     computed = pl.collect_all(aggregate.cell_parts(scan(changed), flags.lazy(), settings))
     fresh = dict(zip(PARTS[2:], computed, strict=True))
     parts = {"rounds": rounds, "flags": flags}
-    for part, frame in fresh.items():
-        parts[part] = pl.concat([_of(stored[part], unchanged), frame], how="vertical") if stored else frame
+    for part in PARTS[2:]:
+        # The kept part let go as soon as it is merged: the points of 10,000 cells are 300 MB.
+        frame = fresh.pop(part)
+        parts[part] = pl.concat([_of(stored.pop(part), unchanged), frame], how="vertical") if stored else frame
+        del frame
     write(folder, key, now, parts)
     tolerance = quality.tolerance({"quality_tolerance": tolerance})
     return aggregate.finish(*(parts[p] for p in PARTS[2:]), baseline_id, settings, tolerance), counts
