@@ -156,7 +156,7 @@ def cell_parts(frame: pl.LazyFrame, flags: pl.LazyFrame, settings: dict) -> list
 
 
 def finish(
-    table: pl.DataFrame,
+    table: pl.DataFrame | pl.LazyFrame,
     means: pl.DataFrame,
     cells: pl.DataFrame,
     measured: pl.DataFrame,
@@ -167,26 +167,26 @@ def finish(
     """The cells' parts (cell_parts, of any number of cells, in any order) -> the point table:
     with each point's ratio to the baseline, each cell's quality against the baseline's and
     its "same as" mark, sorted by machine, point and cell name."""
-    if table.is_empty():
-        return pd.DataFrame()
     # One order whatever order the parts came in (kept ones and new ones), so that an aggregation
     # through the cache and a full one give the same table.
     by_cell = ["machine_id", "cell_id"]
+    table = table.lazy()
     cells, measured = cells.sort(by_cell, nulls_last=True), measured.sort(by_cell, nulls_last=True)
     means = means.sort([*KEY, "round"], nulls_last=True)
-    names = table.columns
+    names = table.collect_schema().names()
     at = names.index(RATIOS_BEFORE)
     ratios = baseline_ratios(means.lazy(), baseline_id, settings["confidence"])
     assessed = assessed_quality(measured, baseline_id, tolerance).lazy()
     table = (  # lazily: one copy of the table made, not one per step
-        table.lazy()
-        .join(ratios, on=KEY, how="left", nulls_equal=True)
+        table.join(ratios, on=KEY, how="left", nulls_equal=True)
         .select(*names[:at], *RATIO_COLUMNS, *names[at:])
         .sort(["machine_id", *POINT, "cell_name", "cell_id"], maintain_order=True)
         .join(assessed, on=by_cell, how="left", maintain_order="left")
         .with_columns(pl.col("quality_reason").fill_null("not measured"))  # cells none of whose rows has quality
         .collect()
     )
+    if table.is_empty():
+        return pd.DataFrame()
     # Described once per distinct record: a cell repeats its record at every point.
     described = {value: describe_effective(value) for value in table["effective_json"].drop_nulls().unique()}
     marks = effective.same_as_rows(cells.iter_rows(named=True), baseline_id)
@@ -461,13 +461,25 @@ def round_dict(row) -> dict[int, float]:
     return {int(k): float(v) for k, v in zip(numbers, means, strict=True)}
 
 
-def _round_dict(numbers, means) -> dict[int, float]:
-    """round_dict of one row's two columns (numpy arrays, as pandas holds them)."""
-    if isinstance(numbers, np.ndarray) and isinstance(means, np.ndarray):
-        return dict(
-            zip(numbers.tolist(), (means if means.dtype == np.float64 else means.astype(float)).tolist(), strict=True)
-        )
-    return round_dict({"round_numbers": numbers, "round_means": means})
+def _round_dicts(numbers: list, means: list) -> list[dict[int, float]]:
+    """round_dict of every row of the two columns (numpy arrays, as pandas holds them): the
+    arrays joined into one and made Python lists once, then sliced (a tolist per row took 0.8 s
+    at 10,000 cells)."""
+    arrays = [
+        isinstance(n, np.ndarray)
+        and isinstance(m, np.ndarray)
+        and n.dtype == np.int64
+        and m.dtype == np.float64
+        and len(n) == len(m)
+        for n, m in zip(numbers, means, strict=True)
+    ]
+    if not all(arrays):  # not as cell_points makes them: one row at a time
+        return [round_dict({"round_numbers": n, "round_means": m}) for n, m in zip(numbers, means, strict=True)]
+    if not numbers:
+        return []
+    flat_numbers, flat_means = np.concatenate(numbers).tolist(), np.concatenate(means).tolist()
+    ends = np.cumsum([len(n) for n in numbers]).tolist()
+    return [dict(zip(flat_numbers[a:b], flat_means[a:b], strict=True)) for a, b in zip([0, *ends], ends, strict=False)]
 
 
 def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
@@ -490,7 +502,7 @@ def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CO
     starts = np.searchsorted(number[order], np.arange(number.max() + 2 if len(number) else 1))
     key_columns = [ok[k].tolist() for k in keys]
     names, speeds, ratios = ok["cell_name"].tolist(), ok["output_tok_s"].tolist(), ok["vs_baseline"].tolist()
-    numbers, round_means = ok["round_numbers"].tolist(), ok["round_means"].tolist()
+    rounds = _round_dicts(ok["round_numbers"].tolist(), ok["round_means"].tolist())
     verdicts = ok["quality_verdict"].tolist() if judged else [None] * len(ok)
     reasons = ok["quality_reason"].tolist() if judged else [None] * len(ok)
     rows = []
@@ -508,7 +520,7 @@ def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CO
             "quality_excluded": len(dropped),
         }  # fmt: skip
         if kept:
-            means = {names[i]: _round_dict(numbers[i], round_means[i]) for i in kept}
+            means = {names[i]: rounds[i] for i in kept}
             leaders, margin, runner_up = stats.rank(means, confidence)
             best = next(i for i in kept if names[i] == leaders[0])
             row.update(

@@ -76,7 +76,7 @@ def _cells_frame(keys) -> pl.DataFrame:
     )
 
 
-def _of(frame: pl.DataFrame, cells: pl.DataFrame, keep: bool = True) -> pl.DataFrame:
+def _of(frame, cells, keep: bool = True):
     """The rows of `frame` of these cells (keep) or of the others."""
     return frame.join(cells, on=CELL, how="semi" if keep else "anti", nulls_equal=True)
 
@@ -89,8 +89,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read(folder: Path, key: str) -> tuple[dict[str, str], dict[str, pl.DataFrame]]:
-    """The kept fingerprints and parts, or ({}, {}) where the index or a part does not verify."""
+def read(folder: Path, key: str) -> tuple[dict[str, str], dict[str, pl.LazyFrame]]:
+    """The kept fingerprints and parts (scans of their files, whose bytes were checked), or
+    ({}, {}) where the index or a part does not verify."""
     try:
         check, _, body = (folder / INDEX).read_bytes().partition(b"\n")
         if hashlib.sha256(body).hexdigest().encode() != check:
@@ -103,7 +104,7 @@ def read(folder: Path, key: str) -> tuple[dict[str, str], dict[str, pl.DataFrame
             path = folder / f"{part}.arrow"
             if _sha256(path) != sha:
                 return {}, {}
-            parts[part] = pl.read_ipc(path, memory_map=False)
+            parts[part] = pl.scan_ipc(path, memory_map=False)
         cells = index["cells"]
         if not isinstance(cells, dict) or not all(isinstance(v, str) for v in cells.values()):
             return {}, {}
@@ -112,14 +113,15 @@ def read(folder: Path, key: str) -> tuple[dict[str, str], dict[str, pl.DataFrame
         return {}, {}
 
 
-def write(folder: Path, key: str, cells: dict[str, str], parts: dict[str, pl.DataFrame]) -> None:
-    """Each part one Arrow IPC file, then the index with their sha256 (a part rewritten before
-    an index that names it fails its check: computed again)."""
+def write(folder: Path, key: str, cells: dict[str, str], parts: dict[str, pl.LazyFrame]) -> None:
+    """Each part one Arrow IPC file, streamed (the kept rows from the old file, the new ones
+    from memory: never the whole table in memory), then the index with their sha256 (a part
+    rewritten before an index that names it fails its check: computed again)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for part in PARTS:
         path = folder / f"{part}.arrow"
-        atomic.write_with(path, lambda tmp, frame=parts[part]: frame.write_ipc(tmp, compression="lz4"))
+        atomic.write_with(path, lambda tmp, frame=parts[part]: frame.sink_ipc(tmp, compression="lz4"))
         files[part] = _sha256(path)
     body = json.dumps({"format": FORMAT, "settings": key, "files": files, "cells": cells}, separators=(",", ":"))
     data = body.encode()
@@ -155,10 +157,10 @@ def cell_points(rows: rowcache.Counts, baseline_id: str, statistics: dict | None
 
     rounds = aggregate.round_table(scan(changed)).collect()
     if stored:
-        rounds = pl.concat([_of(stored["rounds"], unchanged), rounds], how="vertical")
+        rounds = pl.concat([_of(stored["rounds"].collect(), unchanged), rounds], how="vertical")
     flags = aggregate.flags_of(rounds.lazy(), settings).collect()
     if stored:  # cells whose rows are the same but whose flagged rounds are not
-        before, after = _of(stored["flags"], unchanged), _of(flags, unchanged)
+        before, after = _of(stored["flags"].collect(), unchanged), _of(flags, unchanged)
         moved = pl.concat([before.join(after, on=list(after.columns), how="anti", nulls_equal=True),
                            after.join(before, on=list(after.columns), how="anti", nulls_equal=True)])  # fmt: skip
         moved_cells = {cell_key(*c) for c in moved.select(CELL).unique().rows()}
@@ -168,12 +170,12 @@ def cell_points(rows: rowcache.Counts, baseline_id: str, statistics: dict | None
     counts.computed = len(changed)
     computed = pl.collect_all(aggregate.cell_parts(scan(changed), flags.lazy(), settings))
     fresh = dict(zip(PARTS[2:], computed, strict=True))
-    parts = {"rounds": rounds, "flags": flags}
-    for part in PARTS[2:]:
-        # The kept part let go as soon as it is merged: the points of 10,000 cells are 300 MB.
-        frame = fresh.pop(part)
-        parts[part] = pl.concat([_of(stored.pop(part), unchanged), frame], how="vertical") if stored else frame
-        del frame
+    parts = {"rounds": rounds.lazy(), "flags": flags.lazy()}
+    for part, frame in fresh.items():
+        parts[part] = pl.concat([_of(stored[part], unchanged.lazy()), frame.lazy()]) if stored else frame.lazy()
     write(folder, key, now, parts)
+    del parts, fresh, computed, stored
+    # finish from the files just written, which it reads once (the points of 10,000 cells: 110 MB in polars).
+    table, *rest = (pl.scan_ipc(folder / f"{part}.arrow", memory_map=False) for part in PARTS[2:])
     tolerance = quality.tolerance({"quality_tolerance": tolerance})
-    return aggregate.finish(*(parts[p] for p in PARTS[2:]), baseline_id, settings, tolerance), counts
+    return aggregate.finish(table, *(part.collect() for part in rest), baseline_id, settings, tolerance), counts
