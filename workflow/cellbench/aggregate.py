@@ -479,7 +479,10 @@ def _round_dicts(numbers: list, means: list) -> list[dict[int, float]]:
         return []
     flat_numbers, flat_means = np.concatenate(numbers).tolist(), np.concatenate(means).tolist()
     ends = np.cumsum([len(n) for n in numbers]).tolist()
-    return [dict(zip(flat_numbers[a:b], flat_means[a:b], strict=True)) for a, b in zip([0, *ends], ends, strict=False)]
+    return [
+        {flat_numbers[a]: flat_means[a]} if b - a == 1 else dict(zip(flat_numbers[a:b], flat_means[a:b], strict=True))
+        for a, b in zip([0, *ends], ends, strict=False)
+    ]
 
 
 def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
