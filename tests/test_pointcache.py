@@ -70,7 +70,9 @@ def csv(written: dict[str, bytes]) -> str:
     return written["summary.csv"].decode()
 
 
-def test_incremental_points_equal_a_full_aggregation(study, capsys):
+@pytest.mark.parametrize("batch", [pointcache.BATCH_SHARDS, 1])
+def test_incremental_points_equal_a_full_aggregation(study, capsys, monkeypatch, batch):
+    monkeypatch.setattr(pointcache, "BATCH_SHARDS", batch)  # 1: every shard's cells computed apart
     files = study
     (computed, cells), _, first = aggregate(capsys, files)
     assert (computed, cells) == (7, 7)
@@ -132,3 +134,19 @@ def test_fingerprints_follow_the_shards_that_hold_a_cell():
     entries[1]["sha256"] = "c"
     changed = pointcache.fingerprints(entries)
     assert [key for key in found if found[key] != changed[key]] == ['["m", "y"]', '["m2", "x"]']
+
+
+def test_batches_keep_each_cell_whole_in_the_batch_of_its_first_shard(monkeypatch):
+    monkeypatch.setattr(pointcache, "BATCH_SHARDS", 2)
+    x, y, z, w = (pointcache.cell_key("m", c) for c in "xyzw")
+    entries = [
+        {"cells": [["m", "x"], ["m", "y"]]},
+        {"cells": [["m", "y"]]},  # y again: already in the first batch
+        {"cells": [["m", "z"]]},
+        {"cells": [["m", "w"]]},
+    ]
+    # Shards 1 and 2 hold a wanted cell that is not yet placed: batch 1; shard 3 starts batch 2.
+    assert pointcache.batches(entries, {x, z, w}) == [{x, z}, {w}]
+    # Shard 2 places no cell (y is placed): it does not count towards the batch.
+    assert pointcache.batches(entries, {x, y, z, w}) == [{x, y, z}, {w}]
+    assert pointcache.batches(entries, set()) == []

@@ -36,6 +36,7 @@ INDEX = "index.json"
 # cell_parts' four.
 PARTS = ("rounds", "flags", "points", "means", "cells", "measured")
 CELL = ["machine_id", "cell_id"]
+BATCH_SHARDS = 64  # cells computed together: those of about 64 shards (2,000 cells, 80,000 rows)
 
 
 @dataclass
@@ -62,6 +63,25 @@ def fingerprints(entries: list[dict]) -> dict[str, str]:
         for machine_id, cell_id in entry["cells"]:
             shards.setdefault(cell_key(machine_id, cell_id), []).append(entry["sha256"])
     return {key: hashlib.sha256(" ".join(shas).encode()).hexdigest()[:32] for key, shas in shards.items()}
+
+
+def batches(entries: list[dict], cells: set[str]) -> list[set[str]]:
+    """These cells in batches of about BATCH_SHARDS shards, in the shards' order: each cell in the
+    batch of the first shard that holds its rows."""
+    found: list[set[str]] = []
+    seen: set[str] = set()
+    shards = BATCH_SHARDS
+    for entry in entries:
+        wanted = {key for key in (cell_key(*c) for c in entry["cells"]) if key in cells and key not in seen}
+        if not wanted:
+            continue
+        if shards >= BATCH_SHARDS:
+            found.append(set())
+            shards = 0
+        found[-1] |= wanted
+        seen |= wanted
+        shards += 1
+    return found
 
 
 def settings_key(settings: dict) -> str:
@@ -168,7 +188,16 @@ def cell_points(rows: rowcache.Counts, baseline_id: str, statistics: dict | None
         changed |= moved_cells
         unchanged = _cells_frame(now.keys() - changed)
     counts.computed = len(changed)
-    computed = pl.collect_all(aggregate.cell_parts(scan(changed), flags.lazy(), settings))
+    # A batch of cells at a time (each cell's parts are its own): the memory of a full
+    # aggregation stays that of a batch's rows.
+    pieces = [
+        pl.collect_all(aggregate.cell_parts(scan(batch), flags.lazy(), settings))
+        for batch in batches(rows.entries, changed)
+    ]
+    computed = [pl.concat(part, how="vertical") for part in zip(*pieces, strict=True)] if pieces else []
+    del pieces
+    if not computed:
+        computed = pl.collect_all(aggregate.cell_parts(scan(set()), flags.lazy(), settings))
     fresh = dict(zip(PARTS[2:], computed, strict=True))
     parts = {"rounds": rounds.lazy(), "flags": flags.lazy()}
     for part, frame in fresh.items():
