@@ -27,7 +27,7 @@ from pathlib import Path
 
 import polars as pl
 
-from . import aggregate, atomic, config, quality, rowcache
+from . import aggregate, atomic, config, metrics, quality, rowcache
 
 FORMAT = 1  # the layout of the index and parts; bump it when either, or what cell_parts computes, changes
 FOLDER = "points"
@@ -169,7 +169,7 @@ def cell_points(rows: rowcache.Counts, baseline_id: str, statistics: dict | None
         """The rows of these cells, from the shards that hold them, in the summary's order."""
         files = [str(rows.folder / e["file"]) for e in rows.entries if any(cell_key(*c) in cells for c in e["cells"])]
         if not files:
-            return aggregate.prepared(pl.from_arrow(rowcache.metrics.SCHEMA.empty_table()))
+            return aggregate.prepared(pl.from_arrow(metrics.SCHEMA.empty_table()))
         frame = pl.scan_ipc(files, memory_map=False)
         if len(cells) < len(now):
             frame = frame.join(_cells_frame(cells).lazy(), on=CELL, how="semi", nulls_equal=True)
