@@ -111,3 +111,14 @@ def test_arrow_rows_as_the_cli_reads_them_give_the_same_points(rows):
     from_arrow = aggregate.cell_points(pa.Table.from_pandas(rows, preserve_index=False), "base-h")
     pd.testing.assert_frame_equal(from_arrow, aggregate.cell_points(rows, "base-h"))
     assert report.serving_markdown(from_arrow)[1].startswith("## Serving latency")
+
+
+def test_round_dicts_of_the_columns_as_cell_points_holds_them():
+    import numpy as np
+
+    numbers = [np.array([1, 2]), np.array([3]), np.array([], dtype=np.int64)]
+    means = [np.array([10.0, 11.0]), np.array([5.5]), np.array([], dtype=np.float64)]
+    assert aggregate._round_dicts(numbers, means) == [{1: 10.0, 2: 11.0}, {3: 5.5}, {}]
+    # Anything else (a missing value): row by row, as round_dict reads it.
+    assert aggregate._round_dicts([np.array([1]), None], [np.array([2.0]), None]) == [{1: 2.0}, {}]
+    assert aggregate._round_dicts([], []) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import polars as pl
 import pyarrow as pa
@@ -57,18 +58,39 @@ def cell_points(
     baseline cell on the same machine and point with its interval and significance. Rounds the
     host canary or sentinel flagged are left out (kept as rows in summary.parquet). Each point
     carries its cell's quality against the same machine's baseline (cellbench.quality).
-    Computed lazily with polars, which reads only the columns used; returned as pandas."""
+    Computed lazily with polars, which reads only the columns used; returned as pandas.
+
+    In two steps, so that an aggregation can keep the first per cell (cellbench.pointcache):
+    cell_parts, each cell from its own rows and its flagged rounds, and finish, what compares
+    cells (the ratio to the baseline, quality, "same as")."""
     settings = config.statistics({"statistics": statistics or {}})  # the schema's defaults fill the rest
-    tolerance = quality.tolerance({"quality_tolerance": quality_tolerance})
+    frame = prepared(rows)
+    flags = flags_of(round_table(frame), settings)
+    parts = pl.collect_all(cell_parts(frame, flags, settings))
+    return finish(*parts, baseline_id, settings, quality.tolerance({"quality_tolerance": quality_tolerance}))
+
+
+def prepared(rows) -> pl.LazyFrame:
+    """Rows in the schema's types (columns a row does not carry, added to the schema later, read
+    as null), round 1 where rounds did not exist yet, and their load point."""
     frame = _lazy(rows)
-    # In the schema's types; columns a row does not carry (added to the schema later) read as null.
     schema, names = metrics.polars_schema(), frame.collect_schema().names()
     frame = frame.with_columns(
         pl.col(c).cast(schema[c]) if c in names else pl.lit(None, schema[c]).alias(c) for c in metrics.COLUMNS
     )
-    # Files written before rounds existed hold one round.
-    frame = frame.with_columns(pl.col("round").fill_null(1), load_point_expr())
-    flags = round_flags(frame, settings)
+    return frame.with_columns(pl.col("round").fill_null(1), load_point_expr())
+
+
+# Where the ratio to the baseline joins a cell's point columns (the CSV's column order).
+RATIO_COLUMNS = ["vs_baseline", "vs_baseline_low", "vs_baseline_high", "vs_baseline_significance"]
+RATIOS_BEFORE = "rounds_total"
+
+
+def cell_parts(frame: pl.LazyFrame, flags: pl.LazyFrame, settings: dict) -> list[pl.LazyFrame]:
+    """What each cell's own rows (prepared) and its flagged rounds give: its points without the
+    columns that compare it with other cells, its round means (for the ratio to the baseline),
+    its settings (for "same as") and its quality figures. Each is a function of one cell's rows
+    and flags alone, so an aggregation can keep them per cell."""
     frame = frame.join(flags, on=["machine_id", "cell_id", "round"], how="left")
     # A point none of whose ok rounds is clean keeps its flagged rounds as its figure (a busy
     # laptop still gets numbers), counted as 0 trusted rounds so that no verdict rests on it.
@@ -108,6 +130,7 @@ def cell_points(
         .drop("_rank")
     )
     means = round_means(trusted)
+    # `flags` may hold other cells' rounds too: the join below keeps this cell's.
     flagged = flags.group_by("machine_id", "cell_id").agg(
         pl.len().alias("rounds_flagged"), pl.col("round_flag").sort().first().alias("round_flag")
     )
@@ -115,7 +138,6 @@ def cell_points(
     table = (
         table.drop("output_tok_s")
         .join(point_intervals(means, settings["confidence"]), on=KEY, how="left", nulls_equal=True)
-        .join(baseline_ratios(means, baseline_id, settings["confidence"]), on=KEY, how="left", nulls_equal=True)
         .join(rounds_run(frame), on=KEY, how="left", nulls_equal=True)
         .join(flagged, on=["machine_id", "cell_id"], how="left")
         .join(canary, on=["machine_id", "cell_id"], how="left")
@@ -124,19 +146,47 @@ def cell_points(
         .with_columns(flagged_only=pl.col("rounds").is_not_null() & ~pl.col("_has_clean") & settings["exclude_flagged"])
         .with_columns(pl.when(pl.col("flagged_only")).then(0).otherwise(pl.col("rounds")).alias("rounds"))
         .drop("_has_clean")
-        .sort(["machine_id", *POINT, "cell_name"], maintain_order=True)
     )
     cells = (
         frame.filter(pl.col("settings_json").is_not_null())
         .unique(["machine_id", "cell_id"], keep="first", maintain_order=True)
         .select("machine_id", "cell_id", "settings_json", "effective_json")
     )
-    table, cells, measured = pl.collect_all([table, cells, quality_rows(frame)])
+    return [table, means, cells, quality_rows(frame)]
+
+
+def finish(
+    table: pl.DataFrame | pl.LazyFrame,
+    means: pl.DataFrame,
+    cells: pl.DataFrame,
+    measured: pl.DataFrame,
+    baseline_id: str,
+    settings: dict,
+    tolerance: dict,
+) -> pd.DataFrame:
+    """The cells' parts (cell_parts, of any number of cells, in any order) -> the point table:
+    with each point's ratio to the baseline, each cell's quality against the baseline's and
+    its "same as" mark, sorted by machine, point and cell name."""
+    # One order whatever order the parts came in (kept ones and new ones), so that an aggregation
+    # through the cache and a full one give the same table.
+    by_cell = ["machine_id", "cell_id"]
+    table = table.lazy()
+    cells, measured = cells.sort(by_cell, nulls_last=True), measured.sort(by_cell, nulls_last=True)
+    means = means.sort([*KEY, "round"], nulls_last=True)
+    names = table.collect_schema().names()
+    at = names.index(RATIOS_BEFORE)
+    ratios = baseline_ratios(means.lazy(), baseline_id, settings["confidence"])
+    assessed = assessed_quality(measured, baseline_id, tolerance).lazy()
+    table = (  # lazily: one copy of the table made, not one per step
+        table.join(ratios, on=KEY, how="left", nulls_equal=True)
+        .select(*names[:at], *RATIO_COLUMNS, *names[at:])
+        .sort(["machine_id", *POINT, "cell_name", "cell_id"], maintain_order=True)
+        .join(assessed, on=by_cell, how="left", maintain_order="left")
+        .with_columns(pl.col("quality_reason").fill_null("not measured"))  # cells none of whose rows has quality
+        .collect()
+    )
     if table.is_empty():
         return pd.DataFrame()
-    table = table.join(
-        assessed_quality(measured, baseline_id, tolerance), on=["machine_id", "cell_id"], how="left"
-    ).with_columns(pl.col("quality_reason").fill_null("not measured"))  # cells none of whose rows has quality
     # Described once per distinct record: a cell repeats its record at every point.
     described = {value: describe_effective(value) for value in table["effective_json"].drop_nulls().unique()}
     marks = effective.same_as_rows(cells.iter_rows(named=True), baseline_id)
@@ -151,8 +201,8 @@ def cell_points(
             .replace_strict(described, default=None, return_dtype=pl.String)
             .fill_null(describe_effective(None))
         )
-        .join(same_as, on=["machine_id", "cell_id"], how="left", maintain_order="left")
-        .join(serve_settings(cells), on=["machine_id", "cell_id"], how="left", maintain_order="left")
+        .join(same_as, on=by_cell, how="left", maintain_order="left")
+        .join(serve_settings(cells), on=by_cell, how="left", maintain_order="left")
         .to_pandas()
     )
 
@@ -206,11 +256,21 @@ def round_flags(frame: pl.LazyFrame, settings: dict) -> pl.LazyFrame:
     more than `host_cpu_max` cores (or the hypervisor stole as much) during a measured repeat, or
     its canary was off the machine's median canary for the same image by more than
     `canary_tolerance`. Rounds without sentinel or canary figures are never flagged."""
-    per_round = frame.group_by(ROUND + ["image"]).agg(
+    return flags_of(round_table(frame), settings)
+
+
+def round_table(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Per machine, cell, round and image: what the sentinel and canary measured (one cell's rows
+    give its own; round_flags compares them across the machine's cells)."""
+    return frame.group_by(ROUND + ["image"]).agg(
         pl.col("host_foreign_cpu").max().alias("_foreign"),
         pl.col("host_steal_cpu").max().alias("_steal"),
         *(pl.col(c).drop_nulls().first() for c in CANARY),
     )
+
+
+def flags_of(per_round: pl.LazyFrame, settings: dict) -> pl.LazyFrame:
+    """round_flags from every cell's round_table."""
     medians = per_round.group_by("machine_id", "image").agg(pl.col(c).median().alias(f"_median_{c}") for c in CANARY)
     per_round = per_round.join(medians, on=["machine_id", "image"], how="left", nulls_equal=True)
     limit, tolerance = settings["host_cpu_max"], settings["canary_tolerance"]
@@ -401,6 +461,30 @@ def round_dict(row) -> dict[int, float]:
     return {int(k): float(v) for k, v in zip(numbers, means, strict=True)}
 
 
+def _round_dicts(numbers: list, means: list) -> list[dict[int, float]]:
+    """round_dict of every row of the two columns (numpy arrays, as pandas holds them): the
+    arrays joined into one and made Python lists once, then sliced (a tolist per row took 0.8 s
+    at 10,000 cells)."""
+    arrays = [
+        isinstance(n, np.ndarray)
+        and isinstance(m, np.ndarray)
+        and n.dtype == np.int64
+        and m.dtype == np.float64
+        and len(n) == len(m)
+        for n, m in zip(numbers, means, strict=True)
+    ]
+    if not all(arrays):  # not as cell_points makes them: one row at a time
+        return [round_dict({"round_numbers": n, "round_means": m}) for n, m in zip(numbers, means, strict=True)]
+    if not numbers:
+        return []
+    flat_numbers, flat_means = np.concatenate(numbers).tolist(), np.concatenate(means).tolist()
+    ends = np.cumsum([len(n) for n in numbers]).tolist()
+    return [
+        {flat_numbers[a]: flat_means[a]} if b - a == 1 else dict(zip(flat_numbers[a:b], flat_means[a:b], strict=True))
+        for a, b in zip([0, *ends], ends, strict=False)
+    ]
+
+
 def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
     """Per machine and point: the fastest ok cell whose quality did not diverge, named only when
     it is significantly faster than the runner-up (else the tie: every cell not significantly
@@ -412,37 +496,51 @@ def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CO
     # A capacity search's probes are the search's, not points cells are compared at.
     probe = points["load_phase"].eq("search") if "load_phase" in points else False
     ok = points.loc[(points["status"] == "ok") & points["output_tok_s"].notna() & ~probe, columns]
+    keys = ["machine_id", *POINT]
+    # Each group's rows by position, in pandas' group order (sorted keys, null keys left out),
+    # and the columns as Python lists once: pandas per group (slices, set_index, to_dict) took
+    # 4 s at 10,000 cells, most of the tables stage.
+    number = ok.groupby(keys, sort=True).ngroup().to_numpy()
+    order = np.argsort(number, kind="stable")
+    starts = np.searchsorted(number[order], np.arange(number.max() + 2 if len(number) else 1))
+    key_columns = [ok[k].tolist() for k in keys]
+    names, speeds, ratios = ok["cell_name"].tolist(), ok["output_tok_s"].tolist(), ok["vs_baseline"].tolist()
+    rounds = _round_dicts(ok["round_numbers"].tolist(), ok["round_means"].tolist())
+    verdicts = ok["quality_verdict"].tolist() if judged else [None] * len(ok)
+    reasons = ok["quality_reason"].tolist() if judged else [None] * len(ok)
     rows = []
-    for key, group in ok.groupby(["machine_id", *POINT]):
-        out = group["quality_verdict"].map(quality.excluded) if judged else pd.Series(False, index=group.index)
-        kept, dropped = group[~out], group[out]
+    for group in range(len(starts) - 1):
+        members = order[starts[group] : starts[group + 1]].tolist()
+        if not members:
+            continue
+        out = {i: judged and quality.excluded(verdicts[i]) for i in members}
+        kept = [i for i in members if not out[i]]
+        dropped = [i for i in members if out[i]]
         row = {
-            **dict(zip(["machine_id", *POINT], key, strict=True)),
+            **{k: column[members[0]] for k, column in zip(keys, key_columns, strict=True)},
             "fastest": None, "tied": [], "output_tok_s": None, "vs_baseline": None, "runner_up": None,
-            "margin": None, "margin_low": None, "margin_high": None, "cells": len(group),
+            "margin": None, "margin_low": None, "margin_high": None, "cells": len(members),
             "quality_excluded": len(dropped),
         }  # fmt: skip
-        if not kept.empty:
-            # From the columns, not to_dict("records"): that boxed every column of 200,000 rows (5 s).
-            columns = zip(kept["cell_name"], kept["round_numbers"], kept["round_means"], strict=True)
-            means = {name: round_dict({"round_numbers": n, "round_means": m}) for name, n, m in columns}
+        if kept:
+            means = {names[i]: rounds[i] for i in kept}
             leaders, margin, runner_up = stats.rank(means, confidence)
-            best = kept.set_index("cell_name").loc[leaders[0]]
+            best = next(i for i in kept if names[i] == leaders[0])
             row.update(
                 fastest=leaders[0] if len(leaders) == 1 else None,
                 tied=leaders if len(leaders) > 1 else [],
-                output_tok_s=best["output_tok_s"],
-                vs_baseline=best["vs_baseline"],
+                output_tok_s=speeds[best],
+                vs_baseline=ratios[best],
                 runner_up=runner_up,
                 margin=None if margin is None else margin.estimate,
                 margin_low=None if margin is None else margin.low,
                 margin_high=None if margin is None else margin.high,
             )
         best_speed = row["output_tok_s"]
-        faster = dropped if best_speed is None else dropped[dropped["output_tok_s"] > best_speed]
+        faster = dropped if best_speed is None else [i for i in dropped if speeds[i] > best_speed]
         row["excluded"] = [
-            (r["cell_name"], None if best_speed is None else r["output_tok_s"] / best_speed, r["quality_reason"])
-            for r in faster.sort_values("output_tok_s", ascending=False).to_dict("records")
+            (names[i], None if best_speed is None else speeds[i] / best_speed, reasons[i])
+            for i in sorted(faster, key=lambda i: -speeds[i])
         ]
         rows.append(row)
     return pd.DataFrame(rows)

@@ -113,7 +113,15 @@ def cmd_aggregate(args) -> int:
     cache = None if args.no_cache else Path(args.cache or paths.aggregate_cache(Path(args.summary).parent))
     rows = rowcache.combine(files, args.summary, cache)
     started = time.perf_counter()
-    points, statistics, tolerance = _points(args)
+    if rows.folder is None:  # a full aggregation: no cache to keep points in
+        points, statistics, tolerance = _points(args)
+    else:
+        from . import pointcache
+
+        statistics = json.loads(args.statistics) if args.statistics else None
+        tolerance = _quality_tolerance(args)
+        points, kept = pointcache.cell_points(rows, args.baseline_id, statistics, tolerance)
+        print(f"cellbench: points: {kept.line()}")
     took = {"points": time.perf_counter() - started}
     confidence = config.statistics({"statistics": statistics or {}})["confidence"]
     where = (

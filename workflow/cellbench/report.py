@@ -291,7 +291,8 @@ def short_points(points: pd.DataFrame) -> set[tuple]:
     MIN_ROUNDS trusted rounds: no fastest cell or difference is stated there."""
     ok = _compared_ok(points)
     ok = ok[ok["rounds"].fillna(0) < MIN_ROUNDS]
-    return set(ok[["machine_id", *aggregate.POINT]].itertuples(index=False, name=None))
+    # Each point once (every short cell of a point repeats it: 200,000 tuples at 10,000 cells).
+    return set(ok[["machine_id", *aggregate.POINT]].drop_duplicates().itertuples(index=False, name=None))
 
 
 def excluded_notes(row) -> list[str]:

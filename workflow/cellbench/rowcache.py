@@ -38,7 +38,7 @@ import polars as pl
 
 from . import atomic, metrics
 
-FORMAT = 1  # the layout of the index and shards; bump it when either changes
+FORMAT = 2  # the layout of the index and shards; bump it when either changes (2: each shard lists its cells)
 SPAN = 32  # files per shard on average (10,000 cells: about 300 shards of about 1,300 rows)
 MAX_SPAN = 4 * SPAN  # a run of paths without a cut point is cut here
 READ_BATCH = 1024  # metrics files read in one polars scan (bounds the memory of a full aggregation)
@@ -57,6 +57,11 @@ class Counts:
     shards_reused: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # The cache's folder and its index's entries, in order (each with the [machine_id, cell_id]
+    # pairs its rows hold, "cells"): what cellbench.pointcache keys its cells by. None and []
+    # when the aggregation was full (no cache, or one it could not write).
+    folder: Path | None = None
+    entries: list[dict] = field(default_factory=list)
 
     def line(self) -> str:
         reused = f", {self.shards_reused} of {self.shards} shards reused" if self.shards else ""
@@ -120,6 +125,8 @@ def read_index(folder: Path) -> tuple[dict[str, list[dict]], dict[tuple, tuple[d
                 where.setdefault(tuple(key[:5]), (entry, offset, rows))
                 offset += rows
             if not isinstance(entry["file"], str) or not isinstance(entry["sha256"], str):
+                return {}, {}
+            if not all(isinstance(cell, list) and len(cell) == 2 for cell in entry["cells"]):
                 return {}, {}
         return by_id, where
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
@@ -211,6 +218,7 @@ def combine(paths, out: str | Path, cache: str | Path | None) -> Counts:
             counts = _combine(paths, Path(out), Path(tmp))
     else:
         counts = _combine(paths, Path(out), Path(cache))
+        counts.folder = Path(cache) / fingerprint()
     counts.notes += [note] if note else []
     counts.seconds = time.perf_counter() - started
     return counts
@@ -254,6 +262,7 @@ def _combine(paths: list[str], out: Path, root: Path) -> Counts:
     atomic.write_with(out, write)
     write_index(folder, shards)
     _prune(root, folder, {entry["file"] for entry in shards})
+    counts.entries = shards
     return counts
 
 
@@ -308,7 +317,8 @@ def _make_shards(folder: Path, batch: list, shards: list, where: dict, counts: C
         name = f"{ident}-{digest}.arrow"
         atomic.write_with(folder / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
         files = [[*key, size] for key, size in zip(members, sizes, strict=True)]
-        shards[position] = {"id": ident, "file": name, "sha256": digest, "files": files}
+        cells = [list(cell) for cell in frame.select("machine_id", "cell_id").unique(maintain_order=True).rows()]
+        shards[position] = {"id": ident, "file": name, "sha256": digest, "files": files, "cells": cells}
 
 
 def _prune(root: Path, folder: Path, used: set[str]) -> None:

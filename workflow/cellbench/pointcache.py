@@ -1,0 +1,210 @@
+"""Incremental points: after one cell changed, `cellbench aggregate` computes that cell's points
+again and keeps every other cell's.
+
+aggregate.cell_points is two steps: cell_parts, what one cell's own rows (and which of its rounds
+the host disturbed) give, and finish, what compares cells (the ratio to the baseline, quality,
+"same as"), over the small per-point tables. This keeps each cell's parts in the row cache's
+folder (cellbench.rowcache), under `points/`, keyed by the shards that hold the cell's rows: a
+cell whose shards' bytes are the same (their sha256, in order) has the same rows, and so the same
+parts, unless its flagged rounds changed. Which rounds are flagged depends on other cells (a
+round's canary against the machine's median for the image), so every aggregation flags the
+rounds again from every cell's kept round figures (one row per cell and round) and computes again
+each cell whose flags moved. finish then runs over every cell's parts, so a rerun of the baseline
+cell changes every ratio as it should.
+
+What the cache cannot vouch for is computed again, never trusted: an index whose first line is
+not the sha256 of the rest, a part whose bytes do not hash to what the index says, parts of
+another format or other statistics settings. The folder sits inside the row cache's, whose name
+already hashes the schema, the polars version and the row cache's format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from . import aggregate, atomic, config, metrics, quality, rowcache
+
+FORMAT = 1  # the layout of the index and parts; bump it when either, or what cell_parts computes, changes
+FOLDER = "points"
+INDEX = "index.json"
+# The parts kept: each cell's round figures (round_table), the flags they gave (flags_of), and
+# cell_parts' four.
+PARTS = ("rounds", "flags", "points", "means", "cells", "measured")
+CELL = ["machine_id", "cell_id"]
+BATCH_SHARDS = 64  # cells computed together: those of about 64 shards (2,000 cells, 80,000 rows)
+
+
+@dataclass
+class Counts:
+    cells: int = 0
+    computed: int = 0  # cells whose parts were computed again
+    flags_moved: int = 0  # of them, cells whose rows were the same but whose flagged rounds moved
+    note: str = ""
+
+    def line(self) -> str:
+        moved = f" ({self.flags_moved} for their flagged rounds)" if self.flags_moved else ""
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.computed:,} of {self.cells:,} cells' points computed{moved}{note}"
+
+
+def cell_key(machine_id, cell_id) -> str:
+    return json.dumps([machine_id, cell_id])
+
+
+def fingerprints(entries: list[dict]) -> dict[str, str]:
+    """{cell key: the sha256 of the shards that hold its rows, in order}: the same string, the same rows."""
+    shards: dict[str, list[str]] = {}
+    for entry in entries:
+        for machine_id, cell_id in entry["cells"]:
+            shards.setdefault(cell_key(machine_id, cell_id), []).append(entry["sha256"])
+    return {key: hashlib.sha256(" ".join(shas).encode()).hexdigest()[:32] for key, shas in shards.items()}
+
+
+def batches(entries: list[dict], cells: set[str]) -> list[set[str]]:
+    """These cells in batches of about BATCH_SHARDS shards, in the shards' order: each cell in the
+    batch of the first shard that holds its rows."""
+    found: list[set[str]] = []
+    seen: set[str] = set()
+    shards = BATCH_SHARDS
+    for entry in entries:
+        wanted = {key for key in (cell_key(*c) for c in entry["cells"]) if key in cells and key not in seen}
+        if not wanted:
+            continue
+        if shards >= BATCH_SHARDS:
+            found.append(set())
+            shards = 0
+        found[-1] |= wanted
+        seen |= wanted
+        shards += 1
+    return found
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps([FORMAT, settings], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cells_frame(keys) -> pl.DataFrame:
+    pairs = [json.loads(key) for key in keys]
+    return pl.DataFrame(
+        {"machine_id": [p[0] for p in pairs], "cell_id": [p[1] for p in pairs]},
+        schema={"machine_id": pl.String, "cell_id": pl.String},
+    )
+
+
+def _of(frame, cells, keep: bool = True):
+    """The rows of `frame` of these cells (keep) or of the others."""
+    return frame.join(cells, on=CELL, how="semi" if keep else "anti", nulls_equal=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read(folder: Path, key: str) -> tuple[dict[str, str], dict[str, pl.LazyFrame]]:
+    """The kept fingerprints and parts (scans of their files, whose bytes were checked), or
+    ({}, {}) where the index or a part does not verify."""
+    try:
+        check, _, body = (folder / INDEX).read_bytes().partition(b"\n")
+        if hashlib.sha256(body).hexdigest().encode() != check:
+            return {}, {}
+        index = json.loads(body)
+        if index.get("format") != FORMAT or index.get("settings") != key or set(index["files"]) != set(PARTS):
+            return {}, {}
+        parts = {}
+        for part, sha in index["files"].items():
+            path = folder / f"{part}.arrow"
+            if _sha256(path) != sha:
+                return {}, {}
+            parts[part] = pl.scan_ipc(path, memory_map=False)
+        cells = index["cells"]
+        if not isinstance(cells, dict) or not all(isinstance(v, str) for v in cells.values()):
+            return {}, {}
+        return cells, parts
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pl.exceptions.PolarsError):
+        return {}, {}
+
+
+def write(folder: Path, key: str, cells: dict[str, str], parts: dict[str, pl.LazyFrame]) -> None:
+    """Each part one Arrow IPC file, streamed (the kept rows from the old file, the new ones
+    from memory: never the whole table in memory), then the index with their sha256 (a part
+    rewritten before an index that names it fails its check: computed again)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for part in PARTS:
+        path = folder / f"{part}.arrow"
+        atomic.write_with(path, lambda tmp, frame=parts[part]: frame.sink_ipc(tmp, compression="lz4"))
+        files[part] = _sha256(path)
+    body = json.dumps({"format": FORMAT, "settings": key, "files": files, "cells": cells}, separators=(",", ":"))
+    data = body.encode()
+    atomic.write_with(
+        folder / INDEX, lambda tmp: Path(tmp).write_bytes(hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    )
+
+
+def cell_points(rows: rowcache.Counts, baseline_id: str, statistics: dict | None = None, tolerance: dict | None = None):
+    """aggregate.cell_points of the rows rowcache.combine just stored (its Counts: the cache's
+    folder and shards), through the parts kept beside them. Returns (the points, Counts)."""
+    settings = config.statistics({"statistics": statistics or {}})
+    key, folder = settings_key(settings), rows.folder / FOLDER
+    now = fingerprints(rows.entries)
+    kept, stored = read(folder, key)
+    counts = Counts(cells=len(now))
+    if not stored and (folder / INDEX).exists():
+        counts.note = "kept points failed their check: computed again"
+    if not stored:
+        kept = {}
+    changed = {cell for cell, fp in now.items() if kept.get(cell) != fp}
+    unchanged = _cells_frame(now.keys() - changed)
+
+    def scan(cells: set[str]) -> pl.LazyFrame:
+        """The rows of these cells, from the shards that hold them, in the summary's order."""
+        files = [str(rows.folder / e["file"]) for e in rows.entries if any(cell_key(*c) in cells for c in e["cells"])]
+        if not files:
+            return aggregate.prepared(pl.from_arrow(metrics.SCHEMA.empty_table()))
+        frame = pl.scan_ipc(files, memory_map=False)
+        if len(cells) < len(now):
+            frame = frame.join(_cells_frame(cells).lazy(), on=CELL, how="semi", nulls_equal=True)
+        return aggregate.prepared(frame)
+
+    rounds = aggregate.round_table(scan(changed)).collect()
+    if stored:
+        rounds = pl.concat([_of(stored["rounds"].collect(), unchanged), rounds], how="vertical")
+    flags = aggregate.flags_of(rounds.lazy(), settings).collect()
+    if stored:  # cells whose rows are the same but whose flagged rounds are not
+        before, after = _of(stored["flags"].collect(), unchanged), _of(flags, unchanged)
+        moved = pl.concat([before.join(after, on=list(after.columns), how="anti", nulls_equal=True),
+                           after.join(before, on=list(after.columns), how="anti", nulls_equal=True)])  # fmt: skip
+        moved_cells = {cell_key(*c) for c in moved.select(CELL).unique().rows()}
+        counts.flags_moved = len(moved_cells)
+        changed |= moved_cells
+        unchanged = _cells_frame(now.keys() - changed)
+    counts.computed = len(changed)
+    # A batch of cells at a time (each cell's parts are its own): the memory of a full
+    # aggregation stays that of a batch's rows.
+    pieces = [
+        pl.collect_all(aggregate.cell_parts(scan(batch), flags.lazy(), settings))
+        for batch in batches(rows.entries, changed)
+    ]
+    computed = [pl.concat(part, how="vertical") for part in zip(*pieces, strict=True)] if pieces else []
+    del pieces
+    if not computed:
+        computed = pl.collect_all(aggregate.cell_parts(scan(set()), flags.lazy(), settings))
+    fresh = dict(zip(PARTS[2:], computed, strict=True))
+    parts = {"rounds": rounds.lazy(), "flags": flags.lazy()}
+    for part, frame in fresh.items():
+        parts[part] = pl.concat([_of(stored[part], unchanged.lazy()), frame.lazy()]) if stored else frame.lazy()
+    write(folder, key, now, parts)
+    del parts, fresh, computed, stored
+    # finish from the files just written, which it reads once (the points of 10,000 cells: 110 MB in polars).
+    table, *rest = (pl.scan_ipc(folder / f"{part}.arrow", memory_map=False) for part in PARTS[2:])
+    tolerance = quality.tolerance({"quality_tolerance": tolerance})
+    return aggregate.finish(table, *(part.collect() for part in rest), baseline_id, settings, tolerance), counts
