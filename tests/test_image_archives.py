@@ -3,6 +3,7 @@ the study setting that asks for them (outside the config hash)."""
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,27 @@ def test_image_archives_stay_out_of_the_config_hash_and_the_cell_ids():
 def test_image_archives_must_be_a_boolean():
     with pytest.raises(config.ConfigError, match="image_archives"):
         config.read(ROOT / "config" / "config.yaml", overrides={"image_archives": "yes"})
+
+
+def test_a_damaged_archive_of_the_right_size_is_current_only_without_verifying(tmp_path):
+    archive = archive_with_record(tmp_path)
+    archive.write_bytes(b"layerz")
+    assert runtimes.archive_is_current({"image_id": IMAGE}, archive)  # a run's start: size and id
+    assert not runtimes.archive_is_current({"image_id": IMAGE}, archive, verify=True)  # save-image
+
+
+@pytest.mark.parametrize(
+    "manifest, error",
+    [
+        ({"name": "../../escape", "tag": "t", "image_id": IMAGE}, "the manifest of image '../../escape', not 'cpu'"),
+        ({"name": "cpu", "tag": 3, "image_id": IMAGE}, "expected name, tag, image_id"),
+        ([1, 2], "expected name, tag, image_id"),
+    ],
+)
+def test_save_image_refuses_a_manifest_that_is_not_one(tmp_path, manifest, error):
+    path = tmp_path / "images" / "cpu.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(runtimes.RuntimeSetupError, match=re.escape(error)):
+        runtimes.save_manifest_archive(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cpu.json"]  # nothing written

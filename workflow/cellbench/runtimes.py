@@ -51,21 +51,25 @@ def has_image(runtime: str, image_id: str) -> bool:
     return done.returncode == 0
 
 
-def archive_is_current(manifest: dict, archive: Path) -> bool:
-    """The archive and its record hold the manifest's image (by the record and the file's size:
-    hashing GBs is left to the node that loads it)."""
+def archive_is_current(manifest: dict, archive: Path, verify: bool = False) -> bool:
+    """The archive and its record hold the manifest's image: by the record and the file's size
+    (every run's start: hashing GBs is left to the node that loads it), or also by its sha256
+    when `verify` (`cellbench save-image`, which then replaces a damaged archive)."""
     try:
         record = json.loads(paths.image_archive_record(archive).read_text())
-        return record["image_id"] == manifest["image_id"] and archive.stat().st_size == record["bytes"]
+        current = record["image_id"] == manifest["image_id"] and archive.stat().st_size == record["bytes"]
+        return current and (not verify or sha256_file(archive) == record["sha256"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def save_archive(manifest: dict, archive: Path) -> bool:
+def save_archive(manifest: dict, archive: Path, verify: bool = False) -> bool:
     """`docker save` the manifest's image to `archive` (atomically) and write its record; False
     when an archive of that image is already there."""
-    if archive_is_current(manifest, archive):
+    if archive_is_current(manifest, archive, verify):
         return False
+    # No record while the archive is replaced: a node loading meanwhile refuses, never loads it.
+    paths.image_archive_record(archive).unlink(missing_ok=True)
     tagged = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", manifest["tag"]],
                             capture_output=True, text=True)  # fmt: skip
     if tagged.stdout.strip() != manifest["image_id"]:
@@ -83,14 +87,23 @@ def save_archive(manifest: dict, archive: Path) -> bool:
     return True
 
 
-def save_manifest_archive(manifest_path: Path) -> tuple[Path, bool]:
+def save_manifest_archive(manifest_path: Path, verify: bool = False) -> tuple[Path, bool]:
     """The image of a manifest (results/images/<name>.json), saved beside it as <name>.tar."""
+    manifest_path = Path(manifest_path)
     try:
-        manifest = json.loads(Path(manifest_path).read_text())
-        archive = paths.image_archive(manifest["name"], Path(manifest_path).parent.parent)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
         raise RuntimeSetupError(f"{manifest_path}: not an image manifest ({exc})") from None
-    return archive, save_archive(manifest, archive)
+    # The archive's name comes from the manifest's own file name, never from its content.
+    fields = ("name", "tag", "image_id")
+    if not isinstance(manifest, dict) or any(not isinstance(manifest.get(key), str) for key in fields):
+        raise RuntimeSetupError(f"{manifest_path}: not an image manifest (expected {', '.join(fields)})")
+    if manifest["name"] != manifest_path.stem:
+        raise RuntimeSetupError(
+            f"{manifest_path}: the manifest of image {manifest['name']!r}, not {manifest_path.stem!r}"
+        )
+    archive = paths.image_archive(manifest_path.stem, manifest_path.parent.parent)
+    return archive, save_archive(manifest, archive, verify)
 
 
 def save_archives(manifests) -> None:
