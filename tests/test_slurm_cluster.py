@@ -222,5 +222,5 @@ def test_a_node_lost_mid_cell_fails_its_job_and_a_rerun_runs_only_that_cell(work
     assert (cell_dirs(workdir)["kept"] / "metrics.parquet").stat().st_mtime == kept_mtime
     # The failed job's own Snakemake (the job step's parent, reparented to init when its srun
     # failed) escapes proctrack/linuxproc, which follows process trees; a cluster with cgroups
-    # ends it with the job. Here it would idle on until the machine stops: end it.
-    subprocess.run(["pkill", "-f", "--", f"--target-jobs run_cell:cell_id=lost-.*{workdir}"], check=False)
+    # ends it with the job. Here it would idle on until the machine stops (it ignores SIGTERM).
+    subprocess.run(["pkill", "-KILL", "-f", "--", f"--target-jobs run_cell:cell_id=lost-.*{workdir}"], check=False)
