@@ -13,7 +13,7 @@
 #   shared storage the machine's own file system: both nodes see the same paths (results/ too).
 #   GPUs           cb-node2 has gres gpu:2 on fake device files (nodes/cb-node2/dev/nvidia[0-1],
 #                  character devices of NVIDIA's major 195) and an nvidia-smi on its PATH that
-#                  lists two fake GPUs: --gres=gpu:1 scheduling and SLURM_JOB_GPUS reach cellbench's
+#                  lists two fake GPUs: --gres=gpu:1 scheduling and SLURM_STEP_GPUS reach cellbench's
 #                  device flags; a container on them cannot start (no driver), as expected.
 #   munge          the host's munged and key, shared by every daemon.
 #   config         etc/slurm.conf; clients on the host use SLURM_CONF=etc/slurm.conf, and inside
@@ -34,11 +34,12 @@ node_alive() { local pid; pid=$(node_pid "$1"); [ -n "$pid" ] && kill -0 "$pid" 
 
 write_config() {
   mkdir -p "$base/etc" "$base/ctld" "$base/log" /run/cellbench-cluster
-  local host hw mem
+  local host machine hw mem
   host=$(hostname -s)
   # The machine's CPU layout, its memory halved between the two nodes.
-  hw=$(slurmd -C | head -1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ RealMemory=.*//')
-  mem=$(($(slurmd -C | head -1 | sed -e 's/.*RealMemory=\([0-9]*\).*/\1/') / 2))
+  machine=$(slurmd -C | head -1)
+  hw=$(sed -e 's/^NodeName=[^ ]* //' -e 's/ RealMemory=.*//' <<<"$machine")
+  mem=$(($(sed -e 's/.*RealMemory=\([0-9]*\).*/\1/' <<<"$machine") / 2))
   local wanted
   wanted=$(cat <<CONF
 # Written by cellbench scripts/slurm_cluster.sh: two nodes in namespaces of one host.
@@ -121,7 +122,7 @@ start_node() {
 
 wait_idle() {
   for _ in $(seq 90); do
-    local states ok=1
+    local ok=1
     for node in "${nodes[@]}"; do
       state=$(sinfo --noheader --nodes "$node" --format %t 2>/dev/null || true)
       case "$state" in
