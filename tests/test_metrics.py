@@ -179,9 +179,10 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
 
 def test_a_cells_run_writes_its_parquet_files_without_importing_pandas_or_polars(tmp_path):
-    """`cellbench run-cell` runs once per cell: pandas and polars cost it 0.3-0.5 s each to import.
-    pyarrow's own conversion of Python rows (pa.array, from_pylist, Schema.empty_table) imports
-    pandas; metrics.rows_table does not."""
+    """`cellbench run-cell` runs once per cell: pandas and polars cost it 0.3-0.5 s each to import,
+    packaging, pyarrow.compute and the modules of other commands 0.02-0.1 s each. pyarrow's own
+    conversion of Python rows (pa.array, from_pylist, Schema.empty_table) imports pandas;
+    metrics.rows_table does not."""
     import subprocess
     import sys
 
@@ -194,7 +195,8 @@ metrics.write_parquet(out + "/m.parquet", metrics.to_table([]))
 telemetry.write_parquet(out + "/t.parquet", [{{"t_s": 1.5, "source": "cgroup-v2", "cpu_cores": 0.25}}])
 op = {{"op": "mm", "calls": 2.0, "self_us": 3.0, "total_us": 4.0, "share": 1.0}}
 profiles.write_parquet(out + "/p.parquet", [op])
-print(sorted(m for m in ("pandas", "polars", "scipy") if m in sys.modules))
+unneeded = ("pandas", "polars", "scipy", "packaging", "pyarrow.compute", "cellbench.archive", "cellbench.doctor")
+print(sorted(m for m in unneeded if m in sys.modules))
 """
     env = {**os.environ, "PYTHONPATH": str(Path(metrics.__file__).parents[1])}  # this checkout's cellbench
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)

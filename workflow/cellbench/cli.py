@@ -9,15 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-# pandas-based modules (aggregate, machines, report, diagnostics, verdicts) load only in the commands that use
-# them: `run-cell` runs once per cell, and their import time would be paid by every cell.
+# Only what `run-cell` needs loads here: it runs once per cell, and every other module's import
+# time would be paid by every cell. The others load in the commands that use them.
 from . import (
-    archive,
     atomic,
     config,
     devices,
-    doctor,
-    hfcache,
     images,
     lifecycle,
     metrics,
@@ -67,6 +64,8 @@ def cmd_save_image(args) -> int:
 def cmd_prepare_model(args) -> int:
     spec = json.loads(args.spec)
     if spec["source"] == "hf-cache":
+        from . import hfcache
+
         prepared = hfcache.prepare(args.name, spec, Path(args.out_dir), Path(args.log), dict(os.environ))
         print(f"cellbench: model {args.name}: {spec['repo_id']}@{prepared['commit']}, {len(prepared['files'])} files")
         return 0
@@ -238,6 +237,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_archive(args) -> int:
+    from . import archive
+
     if args.study_file:  # the rule: the study as the pipeline resolved it (config.study_record)
         study = json.loads(Path(args.study_file).read_text())["config"]
     elif args.config_json:
@@ -266,8 +267,12 @@ def cmd_archive(args) -> int:
 
 
 def cmd_import(args) -> int:
+    from . import archive
+
+    defaults = archive.Limits()
     limits = archive.Limits(
-        archive_bytes=args.max_archive_mb * archive.MiB, member_bytes=args.max_member_mb * archive.MiB
+        archive_bytes=defaults.archive_bytes if args.max_archive_mb is None else args.max_archive_mb * archive.MiB,
+        member_bytes=defaults.member_bytes if args.max_member_mb is None else args.max_member_mb * archive.MiB,
     )
     try:
         outcome, target = archive.import_archive(Path(args.file), paths.RESULTS, args.machine_id, limits)
@@ -298,6 +303,8 @@ def cmd_clean(args) -> int:
 
 def cmd_doctor(args) -> int:
     """Machine checks, measurement stability, then what the study needs; exit 1 when the study cannot run here."""
+    from . import doctor
+
     try:
         study, resolved = config.read(args.configfile)
         cells = list(resolved["cells"].values())
@@ -403,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file")
     p.add_argument("--machine-id", default=None, help="this machine (an archive from it is refused)")
-    p.add_argument("--max-archive-mb", type=int, default=archive.Limits.archive_bytes // archive.MiB)
-    p.add_argument("--max-member-mb", type=int, default=archive.Limits.member_bytes // archive.MiB)
+    p.add_argument("--max-archive-mb", type=int, help="refuse a larger archive, in MiB (default: the built-in limit)")
+    p.add_argument("--max-member-mb", type=int, help="refuse a larger member, in MiB (default: the built-in limit)")
     p.set_defaults(func=cmd_import)
 
     # `explain` was its name before 2026-12: kept as an alias for scripts that call it.
@@ -427,19 +434,28 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "machine_id", "unset") is None:
             args.machine_id = provenance.machine_id()  # CELLBENCH_MACHINE_ID is checked here
         return args.func(args)
-    except (
+    except Exception as exc:
+        if not isinstance(exc, _reported_errors()):
+            raise
+        print(f"cellbench: {exc}", file=sys.stderr)
+        return 2
+
+
+def _reported_errors() -> tuple[type[Exception], ...]:
+    """Errors a command reports in one line. The archive's only once a command loaded it: a
+    command that did not load the module cannot raise its error."""
+    errors = (
         config.ConfigError,
         images.ImageError,
         models.ModelError,
         metrics.SchemaError,
-        archive.ArchiveError,
         runtimes.RuntimeSetupError,
         lifecycle.RuntimeUnavailable,
         devices.DeviceError,
         slots.SlotError,
-    ) as exc:
-        print(f"cellbench: {exc}", file=sys.stderr)
-        return 2
+    )
+    archive = sys.modules.get(f"{__package__}.archive")
+    return errors + ((archive.ArchiveError,) if archive else ())
 
 
 if __name__ == "__main__":

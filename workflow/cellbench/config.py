@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import atomic, contract, datasets, locks, paths, serving
+from . import atomic, contract, datasets, paths, serving
 
 if TYPE_CHECKING:
     import jsonschema
@@ -844,6 +844,8 @@ def _check_paths(config: dict) -> None:
                 "expected a lock file there (scripts/lock_images.sh makes one)"
             )
         if wheelhouse:
+            from . import locks  # packaging's import is paid where a study is read, not in every cell's run-cell
+
             try:
                 locks.check_lock_file(context / wheelhouse, f"{image['context']}/{wheelhouse}")
             except locks.LockError as err:

@@ -17,7 +17,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import locks, paths
+from . import paths
 from .atomic import write_json
 from .digest import sha256_file
 
@@ -130,6 +130,8 @@ def build_image(name: str, spec: dict, manifest_path: Path, log_path: Path) -> d
         raise ImageError(f"images.{name}.context: no Dockerfile in {context}")
     lock = context / spec["wheelhouse"] if spec.get("wheelhouse") else None
     if lock is not None:
+        from . import locks  # packaging loads where an image is built, not in every cell's run-cell
+
         try:  # a stale lock is refused before minutes of downloads and builds
             locks.check_lock_file(lock, f"{spec['context']}/{spec['wheelhouse']}")
         except locks.LockError as err:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
@@ -218,7 +217,10 @@ def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
         read_options=pa_json.ReadOptions(block_size=len(lines)),  # a row must not straddle blocks
         parse_options=pa_json.ParseOptions(explicit_schema=schema),
     )
-    return table.cast(schema)
+    # read_json gives the schema's names and types and refuses a null in a required field; the
+    # fields' nullability and the schema's metadata are set here, not by a cast, which would
+    # import pyarrow.compute (0.1 s that every cell would pay).
+    return pa.Table.from_arrays(table.columns, schema=schema)
 
 
 def _plain(value):
@@ -319,6 +321,8 @@ def parse_json_cell(text: str, kind: type) -> None:
 def decoded_bytes(batch: pa.RecordBatch) -> int:
     """Bytes the batch takes once its dictionary-encoded columns are decoded (counted from the
     dictionary's value lengths, without decoding: a 1 MiB string repeated 1,000 times is 1 GiB)."""
+    import pyarrow.compute as pc  # here: a cell's run-cell never checks stored rows, and would pay 0.1 s
+
     total = 0
     for column in batch.columns:
         if pa.types.is_dictionary(column.type):
@@ -338,6 +342,8 @@ def check_required(batch: pa.RecordBatch) -> None:
 def check_batch(batch: pa.RecordBatch) -> None:
     """The values of stored rows: valid UTF-8, required columns never null, a known status and
     schema version, every JSON cell parsed. What passes always aggregates."""
+    import pyarrow.compute as pc
+
     try:
         batch.validate(full=True)  # invalid UTF-8 in a string column, offsets out of range
     except pa.ArrowException as exc:
