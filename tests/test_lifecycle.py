@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from cellbench import config, containers, lifecycle, models, runner
+from cellbench import config, containers, lifecycle, models, paths, runner
 
 
 def label(host="h1", boot="b1", pid=42, ticks="1000"):
@@ -42,6 +42,40 @@ def test_leftovers_keep_live_and_foreign_runs():
     ]
     stale = lifecycle.leftovers(found, "h1", "b1", alive_only((42, "1000")))
     assert [c["name"] for c in stale] == ["dead", "old-exited"]
+
+
+def test_stale_run_dirs_are_those_of_gone_runners_on_this_host(tmp_path):
+    def run_dir(cell, run, owner):
+        work = paths.run_dir(cell, run, tmp_path)
+        work.mkdir(parents=True)
+        if owner is not None:
+            (work / lifecycle.RUN_OWNER).write_text(owner + "\n")
+        return work
+
+    live = run_dir("a-0000000001", "r1", label())
+    dead = run_dir("a-0000000001", "r2", label(pid=7))
+    rebooted = run_dir("b-0000000002", "r3", label(boot="b0"))
+    foreign = run_dir("b-0000000002", "r4", label(host="h2", pid=7))
+    unlabelled = run_dir("c-0000000003", "r5", None)  # its runner may be writing the file now
+    (paths.cell_dir("c-0000000003", tmp_path) / "round-1").mkdir()  # a round, not a run directory
+    assert lifecycle.stale_run_dirs(tmp_path, "h1", "b1", alive_only((42, "1000"))) == [dead, rebooted]
+    assert live.exists() and foreign.exists() and unlabelled.exists()
+
+
+def test_clean_runs_removes_only_folders_of_gone_runners(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_label = lifecycle.runner_label(child.pid)
+    child.wait()
+    for run, owner in (("dead", gone_label), ("live", lifecycle.runner_label())):
+        work = paths.run_dir("a-0000000001", run, tmp_path / paths.RESULTS)
+        work.mkdir(parents=True)
+        (work / lifecycle.RUN_OWNER).write_text(owner)
+    done = subprocess.run(
+        [sys.executable, "-m", "cellbench.cli", "clean", "--runs", "--origin", str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout == f"removed {paths.run_dir('a-0000000001', 'dead', tmp_path / paths.RESULTS)}\n"
+    assert [p.name for p in paths.run_dirs(tmp_path / paths.RESULTS)] == [".run-live"]
 
 
 def test_runner_label_names_this_process():

@@ -56,7 +56,8 @@ def _fake_round(tmp_path, monkeypatch, study, raw, code, log_text, round=2):
     seen = {}
 
     def fake_run(argv, name, log_path, timeout_s):
-        seen.update(argv=argv, work=log_path.parent, cell_json=json.loads((log_path.parent / "cell.json").read_text()))
+        seen.update(argv=argv, work=log_path.parent, cell_json=json.loads((log_path.parent / "cell.json").read_text()),
+                    owner=(log_path.parent / lifecycle.RUN_OWNER).read_text())  # fmt: skip
         log_path.write_text(log_text)
         if raw is not None:
             (log_path.parent / "raw.json").write_text(json.dumps(raw))
@@ -84,6 +85,7 @@ def test_a_round_publishes_its_three_files_and_removes_its_run_directory(tmp_pat
     ]
     assert run() == "ok"
     assert seen["work"] == paths.run_dir(cell["id"], "RUN") and not seen["work"].exists()
+    assert seen["owner"] == lifecycle.runner_label()  # so that a later run may remove it if this one is killed
     assert seen["cell_json"]["model_gguf"] == "m.gguf" and seen["cell_json"]["points"] == measure.points(cell["sweep"])
     assert seen["cell_json"]["quality_texts"] is None  # quality is measured on round 1 only
     files = sorted(p.relative_to(paths.cell_dir(cell["id"])) for p in paths.cell_dir(cell["id"]).rglob("*"))

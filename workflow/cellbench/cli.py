@@ -287,10 +287,21 @@ def cmd_import(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    """Remove leftover cell containers: those whose runner process is gone."""
-    if not args.containers:
-        print("cellbench: clean: say what to clean (--containers)", file=sys.stderr)
+    """Remove leftover cell containers and run folders: those whose runner process is gone."""
+    if not (args.containers or args.runs):
+        print("cellbench: clean: say what to clean (--containers, --runs)", file=sys.stderr)
         return 2
+    if args.runs:
+        results = Path(args.origin or ".") / paths.RESULTS
+        removed_dirs = lifecycle.remove_stale_run_dirs(results)
+        for work in removed_dirs:
+            print(f"removed {work}")
+        print(
+            f"cellbench: clean: {len(removed_dirs)} run folder(s) of killed runners in {results} removed",
+            file=sys.stderr,
+        )
+        if not args.containers:
+            return 0
     args.runtime = args.runtime or runtimes.runtime_from_env()
     lifecycle.ensure_runtime(args.runtime)
     removed = lifecycle.remove_leftovers(args.runtime, args.origin)
@@ -352,8 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="runs of this machine kept for `cellbench compare`")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("clean", help="remove leftover containers of cellbench runs whose runner is gone")
+    p = sub.add_parser(
+        "clean", help="remove leftover containers and run folders of cellbench runs whose runner is gone"
+    )
     p.add_argument("--containers", action="store_true", help="cell containers (label cellbench.cell)")
+    p.add_argument("--runs", action="store_true", help="run folders of rounds whose runner was killed")
     p.add_argument("--origin", help="only those started from this working directory")
     p.add_argument("--runtime", choices=runtimes.RUNTIMES, help="default: CELLBENCH_RUNTIME, else docker")
     p.set_defaults(func=cmd_clean)

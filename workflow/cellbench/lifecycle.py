@@ -1,9 +1,10 @@
 """Who owns a cell's container, whether its owner still lives, and cleaning up after the dead.
 
 Every cell container carries a `cellbench.runner` label `<host>:<boot id>:<pid>:<start ticks>`
-naming the runner process on the host that started it. A container is a leftover when that
-process no longer exists on this host (the pid is gone, reused by another process, or the host
-rebooted). Containers of runners on other hosts are never judged from here.
+naming the runner process on the host that started it, and the round's run directory a file
+`runner` with the same. A container or run directory is a leftover when that process no longer
+exists on this host (the pid is gone, reused by another process, or the host rebooted). Those of
+runners on other hosts are never judged from here.
 
 The runner also watches the pipeline that started it: Snakemake does not pass SIGTERM on to its
 jobs, so a runner whose Snakemake died stops by itself instead of measuring for nobody.
@@ -13,13 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
 
+from . import paths
 from .containers import LABEL_CELL, LABEL_ORIGIN
 
 LABEL_RUNNER = "cellbench.runner"
+RUN_OWNER = "runner"  # in a round's run directory: the runner_label of the process running it
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -149,9 +153,36 @@ def parent_of(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
+def stale_run_dirs(results: Path, host: str, boot: str, alive=process_alive) -> list[Path]:
+    """Run directories whose runner is gone (pure, given `alive`). A runner removes its own when
+    the round ends, even when stopped by SIGTERM; one killed by SIGKILL, or on a node that was
+    lost, cannot. A live runner's, another host's, or one without its owner file yet is kept."""
+    stale = []
+    for work in paths.run_dirs(results):
+        try:
+            label = (work / RUN_OWNER).read_text()
+        except OSError:
+            continue
+        if runner_is_gone(label.strip(), host, boot, alive):
+            stale.append(work)
+    return stale
+
+
+def remove_stale_run_dirs(results: Path) -> list[Path]:
+    stale = stale_run_dirs(results, socket.gethostname(), boot_id())
+    for work in stale:
+        shutil.rmtree(work, ignore_errors=True)
+    return stale
+
+
 def clean_on_start(origin: str, runtime: str = "docker") -> None:
-    """Pipeline start: remove containers this working directory's dead runs left behind. Without
-    a daemon there is nothing to clean, and jobs that need one say so themselves."""
+    """Pipeline start: remove the containers and run directories this working directory's dead
+    runs left behind. Without a daemon there are no containers to clean, and jobs that need one
+    say so themselves."""
+    removed_dirs = remove_stale_run_dirs(Path(origin) / paths.RESULTS)
+    if removed_dirs:
+        shown = ", ".join(str(work) for work in removed_dirs[:3]) + (", ..." if len(removed_dirs) > 3 else "")
+        print(f"cellbench: removed {len(removed_dirs)} run folder(s) of killed runners: {shown}")
     try:
         ensure_runtime(runtime)
     except RuntimeUnavailable:

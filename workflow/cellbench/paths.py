@@ -163,10 +163,18 @@ def serve_result(cell_id: str, round: int | str, name: str, results: Path = RESU
     return serve_results_dir(cell_id, round, results) / f"{name}.json"
 
 
+RUN_DIR_PREFIX = ".run-"
+
+
 def run_dir(cell_id: str, run_id: str, results: Path = RESULTS) -> Path:
     """Where a round runs (a hidden folder beside its rounds, on their file system, so that
     publishing its files is a rename); removed when the round ends."""
-    return cell_dir(cell_id, results) / f".run-{run_id}"
+    return cell_dir(cell_id, results) / f"{RUN_DIR_PREFIX}{run_id}"
+
+
+def run_dirs(results: Path = RESULTS) -> list[Path]:
+    """Every cell's run directories: rounds in progress, or left by a runner that was killed."""
+    return sorted((results / CELLS_DIR).glob(f"*/{RUN_DIR_PREFIX}*"))
 
 
 def cell_rounds(cells: dict) -> list[tuple[str, int]]:

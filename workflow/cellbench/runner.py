@@ -190,6 +190,7 @@ def run_cell(
     work = paths.run_dir(cell["id"], run_id)
     work.mkdir(parents=True)
     try:
+        (work / lifecycle.RUN_OWNER).write_text(lifecycle.runner_label())  # who may remove it if we are killed
         prepared = prepare_round(cell, round, runtime, image_manifest, model_dir, run_id, work)
         ran = run_round(prepared)
         return record_round(prepared, ran, study=study, config_hash=config_hash, machine=machine)
