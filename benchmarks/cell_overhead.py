@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from studies import ROOT, commit, load, machine, snakemake, spread, study_with_cells, write_study
+from studies import ROOT, bytecode, commit, load, machine, snakemake, spread, study_with_cells, write_study
 
 GOAL_RATIO = 1.5
 
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="reuse a working directory (default: a temporary one)")
     parser.add_argument("--before", type=Path, help="another checkout: its `import cellbench.cli` is timed too")
     args = parser.parse_args()
-    print(f"cell_overhead: {machine()}; commit {commit()}; {load()} before")
+    print(f"cell_overhead: {machine()}; commit {commit()}; {load()} before; {bytecode()}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cellbench-overhead-"))
     study = study_with_cells(args.cells, timeout_s=300, sweep={"batch_size": [1], "repeats": 1, "warmup": 0})
     write_study(workdir, study)

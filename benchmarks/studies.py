@@ -68,6 +68,23 @@ def commit() -> str:
     return (git("rev-parse", "--short", "HEAD") or "?") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
 
 
+def bytecode() -> str:
+    """How many of cellbench's modules have a current .pyc (scripts/setup.sh compiles them): where
+    PYTHONDONTWRITEBYTECODE is set, a module without one is compiled again by every process."""
+    import importlib.util
+
+    sources = sorted((ROOT / "workflow" / "cellbench").glob("*.py"))
+    current = 0
+    for source in sources:
+        cached = Path(importlib.util.cache_from_source(str(source)))
+        header = cached.read_bytes()[:16] if cached.is_file() else b""
+        stat = source.stat()  # a .pyc is current when its header holds the source's mtime and size (PEP 552)
+        current += header[4:8] == b"\0\0\0\0" and header[8:16] == (
+            int(stat.st_mtime).to_bytes(4, "little") + (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+        )
+    return f"cellbench byte-compiled: {current} of {len(sources)} modules"
+
+
 def load() -> str:
     """The host's load averages (1, 5, 15 min) and its CPU count: figures from a busy host move."""
     return f"load {' '.join(Path('/proc/loadavg').read_text().split()[:3])} on {os.cpu_count()} CPUs"
