@@ -163,15 +163,19 @@ def finish(
     baseline_id: str,
     settings: dict,
     tolerance: dict,
-) -> pd.DataFrame:
+    marks: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+    as_polars: bool = False,
+) -> pd.DataFrame | pl.DataFrame:
     """The cells' parts (cell_parts, of any number of cells, in any order) -> the point table:
     with each point's ratio to the baseline, each cell's quality against the baseline's and
-    its "same as" mark, sorted by machine, point and cell name."""
+    its "same as" mark, sorted by machine, point and cell name. `marks`: cell_marks of these
+    cells, where the caller kept them; as_polars: the table in polars (to_pandas makes the
+    pandas one)."""
     # One order whatever order the parts came in (kept ones and new ones), so that an aggregation
     # through the cache and a full one give the same table.
     by_cell = ["machine_id", "cell_id"]
     table = table.lazy()
-    cells, measured = cells.sort(by_cell, nulls_last=True), measured.sort(by_cell, nulls_last=True)
+    cells, measured = sorted_cells(cells), measured.sort(by_cell, nulls_last=True)
     means = means.sort([*KEY, "round"], nulls_last=True)
     names = table.collect_schema().names()
     at = names.index(RATIOS_BEFORE)
@@ -186,25 +190,42 @@ def finish(
         .collect()
     )
     if table.is_empty():
-        return pd.DataFrame()
+        return table if as_polars else pd.DataFrame()
     # Described once per distinct record: a cell repeats its record at every point.
     described = {value: describe_effective(value) for value in table["effective_json"].drop_nulls().unique()}
-    marks = effective.same_as_rows(cells.iter_rows(named=True), baseline_id)
-    same_as = pl.DataFrame(
-        [(machine, cell, mark) for (machine, cell), mark in marks.items()],
-        schema={"machine_id": pl.String, "cell_id": pl.String, "same_as": pl.String},
-        orient="row",
-    )
-    return (
+    same_as, serve = marks if marks is not None else cell_marks(cells, baseline_id)
+    table = (
         table.with_columns(
             engine_ran=pl.col("effective_json")
             .replace_strict(described, default=None, return_dtype=pl.String)
             .fill_null(describe_effective(None))
         )
         .join(same_as, on=by_cell, how="left", maintain_order="left")
-        .join(serve_settings(cells), on=by_cell, how="left", maintain_order="left")
-        .to_pandas()
+        .join(serve, on=by_cell, how="left", maintain_order="left")
     )
+    return table if as_polars else table.to_pandas()
+
+
+def to_pandas(table: pl.DataFrame) -> pd.DataFrame:
+    """finish's table (as_polars) as finish returns it otherwise."""
+    return pd.DataFrame() if table.is_empty() else table.to_pandas()
+
+
+def sorted_cells(cells: pl.DataFrame) -> pl.DataFrame:
+    """The cells part (cell_parts' third) in one order, whatever order its cells came in."""
+    return cells.sort(["machine_id", "cell_id"], nulls_last=True)
+
+
+def cell_marks(cells: pl.DataFrame, baseline_id: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """What finish takes from the cells' settings alone (sorted_cells): each cell's "same as"
+    mark (effective.same_as_rows) and its serve settings (serve_settings)."""
+    marks = effective.same_as_rows(cells.iter_rows(named=True), baseline_id)
+    same_as = pl.DataFrame(
+        [(machine, cell, mark) for (machine, cell), mark in marks.items()],
+        schema={"machine_id": pl.String, "cell_id": pl.String, "same_as": pl.String},
+        orient="row",
+    )
+    return same_as, serve_settings(cells)
 
 
 def serve_settings(cells: pl.DataFrame) -> pl.DataFrame:
