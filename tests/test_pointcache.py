@@ -129,11 +129,11 @@ def test_fingerprints_follow_the_shards_that_hold_a_cell():
         {"sha256": "b", "cells": [["m", "y"], ["m2", "x"]]},
     ]
     found = pointcache.fingerprints(entries)
-    assert set(found) == {'["m", "x"]', '["m", "y"]', '["m2", "x"]'}
+    assert set(found) == {("m", "x"), ("m", "y"), ("m2", "x")}
     # y's rows lie in both shards, in order: a new shard b changes y's and m2's x's, not m's x's.
     entries[1]["sha256"] = "c"
     changed = pointcache.fingerprints(entries)
-    assert [key for key in found if found[key] != changed[key]] == ['["m", "y"]', '["m2", "x"]']
+    assert [key for key in found if found[key] != changed[key]] == [("m", "y"), ("m2", "x")]
 
 
 def test_batches_keep_each_cell_whole_in_the_batch_of_its_first_shard(monkeypatch):
