@@ -506,32 +506,40 @@ def _round_dicts(numbers: list, means: list) -> list[dict[int, float]]:
     ]
 
 
-def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
+def as_pandas_types(table: pl.DataFrame) -> pl.DataFrame:
+    """The frame in the types pl.from_pandas(table.to_pandas()) gives it, without the round trip
+    (0.5 s at 10,000 cells): pandas holds an integer column with nulls as floats (so "3.0" in
+    CSV, 3.0 in a cell) and NaN as null. Other types give the same values either way (an all-null
+    boolean column, which comes back as strings, is empty in both)."""
+    return table.with_columns(
+        [pl.col(n).cast(pl.Float64) for n, t in table.schema.items() if t.is_integer() and table[n].null_count()]
+        + [pl.col(n).fill_nan(None) for n, t in table.schema.items() if t.is_float()]
+    )
+
+
+def fastest_per_point(
+    points: pd.DataFrame, confidence: float = stats.DEFAULT_CONFIDENCE, table: pl.DataFrame | None = None
+) -> pd.DataFrame:
     """Per machine and point: the fastest ok cell whose quality did not diverge, named only when
     it is significantly faster than the runner-up (else the tie: every cell not significantly
     slower than the best), with the margin over the runner-up and its interval; `excluded` lists
-    the cells faster than it that diverged in quality, (name, speed ratio to it, reason)."""
+    the cells faster than it that diverged in quality, (name, speed ratio to it, reason).
+    `table`: the same points in polars (finish's as_polars), where the caller has them: the
+    groups' columns are then taken from it (1 s less at 10,000 cells), to the same frame."""
     # Only the columns used: each group's sort would otherwise move all of them (0.5 s at 10,000 cells).
     judged = [c for c in ("quality_verdict", "quality_reason") if c in points]
     columns = ["machine_id", *POINT, "cell_name", "output_tok_s", "vs_baseline", *LIST_COLUMNS, *judged]
-    # A capacity search's probes are the search's, not points cells are compared at.
-    probe = points["load_phase"].eq("search") if "load_phase" in points else False
-    ok = points.loc[(points["status"] == "ok") & points["output_tok_s"].notna() & ~probe, columns]
     keys = ["machine_id", *POINT]
-    # Each group's rows by position, in pandas' group order (sorted keys, null keys left out),
-    # and the columns as Python lists once: pandas per group (slices, set_index, to_dict) took
-    # 4 s at 10,000 cells, most of the tables stage.
-    number = ok.groupby(keys, sort=True).ngroup().to_numpy()
-    order = np.argsort(number, kind="stable")
-    starts = np.searchsorted(number[order], np.arange(number.max() + 2 if len(number) else 1))
-    key_columns = [ok[k].tolist() for k in keys]
-    names, speeds, ratios = ok["cell_name"].tolist(), ok["output_tok_s"].tolist(), ok["vs_baseline"].tolist()
-    rounds = _round_dicts(ok["round_numbers"].tolist(), ok["round_means"].tolist())
-    verdicts = ok["quality_verdict"].tolist() if judged else [None] * len(ok)
-    reasons = ok["quality_reason"].tolist() if judged else [None] * len(ok)
+    if table is not None:
+        groups, lists = _fastest_columns_polars(table, keys, columns)
+    else:
+        groups, lists = _fastest_columns(points, keys, columns)
+    key_columns = [lists[k] for k in keys]
+    names, speeds, ratios, rounds = lists["cell_name"], lists["output_tok_s"], lists["vs_baseline"], lists["rounds"]
+    verdicts = lists["quality_verdict"] if judged else [None] * len(names)
+    reasons = lists["quality_reason"] if judged else [None] * len(names)
     rows = []
-    for group in range(len(starts) - 1):
-        members = order[starts[group] : starts[group + 1]].tolist()
+    for members in groups:
         if not members:
             continue
         out = {i: judged and quality.excluded(verdicts[i]) for i in members}
@@ -565,6 +573,56 @@ def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CO
         ]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _fastest_columns(points: pd.DataFrame, keys: list[str], columns: list[str]) -> tuple[list[list[int]], dict]:
+    """fastest_per_point's groups (each its rows' positions, in pandas' group order: sorted keys,
+    null keys left out) and the ok rows' columns as Python lists (pandas per group, slices,
+    set_index and to_dict, took 4 s at 10,000 cells), "rounds" their {round: mean}."""
+    # A capacity search's probes are the search's, not points cells are compared at.
+    probe = points["load_phase"].eq("search") if "load_phase" in points else False
+    ok = points.loc[(points["status"] == "ok") & points["output_tok_s"].notna() & ~probe, columns]
+    number = ok.groupby(keys, sort=True).ngroup().to_numpy()
+    order = np.argsort(number, kind="stable")
+    starts = np.searchsorted(number[order], np.arange(number.max() + 2 if len(number) else 1))
+    groups = [order[starts[g] : starts[g + 1]].tolist() for g in range(len(starts) - 1)]
+    lists = {c: ok[c].tolist() for c in columns if c not in LIST_COLUMNS}
+    lists["rounds"] = _round_dicts(ok["round_numbers"].tolist(), ok["round_means"].tolist())
+    return groups, lists
+
+
+def _fastest_columns_polars(table: pl.DataFrame, keys: list[str], columns: list[str]) -> tuple[list[list[int]], dict]:
+    """_fastest_columns from finish's polars points, which it sorted by machine and point: each
+    run of equal keys is a group, in pandas' group order (sorted keys; polars and Python order
+    strings alike, by code point), with the same values (as_pandas_types)."""
+    probe = pl.col("load_phase").eq("search").fill_null(False) if "load_phase" in table.columns else pl.lit(False)
+    ok = (
+        as_pandas_types(table.select(*columns, "status", *(["load_phase"] if "load_phase" in table.columns else [])))
+        .filter((pl.col("status") == "ok") & pl.col("output_tok_s").is_not_null() & ~probe)
+        .filter(pl.all_horizontal(pl.col(keys).is_not_null()))
+    )
+    ends = ok.select(pl.struct(keys).rle().struct.field("len")).to_series().cum_sum().to_list()
+    groups = [list(range(start, end)) for start, end in zip([0, *ends], ends, strict=False)]
+    lists = {c: ok[c].to_list() for c in columns if c not in LIST_COLUMNS}
+    (numbers, ends, valid), (means, ends_means, valid_means) = (_flat(ok[c]) for c in LIST_COLUMNS)
+    if ends != ends_means or valid != valid_means:  # not as cell_parts makes them
+        raise ValueError("round_numbers and round_means differ in length")
+    # Each row's {round: mean} from the flat lists (the Series' to_list took 0.7 s per column at
+    # 10,000 cells); a null list: {} (round_dict).
+    lists["rounds"] = [
+        ({numbers[a]: means[a]} if b - a == 1 else dict(zip(numbers[a:b], means[a:b], strict=True))) if v else {}
+        for a, b, v in zip([0, *ends], ends, valid, strict=False)
+    ]
+    return groups, lists
+
+
+def _flat(column: pl.Series) -> tuple[list, list[int], list[bool]]:
+    """A list column as its values in one Python list, where each row ends in it, and which rows are not null."""
+    array = column.to_arrow()
+    offsets = array.offsets.to_numpy()
+    # .values, not .flatten(), which leaves out what a null row spans and so shifts the ends
+    values = array.values[offsets[0] : offsets[-1]].to_numpy(zero_copy_only=False).tolist() if len(array) else []
+    return values, (offsets[1:] - offsets[0]).tolist(), array.is_valid().to_numpy(zero_copy_only=False).tolist()
 
 
 def capacities(points: pd.DataFrame, baseline_name: str) -> pd.DataFrame:

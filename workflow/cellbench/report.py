@@ -594,20 +594,9 @@ def csv_text(frame: pd.DataFrame | pl.DataFrame) -> str:
     """A table as CSV (polars writes it ten times faster than pandas at 200,000 rows), floats to
     CSV_DIGITS significant digits so the same rows give the same bytes on every run. A polars
     frame is written as its pandas copy would be (as_pandas_types), without making the copy."""
-    table = as_pandas_types(frame) if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)
+    table = aggregate.as_pandas_types(frame) if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)
     floats = [name for name, dtype in table.schema.items() if dtype.is_float()]
     return table.with_columns(pl.col(floats).round_sig_figs(CSV_DIGITS)).write_csv()
-
-
-def as_pandas_types(table: pl.DataFrame) -> pl.DataFrame:
-    """The frame in the types pl.from_pandas(table.to_pandas()) gives it (0.5 s at 10,000 cells
-    saved): pandas holds an integer column with nulls as floats (so "3.0" in CSV) and NaN as null.
-    Other types write the same text either way (an all-null boolean column, which comes back
-    as strings, is empty in both)."""
-    return table.with_columns(
-        [pl.col(n).cast(pl.Float64) for n, t in table.schema.items() if t.is_integer() and table[n].null_count()]
-        + [pl.col(n).fill_nan(None) for n, t in table.schema.items() if t.is_float()]
-    )
 
 
 def write_tables(
@@ -622,7 +611,7 @@ def write_tables(
 ) -> list[Path]:
     """summary.md (with `extra` lines at its end: "Where the time goes") and summary.csv (from
     `table`, the points in polars, where the caller has them)."""
-    fastest = aggregate.fastest_per_point(points, confidence) if not points.empty else pd.DataFrame()
+    fastest = aggregate.fastest_per_point(points, confidence, table) if not points.empty else pd.DataFrame()
     md = paths.summary_markdown(tables_dir)
     csv = paths.summary_csv(tables_dir)
     text = summary_markdown(points, fastest, study, baseline_name, confidence, tolerance)
