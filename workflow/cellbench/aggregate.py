@@ -339,12 +339,16 @@ def rounds_run(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def _t(confidence: float, df: pl.Expr) -> pl.Expr:
-    """Student's t critical value per row (on the column: a handful of distinct dfs), as stats.t_quantile."""
-    from scipy.special import stdtrit
+    """Student's t critical value per row (stats.t_quantile of each distinct df: a handful; NaN
+    where df is null, as scipy's stdtrit of the column gave)."""
 
-    return df.map_batches(
-        lambda s: pl.Series(stdtrit(s.cast(pl.Float64).to_numpy(), 0.5 + confidence / 2)), return_dtype=pl.Float64
-    )
+    def quantiles(s: pl.Series) -> pl.Series:
+        values = s.cast(pl.Float64).to_numpy()
+        distinct, where = np.unique(values, return_inverse=True)
+        found = np.array([stats.t_quantile(confidence, float(v)) for v in distinct], dtype=np.float64)
+        return pl.Series(found[where.reshape(-1)] if len(values) else np.array([], dtype=np.float64))
+
+    return df.map_batches(quantiles, return_dtype=pl.Float64)
 
 
 def point_intervals(means: pl.LazyFrame, confidence: float) -> pl.LazyFrame:

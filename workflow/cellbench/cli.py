@@ -117,8 +117,9 @@ def cmd_aggregate(args) -> int:
     if rows.folder is None:  # a full aggregation: no cache to keep points in
         points, statistics, tolerance = _points(args)
     else:
-        from . import aggregate, pointcache
+        from . import aggregate, pointcache, stats
 
+        stats.load_quantiles(rows.folder / pointcache.QUANTILES)
         statistics = json.loads(args.statistics) if args.statistics else None
         tolerance = _quality_tolerance(args)
         table, kept = pointcache.cell_points(rows, args.baseline_id, statistics, tolerance, as_polars=True)
@@ -135,6 +136,8 @@ def cmd_aggregate(args) -> int:
         points, args.study, args.baseline_name, Path(args.tables), confidence, tolerance, extra=where, table=table
     )
     written += machines.write_tables(points, args.machine_id, Path(args.tables))
+    if rows.folder is not None:
+        stats.save_quantiles(rows.folder / pointcache.QUANTILES)
     took["tables"] = time.perf_counter() - started - took["points"]
     print("cellbench: tables: " + ", ".join(str(p) for p in written))
     run = compare.snapshot(Path(args.summary), args.machine_id or provenance.machine_id(None))

@@ -35,6 +35,7 @@ FORMAT = 2  # the layout of the index and parts; bump it when either, or what ce
 FOLDER = "points"
 INDEX = "index.json"
 MARKS = "marks"  # the cells' "same as" marks and serve settings (kept_marks)
+QUANTILES = "t-quantiles.json"  # in the row cache's folder: stats.load_quantiles
 # The parts kept: each cell's round figures (round_table), the flags they gave (flags_of), and
 # cell_parts' four.
 PARTS = ("rounds", "flags", "points", "means", "cells", "measured")
