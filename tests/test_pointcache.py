@@ -177,7 +177,8 @@ def test_kept_quantiles_are_those_computed_and_a_changed_file_is_not_read(tmp_pa
     stats.save_quantiles(path)
     monkeypatch.setattr(stats, "KNOWN_QUANTILES", {})
     stats.load_quantiles(path)
-    assert stats.KNOWN_QUANTILES == {(0.95, 2.0): value}  # exactly: JSON keeps a float's every bit
+    loaded = stats.KNOWN_QUANTILES
+    assert loaded == {(0.95, 2.0): value}  # exactly: JSON keeps a float's every bit
     check, body = path.read_bytes().split(b"\n", 1)
     path.write_bytes(check + b"\n" + body.replace(b"4.3", b"9.3"))
     monkeypatch.setattr(stats, "KNOWN_QUANTILES", {})
