@@ -165,7 +165,8 @@ def rank(
     """The fastest cell of a point, stated only when it is significantly faster than the
     runner-up: returns (leaders, interval of best / runner-up, runner-up). One leader is a winner;
     several are a tie (every cell not significantly slower than the best, fastest first)."""
-    order = sorted(means, key=lambda name: -_mean(list(means[name].values())))
+    # -_mean of each cell's round means, inline: 200,000 calls at 10,000 cells (the same sum, in the same order)
+    order = sorted(means, key=lambda name: -(sum(means[name].values()) / len(means[name])))
     if not order:
         return [], None, None
     best = order[0]
