@@ -233,14 +233,19 @@ def serving_load_markdown(points: pd.DataFrame, baseline_name: str) -> list[str]
 MIN_ROUNDS = 2  # an interval needs two rounds; fewer and no fastest cell or difference is stated
 
 
-def withheld(points: pd.DataFrame) -> dict[str, str]:
+# The columns withheld and short_points read of _compared_ok's rows.
+COMPARED_COLUMNS = ["machine_id", *aggregate.POINT, "cell_id", "rounds", "rounds_flagged", "rounds_total", "round_flag"]
+
+
+def withheld(points: pd.DataFrame, compared: pd.DataFrame | None = None) -> dict[str, str]:
     """Per machine whose verdicts are withheld, why and what to do: some measured point has fewer
-    than MIN_ROUNDS trusted rounds, so no interval, fastest cell or difference can be stated as fact."""
+    than MIN_ROUNDS trusted rounds, so no interval, fastest cell or difference can be stated as fact.
+    `compared`: _compared_ok(points, COMPARED_COLUMNS), where the caller has it."""
     if points.empty:
         return {}
     reasons = {}
-    used = ["machine_id", "cell_id", "rounds", "rounds_flagged", "rounds_total", "round_flag"]
-    for machine, group in _compared_ok(points, used).groupby("machine_id", sort=True):
+    compared = _compared_ok(points, COMPARED_COLUMNS) if compared is None else compared
+    for machine, group in compared.groupby("machine_id", sort=True):
         short = group[group["rounds"].fillna(0) < MIN_ROUNDS]
         if short.empty:
             continue
@@ -289,10 +294,10 @@ def _compared_ok(points: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return ok.loc[ok.groupby(keys)["cell_id"].transform("nunique") > 1, columns]
 
 
-def short_points(points: pd.DataFrame) -> set[tuple]:
+def short_points(points: pd.DataFrame, compared: pd.DataFrame | None = None) -> set[tuple]:
     """(machine, batch, input, output) of every point where a measured cell has fewer than
-    MIN_ROUNDS trusted rounds: no fastest cell or difference is stated there."""
-    ok = _compared_ok(points, ["machine_id", *aggregate.POINT, "rounds"])
+    MIN_ROUNDS trusted rounds: no fastest cell or difference is stated there. `compared` as withheld's."""
+    ok = _compared_ok(points, COMPARED_COLUMNS) if compared is None else compared
     ok = ok[ok["rounds"].fillna(0) < MIN_ROUNDS]
     # Each point once (every short cell of a point repeats it: 200,000 tuples at 10,000 cells).
     return set(ok[["machine_id", *aggregate.POINT]].drop_duplicates().itertuples(index=False, name=None))
@@ -532,7 +537,9 @@ def summary_markdown(
         f"fresh container and engine load) of the mean over repeats, with its {confidence:.0%} interval "
         "over rounds."
     )
-    withheld_on = withheld(points)
+    # The ok rows at points compared, once for withheld and short_points (a groupby over every point).
+    compared = _compared_ok(points, COMPARED_COLUMNS) if not points.empty else None
+    withheld_on = withheld(points, compared)
     for machine, reason in withheld_on.items():
         out += [
             "",
@@ -558,7 +565,7 @@ def summary_markdown(
             "from the baseline's (❌ below) is never named."
         )
         out.append("")
-        out.append(fastest_table(fastest, short_points(points) if not points.empty else set()).markdown())
+        out.append(fastest_table(fastest, short_points(points, compared) if not points.empty else set()).markdown())
     out += quality_markdown(points, quality.tolerance({"quality_tolerance": tolerance}))
     out += host_lines(points)
     out += ["", "## Every cell and point", ""]
