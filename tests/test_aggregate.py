@@ -122,3 +122,40 @@ def test_round_dicts_of_the_columns_as_cell_points_holds_them():
     # Anything else (a missing value): row by row, as round_dict reads it.
     assert aggregate._round_dicts([np.array([1]), None], [np.array([2.0]), None]) == [{1: 2.0}, {}]
     assert aggregate._round_dicts([], []) == []
+
+
+def _polars_points(rows):
+    """cell_points' table in polars (finish's as_polars), and the pandas one it gives."""
+    import polars as pl
+    from cellbench import config, quality
+
+    settings = config.statistics({"statistics": {}})
+    frame = aggregate.prepared(rows)
+    flags = aggregate.flags_of(aggregate.round_table(frame), settings)
+    parts = pl.collect_all(aggregate.cell_parts(frame, flags, settings))
+    table = aggregate.finish(*parts, "base-h", settings, quality.tolerance({}), as_polars=True)
+    return table, aggregate.to_pandas(table)
+
+
+def test_fastest_from_the_polars_points_is_the_pandas_one(rows):
+    """A capacity probe, an integer column with nulls (pandas: floats), a failed point and
+    several rounds: the groups and values taken from polars give the same frame."""
+    rows = pd.concat([rows, pd.DataFrame(_rows("slow", "m1", 1, [9.0, 9.5], rounds=3))])
+    rows["load_phase"] = None
+    rows.loc[(rows["cell_name"] == "slow") & (rows["round"] == 3), "load_phase"] = "search"
+    table, points = _polars_points(rows)
+    assert points["rounds"].isna().any() and points["rounds"].dtype == float
+    expected = aggregate.fastest_per_point(points)
+    pd.testing.assert_frame_equal(aggregate.fastest_per_point(points, table=table), expected)
+    assert len(expected) == 3 and set(expected["cells"]) == {1, 2}
+
+
+def test_csv_from_the_polars_points_is_the_pandas_ones(rows):
+    import polars as pl
+
+    rows = pd.concat([rows, pd.DataFrame(_rows("odd", "m1", None, [float("nan")]))])
+    table, points = _polars_points(rows)
+    dropped = ["effective_json", *aggregate.LIST_COLUMNS]
+    assert report.csv_text(table.drop(dropped)) == report.csv_text(points.drop(columns=dropped))
+    frame = pl.DataFrame({"n": [1, None], "u": pl.Series([1, 2], dtype=pl.UInt32), "f": [float("nan"), 1.5]})
+    assert report.csv_text(frame) == report.csv_text(frame.to_pandas()) == "n,u,f\n1.0,1,\n,2,1.5\n"

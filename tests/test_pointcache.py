@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cellbench import cli, metrics, paths, pointcache, rowcache
+from cellbench import cli, metrics, paths, pointcache, rowcache, stats
 from test_metrics import _row
 
 ARGV = ["aggregate", "--study", "s", "--baseline-id", "c0-0123456789", "--baseline-name", "c0",
@@ -129,11 +129,11 @@ def test_fingerprints_follow_the_shards_that_hold_a_cell():
         {"sha256": "b", "cells": [["m", "y"], ["m2", "x"]]},
     ]
     found = pointcache.fingerprints(entries)
-    assert set(found) == {'["m", "x"]', '["m", "y"]', '["m2", "x"]'}
+    assert set(found) == {("m", "x"), ("m", "y"), ("m2", "x")}
     # y's rows lie in both shards, in order: a new shard b changes y's and m2's x's, not m's x's.
     entries[1]["sha256"] = "c"
     changed = pointcache.fingerprints(entries)
-    assert [key for key in found if found[key] != changed[key]] == ['["m", "y"]', '["m2", "x"]']
+    assert [key for key in found if found[key] != changed[key]] == [("m", "y"), ("m2", "x")]
 
 
 def test_batches_keep_each_cell_whole_in_the_batch_of_its_first_shard(monkeypatch):
@@ -150,3 +150,38 @@ def test_batches_keep_each_cell_whole_in_the_batch_of_its_first_shard(monkeypatc
     # Shard 2 places no cell (y is placed): it does not count towards the batch.
     assert pointcache.batches(entries, {x, y, z, w}) == [{x, y, z}, {w}]
     assert pointcache.batches(entries, set()) == []
+
+
+def test_damaged_marks_or_quantiles_are_computed_again_never_trusted(study, capsys):
+    """The cells' "same as" marks and the t quantiles kept beside the parts: a damaged file is
+    computed again and the tables are those of a full aggregation."""
+    files = study
+    _, _, first = aggregate(capsys, files)
+    folder = paths.aggregate_cache(Path("results")) / rowcache.fingerprint()
+    marks = folder / pointcache.FOLDER / f"{pointcache.MARKS}-same_as.arrow"
+    quantiles = folder / pointcache.QUANTILES
+    assert marks.exists() and quantiles.exists()
+    marks.write_bytes(marks.read_bytes()[:-8] + b"\0" * 8)
+    quantiles.write_bytes(quantiles.read_bytes().replace(b"]", b"0]", 1))  # a value changed: the check fails
+    stats.KNOWN_QUANTILES.clear()
+    assert aggregate(capsys, files)[2] == first
+    assert marks.read_bytes() != b"" and stats.KNOWN_QUANTILES
+
+
+def test_kept_quantiles_are_those_computed_and_a_changed_file_is_not_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(stats, "KNOWN_QUANTILES", {})
+    monkeypatch.setattr(stats, "_quantiles_added", False)
+    value = stats.t_quantile(0.95, 2)
+    assert value == pytest.approx(4.302652729911275) and stats._quantiles_added
+    path = tmp_path / "q.json"
+    stats.save_quantiles(path)
+    monkeypatch.setattr(stats, "KNOWN_QUANTILES", {})
+    stats.load_quantiles(path)
+    loaded = stats.KNOWN_QUANTILES
+    assert loaded == {(0.95, 2.0): value}  # exactly: JSON keeps a float's every bit
+    check, body = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(check + b"\n" + body.replace(b"4.3", b"9.3"))
+    monkeypatch.setattr(stats, "KNOWN_QUANTILES", {})
+    stats.load_quantiles(path)
+    assert stats.KNOWN_QUANTILES == {}
+    assert stats.t_quantile(0.95, float("nan")) != stats.t_quantile(0.95, float("nan"))  # NaN, as stdtrit

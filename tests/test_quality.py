@@ -163,15 +163,26 @@ def _quality(bpb: float, texts=TEXTS) -> dict:
 
 
 @pytest.fixture
-def points():
+def points(quality_rows):
+    return aggregate.cell_points(pd.DataFrame(quality_rows), "base-h")
+
+
+@pytest.fixture
+def quality_rows():
     garbage = ["the the the"] * len(TEXTS)
-    rows = (
+    return (
         _with_quality(test_aggregate._rows("base", "m1", 1, [10.0, 10.0], rounds=3), **_quality(1.0))
         + _with_quality(test_aggregate._rows("corrupt", "m1", 1, [24.0, 24.0], rounds=3), **_quality(4.1, garbage))
         + _with_quality(test_aggregate._rows("mid", "m1", 1, [20.0, 20.0], rounds=3), **_quality(1.01))
         + test_aggregate._rows("old", "m1", 1, [15.0, 15.0], rounds=3)  # no quality measured
     )
-    return aggregate.cell_points(pd.DataFrame(rows), "base-h")
+
+
+def test_fastest_from_the_polars_points_excludes_alike(quality_rows):
+    table, points = test_aggregate._polars_points(pd.DataFrame(quality_rows))
+    found = aggregate.fastest_per_point(points, table=table)
+    pd.testing.assert_frame_equal(found, aggregate.fastest_per_point(points))
+    assert found["excluded"][0][0][0] == "corrupt"
 
 
 def test_points_carry_their_cells_quality(points):

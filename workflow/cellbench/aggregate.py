@@ -163,15 +163,19 @@ def finish(
     baseline_id: str,
     settings: dict,
     tolerance: dict,
-) -> pd.DataFrame:
+    marks: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+    as_polars: bool = False,
+) -> pd.DataFrame | pl.DataFrame:
     """The cells' parts (cell_parts, of any number of cells, in any order) -> the point table:
     with each point's ratio to the baseline, each cell's quality against the baseline's and
-    its "same as" mark, sorted by machine, point and cell name."""
+    its "same as" mark, sorted by machine, point and cell name. `marks`: cell_marks of these
+    cells, where the caller kept them; as_polars: the table in polars (to_pandas makes the
+    pandas one)."""
     # One order whatever order the parts came in (kept ones and new ones), so that an aggregation
     # through the cache and a full one give the same table.
     by_cell = ["machine_id", "cell_id"]
     table = table.lazy()
-    cells, measured = cells.sort(by_cell, nulls_last=True), measured.sort(by_cell, nulls_last=True)
+    cells, measured = sorted_cells(cells), measured.sort(by_cell, nulls_last=True)
     means = means.sort([*KEY, "round"], nulls_last=True)
     names = table.collect_schema().names()
     at = names.index(RATIOS_BEFORE)
@@ -186,25 +190,42 @@ def finish(
         .collect()
     )
     if table.is_empty():
-        return pd.DataFrame()
+        return table if as_polars else pd.DataFrame()
     # Described once per distinct record: a cell repeats its record at every point.
     described = {value: describe_effective(value) for value in table["effective_json"].drop_nulls().unique()}
-    marks = effective.same_as_rows(cells.iter_rows(named=True), baseline_id)
-    same_as = pl.DataFrame(
-        [(machine, cell, mark) for (machine, cell), mark in marks.items()],
-        schema={"machine_id": pl.String, "cell_id": pl.String, "same_as": pl.String},
-        orient="row",
-    )
-    return (
+    same_as, serve = marks if marks is not None else cell_marks(cells, baseline_id)
+    table = (
         table.with_columns(
             engine_ran=pl.col("effective_json")
             .replace_strict(described, default=None, return_dtype=pl.String)
             .fill_null(describe_effective(None))
         )
         .join(same_as, on=by_cell, how="left", maintain_order="left")
-        .join(serve_settings(cells), on=by_cell, how="left", maintain_order="left")
-        .to_pandas()
+        .join(serve, on=by_cell, how="left", maintain_order="left")
     )
+    return table if as_polars else table.to_pandas()
+
+
+def to_pandas(table: pl.DataFrame) -> pd.DataFrame:
+    """finish's table (as_polars) as finish returns it otherwise."""
+    return pd.DataFrame() if table.is_empty() else table.to_pandas()
+
+
+def sorted_cells(cells: pl.DataFrame) -> pl.DataFrame:
+    """The cells part (cell_parts' third) in one order, whatever order its cells came in."""
+    return cells.sort(["machine_id", "cell_id"], nulls_last=True)
+
+
+def cell_marks(cells: pl.DataFrame, baseline_id: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """What finish takes from the cells' settings alone (sorted_cells): each cell's "same as"
+    mark (effective.same_as_rows) and its serve settings (serve_settings)."""
+    marks = effective.same_as_rows(cells.iter_rows(named=True), baseline_id)
+    same_as = pl.DataFrame(
+        [(machine, cell, mark) for (machine, cell), mark in marks.items()],
+        schema={"machine_id": pl.String, "cell_id": pl.String, "same_as": pl.String},
+        orient="row",
+    )
+    return same_as, serve_settings(cells)
 
 
 def serve_settings(cells: pl.DataFrame) -> pl.DataFrame:
@@ -318,12 +339,16 @@ def rounds_run(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def _t(confidence: float, df: pl.Expr) -> pl.Expr:
-    """Student's t critical value per row (on the column: a handful of distinct dfs), as stats.t_quantile."""
-    from scipy.special import stdtrit
+    """Student's t critical value per row (stats.t_quantile of each distinct df: a handful; NaN
+    where df is null, as scipy's stdtrit of the column gave)."""
 
-    return df.map_batches(
-        lambda s: pl.Series(stdtrit(s.cast(pl.Float64).to_numpy(), 0.5 + confidence / 2)), return_dtype=pl.Float64
-    )
+    def quantiles(s: pl.Series) -> pl.Series:
+        values = s.cast(pl.Float64).to_numpy()
+        distinct, where = np.unique(values, return_inverse=True)
+        found = np.array([stats.t_quantile(confidence, float(v)) for v in distinct], dtype=np.float64)
+        return pl.Series(found[where.reshape(-1)] if len(values) else np.array([], dtype=np.float64))
+
+    return df.map_batches(quantiles, return_dtype=pl.Float64)
 
 
 def point_intervals(means: pl.LazyFrame, confidence: float) -> pl.LazyFrame:
@@ -485,32 +510,40 @@ def _round_dicts(numbers: list, means: list) -> list[dict[int, float]]:
     ]
 
 
-def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
+def as_pandas_types(table: pl.DataFrame) -> pl.DataFrame:
+    """The frame in the types pl.from_pandas(table.to_pandas()) gives it, without the round trip
+    (0.5 s at 10,000 cells): pandas holds an integer column with nulls as floats (so "3.0" in
+    CSV, 3.0 in a cell) and NaN as null. Other types give the same values either way (an all-null
+    boolean column, which comes back as strings, is empty in both)."""
+    return table.with_columns(
+        [pl.col(n).cast(pl.Float64) for n, t in table.schema.items() if t.is_integer() and table[n].null_count()]
+        + [pl.col(n).fill_nan(None) for n, t in table.schema.items() if t.is_float()]
+    )
+
+
+def fastest_per_point(
+    points: pd.DataFrame, confidence: float = stats.DEFAULT_CONFIDENCE, table: pl.DataFrame | None = None
+) -> pd.DataFrame:
     """Per machine and point: the fastest ok cell whose quality did not diverge, named only when
     it is significantly faster than the runner-up (else the tie: every cell not significantly
     slower than the best), with the margin over the runner-up and its interval; `excluded` lists
-    the cells faster than it that diverged in quality, (name, speed ratio to it, reason)."""
+    the cells faster than it that diverged in quality, (name, speed ratio to it, reason).
+    `table`: the same points in polars (finish's as_polars), where the caller has them: the
+    groups' columns are then taken from it (1 s less at 10,000 cells), to the same frame."""
     # Only the columns used: each group's sort would otherwise move all of them (0.5 s at 10,000 cells).
     judged = [c for c in ("quality_verdict", "quality_reason") if c in points]
     columns = ["machine_id", *POINT, "cell_name", "output_tok_s", "vs_baseline", *LIST_COLUMNS, *judged]
-    # A capacity search's probes are the search's, not points cells are compared at.
-    probe = points["load_phase"].eq("search") if "load_phase" in points else False
-    ok = points.loc[(points["status"] == "ok") & points["output_tok_s"].notna() & ~probe, columns]
     keys = ["machine_id", *POINT]
-    # Each group's rows by position, in pandas' group order (sorted keys, null keys left out),
-    # and the columns as Python lists once: pandas per group (slices, set_index, to_dict) took
-    # 4 s at 10,000 cells, most of the tables stage.
-    number = ok.groupby(keys, sort=True).ngroup().to_numpy()
-    order = np.argsort(number, kind="stable")
-    starts = np.searchsorted(number[order], np.arange(number.max() + 2 if len(number) else 1))
-    key_columns = [ok[k].tolist() for k in keys]
-    names, speeds, ratios = ok["cell_name"].tolist(), ok["output_tok_s"].tolist(), ok["vs_baseline"].tolist()
-    rounds = _round_dicts(ok["round_numbers"].tolist(), ok["round_means"].tolist())
-    verdicts = ok["quality_verdict"].tolist() if judged else [None] * len(ok)
-    reasons = ok["quality_reason"].tolist() if judged else [None] * len(ok)
+    if table is not None:
+        groups, lists = _fastest_columns_polars(table, keys, columns)
+    else:
+        groups, lists = _fastest_columns(points, keys, columns)
+    key_columns = [lists[k] for k in keys]
+    names, speeds, ratios, rounds = lists["cell_name"], lists["output_tok_s"], lists["vs_baseline"], lists["rounds"]
+    verdicts = lists["quality_verdict"] if judged else [None] * len(names)
+    reasons = lists["quality_reason"] if judged else [None] * len(names)
     rows = []
-    for group in range(len(starts) - 1):
-        members = order[starts[group] : starts[group + 1]].tolist()
+    for members in groups:
         if not members:
             continue
         out = {i: judged and quality.excluded(verdicts[i]) for i in members}
@@ -544,6 +577,56 @@ def fastest_per_point(points: pd.DataFrame, confidence: float = stats.DEFAULT_CO
         ]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _fastest_columns(points: pd.DataFrame, keys: list[str], columns: list[str]) -> tuple[list[list[int]], dict]:
+    """fastest_per_point's groups (each its rows' positions, in pandas' group order: sorted keys,
+    null keys left out) and the ok rows' columns as Python lists (pandas per group, slices,
+    set_index and to_dict, took 4 s at 10,000 cells), "rounds" their {round: mean}."""
+    # A capacity search's probes are the search's, not points cells are compared at.
+    probe = points["load_phase"].eq("search") if "load_phase" in points else False
+    ok = points.loc[(points["status"] == "ok") & points["output_tok_s"].notna() & ~probe, columns]
+    number = ok.groupby(keys, sort=True).ngroup().to_numpy()
+    order = np.argsort(number, kind="stable")
+    starts = np.searchsorted(number[order], np.arange(number.max() + 2 if len(number) else 1))
+    groups = [order[starts[g] : starts[g + 1]].tolist() for g in range(len(starts) - 1)]
+    lists = {c: ok[c].tolist() for c in columns if c not in LIST_COLUMNS}
+    lists["rounds"] = _round_dicts(ok["round_numbers"].tolist(), ok["round_means"].tolist())
+    return groups, lists
+
+
+def _fastest_columns_polars(table: pl.DataFrame, keys: list[str], columns: list[str]) -> tuple[list[list[int]], dict]:
+    """_fastest_columns from finish's polars points, which it sorted by machine and point: each
+    run of equal keys is a group, in pandas' group order (sorted keys; polars and Python order
+    strings alike, by code point), with the same values (as_pandas_types)."""
+    probe = pl.col("load_phase").eq("search").fill_null(False) if "load_phase" in table.columns else pl.lit(False)
+    ok = (
+        as_pandas_types(table.select(*columns, "status", *(["load_phase"] if "load_phase" in table.columns else [])))
+        .filter((pl.col("status") == "ok") & pl.col("output_tok_s").is_not_null() & ~probe)
+        .filter(pl.all_horizontal(pl.col(keys).is_not_null()))
+    )
+    ends = ok.select(pl.struct(keys).rle().struct.field("len")).to_series().cum_sum().to_list()
+    groups = [list(range(start, end)) for start, end in zip([0, *ends], ends, strict=False)]
+    lists = {c: ok[c].to_list() for c in columns if c not in LIST_COLUMNS}
+    (numbers, ends, valid), (means, ends_means, valid_means) = (_flat(ok[c]) for c in LIST_COLUMNS)
+    if ends != ends_means or valid != valid_means:  # not as cell_parts makes them
+        raise ValueError("round_numbers and round_means differ in length")
+    # Each row's {round: mean} from the flat lists (the Series' to_list took 0.7 s per column at
+    # 10,000 cells); a null list: {} (round_dict).
+    lists["rounds"] = [
+        ({numbers[a]: means[a]} if b - a == 1 else dict(zip(numbers[a:b], means[a:b], strict=True))) if v else {}
+        for a, b, v in zip([0, *ends], ends, valid, strict=False)
+    ]
+    return groups, lists
+
+
+def _flat(column: pl.Series) -> tuple[list, list[int], list[bool]]:
+    """A list column as its values in one Python list, where each row ends in it, and which rows are not null."""
+    array = column.to_arrow()
+    offsets = array.offsets.to_numpy()
+    # .values, not .flatten(), which leaves out what a null row spans and so shifts the ends
+    values = array.values[offsets[0] : offsets[-1]].to_numpy(zero_copy_only=False).tolist() if len(array) else []
+    return values, (offsets[1:] - offsets[0]).tolist(), array.is_valid().to_numpy(zero_copy_only=False).tolist()
 
 
 def capacities(points: pd.DataFrame, baseline_name: str) -> pd.DataFrame:

@@ -112,14 +112,17 @@ def cmd_aggregate(args) -> int:
     cache = None if args.no_cache else Path(args.cache or paths.aggregate_cache(Path(args.summary).parent))
     rows = rowcache.combine(files, args.summary, cache)
     started = time.perf_counter()
+    table = None  # the points in polars, where the cache gave them so: summary.csv is written from them
     if rows.folder is None:  # a full aggregation: no cache to keep points in
         points, statistics, tolerance = _points(args)
     else:
-        from . import pointcache
+        from . import aggregate, pointcache, stats
 
+        stats.load_quantiles(rows.folder / pointcache.QUANTILES)
         statistics = json.loads(args.statistics) if args.statistics else None
         tolerance = _quality_tolerance(args)
-        points, kept = pointcache.cell_points(rows, args.baseline_id, statistics, tolerance)
+        table, kept = pointcache.cell_points(rows, args.baseline_id, statistics, tolerance, as_polars=True)
+        points = aggregate.to_pandas(table)
         print(f"cellbench: points: {kept.line()}")
     took = {"points": time.perf_counter() - started}
     confidence = config.statistics({"statistics": statistics or {}})["confidence"]
@@ -129,9 +132,11 @@ def cmd_aggregate(args) -> int:
         else []
     )
     written = report.write_tables(
-        points, args.study, args.baseline_name, Path(args.tables), confidence, tolerance, extra=where
+        points, args.study, args.baseline_name, Path(args.tables), confidence, tolerance, extra=where, table=table
     )
     written += machines.write_tables(points, args.machine_id, Path(args.tables))
+    if rows.folder is not None:
+        stats.save_quantiles(rows.folder / pointcache.QUANTILES)
     took["tables"] = time.perf_counter() - started - took["points"]
     print("cellbench: tables: " + ", ".join(str(p) for p in written))
     run = compare.snapshot(Path(args.summary), args.machine_id or provenance.machine_id(None))

@@ -127,8 +127,13 @@ def _versus(rows: pd.DataFrame, ref: pd.DataFrame) -> tuple[pd.Series, pd.Series
     return ratio, note
 
 
+# The points' columns machines_markdown reads: a mask over all of them copies every column (0.4 s at 10,000 cells).
+MARKDOWN_COLUMNS = ["machine_id", "device_name", "device_arch", "canary_matmul_1t_gflops", *VERSIONS, *MATCH]
+
+
 def machines_markdown(points: pd.DataFrame, compared: pd.DataFrame, local: str) -> str:
     out = ["# cellbench — machines", ""]
+    points = points[[c for c in dict.fromkeys(MARKDOWN_COLUMNS) if c in points]]
     order = machine_order(points["machine_id"].unique(), local) if not points.empty else []
     if len(order) < 2:
         out.append(

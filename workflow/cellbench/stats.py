@@ -17,7 +17,6 @@ Method, and why:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,13 +24,57 @@ from dataclasses import dataclass
 DEFAULT_CONFIDENCE = 0.95
 
 
-@functools.lru_cache(maxsize=4096)
+# t_quantile's values so far, {(confidence, df): value}: an aggregation loads those an earlier
+# one kept (load_quantiles), so that one that meets no new df never imports scipy (0.4 s).
+KNOWN_QUANTILES: dict[tuple[float, float], float] = {}
+_quantiles_added = False
+
+
 def t_quantile(confidence: float, df: float) -> float:
     """Two-sided Student's t critical value: the inverse of the t distribution's CDF, which is
     what scipy.stats.t.ppf computes too; scipy.special alone imports in a third of the time."""
-    from scipy.special import stdtrit  # only the aggregation needs it
+    global _quantiles_added
+    if df != df:  # NaN, as stdtrit gives it
+        return math.nan
+    key = (float(confidence), float(df))
+    if key not in KNOWN_QUANTILES:
+        from scipy.special import stdtrit  # only the aggregation needs it
 
-    return float(stdtrit(df, 0.5 + confidence / 2))
+        KNOWN_QUANTILES[key] = float(stdtrit(df, 0.5 + confidence / 2))
+        _quantiles_added = True
+    return KNOWN_QUANTILES[key]
+
+
+def load_quantiles(path) -> None:
+    """Add the t quantiles kept in `path` (save_quantiles) to KNOWN_QUANTILES, where its first line is
+    the sha256 of the rest (else nothing: they are computed again)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    try:
+        check, _, body = Path(path).read_bytes().partition(b"\n")
+        if hashlib.sha256(body).hexdigest().encode() != check:
+            return
+        found = {(float(c), float(df)): float(v) for c, df, v in json.loads(body)}
+    except (OSError, ValueError, TypeError):
+        return
+    for key, value in found.items():
+        KNOWN_QUANTILES.setdefault(key, value)
+
+
+def save_quantiles(path) -> None:
+    """Keep KNOWN_QUANTILES in `path` (atomically, with its check line) if any was computed here."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from . import atomic
+
+    if not _quantiles_added:
+        return
+    data = json.dumps([[c, df, v] for (c, df), v in sorted(KNOWN_QUANTILES.items())]).encode()
+    atomic.write_with(path, lambda tmp: Path(tmp).write_bytes(hashlib.sha256(data).hexdigest().encode() + b"\n" + data))
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -122,7 +165,8 @@ def rank(
     """The fastest cell of a point, stated only when it is significantly faster than the
     runner-up: returns (leaders, interval of best / runner-up, runner-up). One leader is a winner;
     several are a tie (every cell not significantly slower than the best, fastest first)."""
-    order = sorted(means, key=lambda name: -_mean(list(means[name].values())))
+    # -_mean of each cell's round means, inline: 200,000 calls at 10,000 cells (the same sum, in the same order)
+    order = sorted(means, key=lambda name: -(sum(means[name].values()) / len(means[name])))
     if not order:
         return [], None, None
     best = order[0]
