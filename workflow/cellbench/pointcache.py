@@ -171,7 +171,7 @@ def cell_points(
     kept, stored = read(folder, key)
     counts = Counts(cells=len(now))
     if not stored and (folder / INDEX).exists():
-        counts.note = "kept points failed their check: computed again"
+        counts.note = "kept points not usable (another cache format or statistics settings, or damaged): computed again"
     if not stored:
         kept = {}
     changed = {cell for cell, fp in now.items() if kept.get(cell) != fp}
