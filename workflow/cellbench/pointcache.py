@@ -118,10 +118,7 @@ def read(folder: Path, key: str) -> tuple[dict[tuple, str], dict[str, pl.LazyFra
     """The kept fingerprints and parts (scans of their files, whose bytes were checked), or
     ({}, {}) where the index or a part does not verify."""
     try:
-        check, _, body = (folder / INDEX).read_bytes().partition(b"\n")
-        if hashlib.sha256(body).hexdigest().encode() != check:
-            return {}, {}
-        index = json.loads(body)
+        index = atomic.read_checked_json(folder / INDEX) or {}
         if index.get("format") != FORMAT or index.get("settings") != key or set(index["files"]) != set(PARTS):
             return {}, {}
         parts = {}
@@ -148,11 +145,7 @@ def write(folder: Path, key: str, cells: dict[tuple, str], parts: dict[str, pl.L
         atomic.write_with(path, lambda tmp, frame=parts[part]: frame.sink_ipc(tmp, compression="lz4"))
         files[part] = _sha256(path)
     listed = [[*cell, fp] for cell, fp in cells.items()]
-    body = json.dumps({"format": FORMAT, "settings": key, "files": files, "cells": listed}, separators=(",", ":"))
-    data = body.encode()
-    atomic.write_with(
-        folder / INDEX, lambda tmp: Path(tmp).write_bytes(hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
-    )
+    atomic.write_checked_json(folder / INDEX, {"format": FORMAT, "settings": key, "files": files, "cells": listed})
 
 
 def cell_points(
@@ -234,8 +227,7 @@ def kept_marks(folder: Path, cells: pl.DataFrame, baseline_id: str) -> tuple[pl.
     key = hashlib.sha256(json.dumps([FORMAT, baseline_id, cells.columns, cells.rows()]).encode()).hexdigest()
     names = ("same_as", "serve")
     try:
-        check, _, body = (folder / f"{MARKS}.json").read_bytes().partition(b"\n")
-        index = json.loads(body) if hashlib.sha256(body).hexdigest().encode() == check else {}
+        index = atomic.read_checked_json(folder / f"{MARKS}.json") or {}
         if index.get("key") == key and set(index.get("files", {})) == set(names):
             found = []
             for name in names:
@@ -255,9 +247,5 @@ def kept_marks(folder: Path, cells: pl.DataFrame, baseline_id: str) -> tuple[pl.
         data = buffer.getvalue()
         atomic.write_with(folder / f"{MARKS}-{name}.arrow", lambda tmp, data=data: Path(tmp).write_bytes(data))
         files[name] = hashlib.sha256(data).hexdigest()
-    data = json.dumps({"key": key, "files": files}, separators=(",", ":")).encode()
-    atomic.write_with(
-        folder / f"{MARKS}.json",
-        lambda tmp: Path(tmp).write_bytes(hashlib.sha256(data).hexdigest().encode() + b"\n" + data),
-    )
+    atomic.write_checked_json(folder / f"{MARKS}.json", {"key": key, "files": files})
     return marks

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -109,11 +108,8 @@ def read_index(folder: Path) -> tuple[dict[str, list[dict]], dict[tuple, tuple[d
     entry, first row, rows). Both empty when there is no index this can vouch for: the first
     line of the file is the sha256 of the rest, which names this folder."""
     try:
-        check, _, body = (folder / INDEX).read_bytes().partition(b"\n")
-        if hashlib.sha256(body).hexdigest().encode() != check:
-            return {}, {}
-        index = json.loads(body)
-        if index.get("format") != FORMAT or index.get("fingerprint") != folder.name:
+        index = atomic.read_checked_json(folder / INDEX)
+        if index is None or index.get("format") != FORMAT or index.get("fingerprint") != folder.name:
             return {}, {}
         by_id: dict[str, list[dict]] = {}
         where: dict[tuple, tuple[dict, int, int]] = {}
@@ -134,11 +130,7 @@ def read_index(folder: Path) -> tuple[dict[str, list[dict]], dict[tuple, tuple[d
 
 
 def write_index(folder: Path, shards: list[dict]) -> None:
-    body = json.dumps({"format": FORMAT, "fingerprint": folder.name, "shards": shards}, separators=(",", ":"))
-    data = body.encode()
-    atomic.write_with(
-        folder / INDEX, lambda tmp: Path(tmp).write_bytes(hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
-    )
+    atomic.write_checked_json(folder / INDEX, {"format": FORMAT, "fingerprint": folder.name, "shards": shards})
 
 
 def _verified_bytes(folder: Path, entry: dict) -> bytes | None:

@@ -48,15 +48,13 @@ def t_quantile(confidence: float, df: float) -> float:
 def load_quantiles(path) -> None:
     """Add the t quantiles kept in `path` (save_quantiles) to KNOWN_QUANTILES, where its first line is
     the sha256 of the rest (else nothing: they are computed again)."""
-    import hashlib
-    import json
-    from pathlib import Path
+    from . import atomic
 
     try:
-        check, _, body = Path(path).read_bytes().partition(b"\n")
-        if hashlib.sha256(body).hexdigest().encode() != check:
+        kept = atomic.read_checked_json(path)
+        if kept is None:
             return
-        found = {(float(c), float(df)): float(v) for c, df, v in json.loads(body)}
+        found = {(float(c), float(df)): float(v) for c, df, v in kept}
     except (OSError, ValueError, TypeError):
         return
     for key, value in found.items():
@@ -65,16 +63,11 @@ def load_quantiles(path) -> None:
 
 def save_quantiles(path) -> None:
     """Keep KNOWN_QUANTILES in `path` (atomically, with its check line) if any was computed here."""
-    import hashlib
-    import json
-    from pathlib import Path
-
     from . import atomic
 
     if not _quantiles_added:
         return
-    data = json.dumps([[c, df, v] for (c, df), v in sorted(KNOWN_QUANTILES.items())]).encode()
-    atomic.write_with(path, lambda tmp: Path(tmp).write_bytes(hashlib.sha256(data).hexdigest().encode() + b"\n" + data))
+    atomic.write_checked_json(path, [[c, df, v] for (c, df), v in sorted(KNOWN_QUANTILES.items())])
 
 
 def _mean(values: Sequence[float]) -> float:
