@@ -5,6 +5,7 @@
 # off, so sacct asks slurmctld, which keeps finished jobs for MinJobAge seconds.
 # Safe to run again: it does only what is missing. Root on Debian only.
 set -euo pipefail
+. "$(dirname "$0")/slurm_conf_common.sh"
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "cellbench: setup_slurm.sh sets up a local Slurm on a root Debian machine only" >&2
@@ -33,19 +34,7 @@ StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-MpiDefault=none
-# No cgroups: containers here may not delegate them, and the cells' own limits are docker's.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-ReturnToService=2
-# No slurmdbd: sacct reads slurmctld, which keeps finished jobs for MinJobAge seconds.
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/linux
-JobCompType=jobcomp/none
-MinJobAge=3600
+$(slurm_common_lines)
 $node_line State=UNKNOWN
 PartitionName=main Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF

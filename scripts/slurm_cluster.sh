@@ -28,6 +28,7 @@ base=${CELLBENCH_CLUSTER:-/var/lib/cellbench-cluster}
 conf=$base/etc/slurm.conf
 nodes=(cb-node1 cb-node2)
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/slurm_conf_common.sh"
 
 node_pid() { cat "/run/cellbench-cluster/slurmd-$1.pid" 2>/dev/null || true; }
 node_alive() { local pid; pid=$(node_pid "$1"); [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
@@ -54,21 +55,11 @@ StateSaveLocation=$base/ctld
 SlurmdSpoolDir=$base/nodes/%n/spool
 SlurmctldLogFile=$base/log/slurmctld.log
 SlurmdLogFile=$base/log/slurmd-%n.log
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
+$(slurm_common_lines)
 GresTypes=gpu
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/linux
-JobCompType=jobcomp/none
-MinJobAge=3600
 # A node whose slurmd stops answering is DOWN within seconds (the fault tests), and comes back
 # by itself when its slurmd registers again; its batch jobs are requeued (JobRequeue=1).
 SlurmdTimeout=10
-ReturnToService=2
 JobRequeue=1
 KillWait=5
 NodeName=cb-node1 NodeHostname=cb-node1 NodeAddr=127.0.0.1 Port=6831 $hw RealMemory=$mem State=UNKNOWN
