@@ -47,13 +47,19 @@ def tiny_study(cells: list[dict]) -> dict:
     return study
 
 
-def run_study(workdir: Path, study: dict) -> Path:
-    """Write `study` into `workdir` and run it to the end through Snakemake (machine id e2e)."""
-    (workdir / "study.yaml").write_text(yaml.safe_dump(study))
+def snakemake(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run the study in `workdir`/study.yaml through Snakemake (machine id e2e); it must succeed."""
     argv = ["snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / "study.yaml")]  # fmt: skip
+            "--configfile", str(workdir / "study.yaml"), *extra]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CELLBENCH_MACHINE_ID": "e2e"})
     assert done.returncode == 0, f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def run_study(workdir: Path, study: dict) -> Path:
+    """Write `study` into `workdir` and run it to the end through Snakemake."""
+    (workdir / "study.yaml").write_text(yaml.safe_dump(study))
+    snakemake(workdir)
     return workdir
 
 

@@ -11,9 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_e2e_engines import tiny_study
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_e2e_engines import snakemake, tiny_study
 
 pytestmark = pytest.mark.e2e
 
@@ -23,14 +21,6 @@ CELLS = [
     {"name": "two-threads", "image": "llamacpp", "engine": "llamacpp", "quantization": "Q4_1",
      "engine_args": {"n_threads": 2}},
 ]  # fmt: skip
-
-
-def snakemake(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = ["snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / "study.yaml"), *extra]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "CELLBENCH_MACHINE_ID": "e2e"})
-    assert done.returncode == 0, f"snakemake failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return done
 
 
 @pytest.fixture(scope="module")
