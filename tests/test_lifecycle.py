@@ -78,6 +78,28 @@ def test_clean_runs_removes_only_folders_of_gone_runners(tmp_path):
     assert [p.name for p in paths.run_dirs(tmp_path / paths.RESULTS)] == [".run-live"]
 
 
+@pytest.mark.parametrize("origin", ["", "a\nb"])  # empty once meant every origin
+def test_clean_refuses_an_origin_that_is_no_path(capsys, origin):
+    from cellbench import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["clean", "--containers", "--origin", origin])
+    assert f"argument --origin: {origin!r} is not a folder's path" in capsys.readouterr().err
+
+
+def test_clean_runs_says_in_one_line_when_there_is_nothing_to_clean(tmp_path, capsys):
+    from cellbench import cli
+
+    missing = tmp_path / "gone"
+    for origin, message in (
+        (str(missing), f"cellbench: clean: no results folder at '{missing}/results' (run it where snakemake ran"),
+        ("x" * 300, "File name too long"),  # the system's refusal in one line, not a traceback
+    ):
+        assert cli.main(["clean", "--runs", "--origin", origin]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_runner_label_names_this_process():
     host, boot, pid, ticks = lifecycle.runner_label().rsplit(":", 3)
     assert int(pid) == os.getpid() and boot == lifecycle.boot_id()

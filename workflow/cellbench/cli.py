@@ -291,6 +291,14 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _origin(value: str) -> str:
+    """--origin: a working directory's path. Empty would mean every origin, and a control
+    character could never have been a working directory snakemake ran in."""
+    if not value or not value.isprintable():
+        raise argparse.ArgumentTypeError(f"{config.quote(value)} is not a folder's path")
+    return value
+
+
 def cmd_clean(args) -> int:
     """Remove leftover cell containers and run folders: those whose runner process is gone."""
     if not (args.containers or args.runs):
@@ -298,6 +306,13 @@ def cmd_clean(args) -> int:
         return 2
     if args.runs:
         results = Path(args.origin or ".") / paths.RESULTS
+        if not results.is_dir():
+            print(
+                f"cellbench: clean: no results folder at {config.quote(str(results))} "
+                "(run it where snakemake ran, or give --origin that folder)",
+                file=sys.stderr,
+            )
+            return 2
         removed_dirs = lifecycle.remove_stale_run_dirs(results)
         for work in removed_dirs:
             print(f"removed {work}")
@@ -373,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--containers", action="store_true", help="cell containers (label cellbench.cell)")
     p.add_argument("--runs", action="store_true", help="run folders of rounds whose runner was killed")
-    p.add_argument("--origin", help="only those started from this working directory")
+    p.add_argument("--origin", type=_origin, help="only those started from this working directory")
     p.add_argument("--runtime", choices=runtimes.RUNTIMES, help="default: CELLBENCH_RUNTIME, else docker")
     p.set_defaults(func=cmd_clean)
 
@@ -453,11 +468,21 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "machine_id", "unset") is None:
             args.machine_id = provenance.machine_id()  # CELLBENCH_MACHINE_ID is checked here
         return args.func(args)
+    except OSError as exc:
+        # A path given on the command line that the system refuses (too long, a loop, not
+        # allowed): one line naming it, for every command, instead of a traceback.
+        print(f"cellbench: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if not isinstance(exc, _reported_errors()):
             raise
         print(f"cellbench: {exc}", file=sys.stderr)
         return 2
+
+
+def os_error_line(exc: OSError) -> str:
+    reason = exc.strerror or type(exc).__name__
+    return f"{config.quote(exc.filename)}: {reason}" if exc.filename is not None else f"{reason} ({exc})"
 
 
 def _reported_errors() -> tuple[type[Exception], ...]:

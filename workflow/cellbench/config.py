@@ -47,7 +47,7 @@ class ConfigError(ValueError):
     """A study that cannot run; the message is one line naming the key at fault."""
 
     def __init__(self, message: str):
-        # One line, whatever a message quotes: a safety net under _quote.
+        # One line, whatever a message quotes: a safety net under quote().
         message = message.replace("\r", "\\r").replace("\n", "\\n")
         super().__init__(message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…")
 
@@ -73,8 +73,9 @@ def _cut(text: str) -> str:
     return text if len(text) <= MAX_QUOTE else text[: MAX_QUOTE - 1] + "…"
 
 
-def _quote(value: Any) -> str:
-    """repr() of a value for a message, cut to MAX_QUOTE characters."""
+def quote(value: Any) -> str:
+    """repr() of a value for a message, cut to MAX_QUOTE characters: a name someone typed is
+    shown with its control characters escaped and never floods the terminal."""
     return _cut(repr(value))
 
 
@@ -124,7 +125,7 @@ class StudyLoader(yaml.SafeLoader):
                 except TypeError:
                     continue  # unhashable: SafeLoader refuses it below
                 if line is not None:
-                    problem = f"key {_quote(key)} appears twice (first on line {line + 1})"
+                    problem = f"key {quote(key)} appears twice (first on line {line + 1})"
                     raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
                 first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
@@ -151,7 +152,7 @@ def _json_pairs(pairs: list) -> dict:
     mapping: dict = {}
     for key, value in pairs:
         if key in mapping:
-            raise ConfigError(f"key {_quote(key)} appears twice in one JSON object")
+            raise ConfigError(f"key {quote(key)} appears twice in one JSON object")
         mapping[key] = value
     return mapping
 
@@ -194,7 +195,7 @@ def load_study(path: str | Path) -> dict:
     except ValueError as exc:  # an integer of more digits than Python converts
         raise ConfigError(f"{path}: {_cut(str(exc))}") from None
     except yaml.reader.ReaderError as exc:
-        raise ConfigError(f"{path}: character {exc.position}: {exc.reason} ({_quote(exc.character)})") from None
+        raise ConfigError(f"{path}: character {exc.position}: {exc.reason} ({quote(exc.character)})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -295,7 +296,7 @@ def _pattern(validator, pattern, instance, schema):
     import jsonschema
 
     if validator.is_type(instance, "string") and not _ecma_regex(pattern).search(instance):
-        yield jsonschema.ValidationError(f"{_quote(instance)} does not match {pattern!r}")
+        yield jsonschema.ValidationError(f"{quote(instance)} does not match {pattern!r}")
 
 
 def is_int(value) -> bool:
@@ -333,15 +334,15 @@ def validate(config: dict) -> None:
         what = "key" if "propertyNames" in error.schema_path else "value"
         expected = error.schema["description"]
         raise ConfigError(
-            f"config: {_key_path(error)}: {what} {_quote(error.instance)} is not valid; expected {expected}"
+            f"config: {_key_path(error)}: {what} {quote(error.instance)} is not valid; expected {expected}"
         ) from None
     # A `not` says what is refused ("True should not be valid under ..."); the description says
     # what is expected (quality: false or an object).
     if error.validator == "not" and error.schema.get("description"):
         expected = " ".join(error.schema["description"].split()).split(":")[0]  # its first clause
-        raise ConfigError(f"config: {_key_path(error)}: {_quote(error.instance)} is not valid; expected {expected}")
+        raise ConfigError(f"config: {_key_path(error)}: {quote(error.instance)} is not valid; expected {expected}")
     # jsonschema's messages quote the whole instance (a long string, a big mapping): cut it.
-    message = error.message.replace(repr(error.instance), _quote(error.instance))
+    message = error.message.replace(repr(error.instance), quote(error.instance))
     raise ConfigError(f"config: {_key_path(error)}: {message}") from None
 
 
@@ -375,7 +376,7 @@ def _check_values(config: dict) -> None:
     so long that it breaks a command line or a file name at run time."""
     for where, value in _values(config):
         if where and isinstance(where[-1], tuple) and not isinstance(value, str):
-            raise ConfigError(f"config: {_where(where[:-1])}: key {_quote(value)} is not a string; quote it")
+            raise ConfigError(f"config: {_where(where[:-1])}: key {quote(value)} is not a string; quote it")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config: {_where(where)}: {value} is not a finite number")
         if isinstance(value, str):
@@ -385,7 +386,7 @@ def _check_values(config: dict) -> None:
             if size > most:
                 what = "key" if where and isinstance(where[-1], tuple) else "string"
                 raise ConfigError(
-                    f"config: {_where(where)}: {_quote(value[:MAX_QUOTE])} is a {what} of {size} bytes; at most {most} "
+                    f"config: {_where(where)}: {quote(value[:MAX_QUOTE])} is a {what} of {size} bytes; at most {most} "
                     "(study values travel on command lines and in file names)"
                 )
 
@@ -396,7 +397,7 @@ def check_machine_id(value: Any, key: str) -> str:
     schema = {k: v for k, v in load_schema()["properties"]["machine_id"].items() if k != "type"}
     schema["type"] = "string"
     if next(iter(_validator_class()(schema).iter_errors(value)), None) is not None:
-        raise ConfigError(f"{key}: value {_quote(value)} is not valid; expected {schema['description']}")
+        raise ConfigError(f"{key}: value {quote(value)} is not valid; expected {schema['description']}")
     return value
 
 
@@ -555,8 +556,7 @@ def _check_references(config: dict, cells: list[dict]) -> None:
         seen[cell["name"]] = cell["id"]
     if config["baseline"] not in seen:
         raise ConfigError(
-            f"config: baseline: {_quote(config['baseline'])} is not a cell name "
-            f"(cells: {_cut(', '.join(sorted(seen)))})"
+            f"config: baseline: {quote(config['baseline'])} is not a cell name (cells: {_cut(', '.join(sorted(seen)))})"
         )
     for name, model in config["models"].items():
         if model["source"] == "pypi-gguf":
@@ -583,7 +583,7 @@ def _check_expectations(config: dict) -> None:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ConfigError(f"config: bandwidth_gb_s: {_quote(pattern)} is not a valid regex ({exc})") from None
+            raise ConfigError(f"config: bandwidth_gb_s: {quote(pattern)} is not a valid regex ({exc})") from None
 
 
 def _secret_values(value, where: str):
@@ -722,13 +722,13 @@ def cpuset_cpus(cpuset: str) -> list[int]:
     for part in cpuset.split(","):
         match = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
         if not match:
-            raise ConfigError(f"resources.cpus: {_quote(cpuset)} is not a CPU list like '0-3,8' (part {_quote(part)})")
+            raise ConfigError(f"resources.cpus: {quote(cpuset)} is not a CPU list like '0-3,8' (part {quote(part)})")
         low, high = int(match[1]), int(match[2] if match[2] is not None else match[1])
         if low > high:
-            raise ConfigError(f"resources.cpus: {_quote(cpuset)}: range {part} runs backwards; expected low-high")
+            raise ConfigError(f"resources.cpus: {quote(cpuset)}: range {part} runs backwards; expected low-high")
         cpus.extend(range(low, high + 1))
     if len(cpus) != len(set(cpus)):
-        raise ConfigError(f"resources.cpus: {_quote(cpuset)} names a CPU twice")
+        raise ConfigError(f"resources.cpus: {quote(cpuset)} names a CPU twice")
     return cpus
 
 
@@ -742,7 +742,7 @@ def memory_mb(memory: str) -> float:
         return 0
     number, unit = (memory[:-1], memory[-1]) if memory[-1].isalpha() else (memory, "")
     if not number.isdigit() or unit not in _UNIT_MB:
-        raise ConfigError(f"resources.memory: {_quote(memory)} is not a size like '12g'")
+        raise ConfigError(f"resources.memory: {quote(memory)} is not a size like '12g'")
     return int(number) * _UNIT_MB[unit]
 
 
@@ -758,13 +758,13 @@ def _check_resources(cells: list[dict]) -> None:
             cpuset_cpus(cell["resources"].get("cpus", ""))
             memory = cell["resources"].get("memory", "")
             if memory and memory_mb(memory) < MIN_MEMORY_MB:
-                raise ConfigError(f"resources.memory: {_quote(memory)} is below docker's minimum of {MIN_MEMORY_MB}m")
+                raise ConfigError(f"resources.memory: {quote(memory)} is below docker's minimum of {MIN_MEMORY_MB}m")
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
         for arg in PARALLEL_ARGS:
             value = cell["engine_args"].get(arg, 1)
             if not is_int(value) or value < 1:
-                raise ConfigError(f"{where}: engine_args.{arg} is {_quote(value)}; expected an integer of at least 1")
+                raise ConfigError(f"{where}: engine_args.{arg} is {quote(value)}; expected an integer of at least 1")
         gpus = cell["resources"].get("gpus", 0)
         if cell["device"] == "cpu" and gpus:
             raise ConfigError(
@@ -787,11 +787,11 @@ def _inside(base: Path, label: str, value: str, key: str, expected: str) -> Path
     ConfigError naming `key` when it is absolute or ends up outside `base` (`..`, a link to a
     system file or to a sibling's)."""
     if value.startswith("/"):
-        raise ConfigError(f"config: {key}: {_quote(value)} is an absolute path; expected {expected}")
+        raise ConfigError(f"config: {key}: {quote(value)} is an absolute path; expected {expected}")
     root = base.resolve()
     target = (base / value).resolve()
     if not target.is_relative_to(root):
-        raise ConfigError(f"config: {key}: {_quote(value)} leads outside {label}; expected {expected}")
+        raise ConfigError(f"config: {key}: {quote(value)} leads outside {label}; expected {expected}")
     return target
 
 
@@ -821,11 +821,11 @@ def _check_paths(config: dict) -> None:
         )
         if context == paths.PROJECT_ROOT.resolve():
             raise ConfigError(
-                f"config: {key}: {_quote(image['context'])} is the project root itself; expected a folder under it"
+                f"config: {key}: {quote(image['context'])} is the project root itself; expected a folder under it"
             )
         if not (context / "Dockerfile").is_file():
             raise ConfigError(
-                f"config: images.{name}.context: {_quote(image['context'])} has no Dockerfile; "
+                f"config: images.{name}.context: {quote(image['context'])} has no Dockerfile; "
                 "expected a folder under the project root holding one"
             )
         _check_tree(context, key, _cut(image["context"]))
@@ -840,7 +840,7 @@ def _check_paths(config: dict) -> None:
             )
         if wheelhouse and not (context / wheelhouse).is_file():
             raise ConfigError(
-                f"config: images.{name}.wheelhouse: {_quote(wheelhouse)} is not a file in {_cut(image['context'])}; "
+                f"config: images.{name}.wheelhouse: {quote(wheelhouse)} is not a file in {_cut(image['context'])}; "
                 "expected a lock file there (scripts/lock_images.sh makes one)"
             )
         if wheelhouse:
