@@ -24,6 +24,8 @@ from cellbench import (
 from cellbench import scheduling  # noqa: E402
 
 DEFAULT_STUDY = ROOT / "config" / "config.yaml"
+# The rules' `cellbench` must run this checkout's code (its recipes, its commit in provenance).
+os.environ[paths.CHECKOUT_ENV] = str(ROOT)
 
 # A --configfile replaces the default study instead of being merged into it: merging would
 # leak the CPU study's defaults and cells into a GPU study. The study is read again from its

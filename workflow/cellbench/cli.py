@@ -464,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if wanted := paths.other_checkout(os.environ):
+        print(
+            f"cellbench: this cellbench runs the code in {paths.PROJECT_ROOT}, but the Snakefile that called it "
+            f"is in {wanted}: install that checkout (`pip install -e {wanted}`, as its scripts/setup.sh does)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if getattr(args, "machine_id", "unset") is None:
             args.machine_id = provenance.machine_id()  # CELLBENCH_MACHINE_ID is checked here

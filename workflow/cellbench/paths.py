@@ -47,6 +47,9 @@ from pathlib import Path
 # The checkout: Snakefile, scripts/, containers/ (the code, not the results).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS_DIR = PROJECT_ROOT / "scripts"
+# Set by the Snakefile to its own checkout, for the `cellbench` its rules call: one installed from
+# another checkout would build that checkout's recipes and record that checkout's commit.
+CHECKOUT_ENV = "CELLBENCH_CHECKOUT"
 # The quality texts shipped with the package (their source: data/quality/SOURCE.md).
 QUALITY_DIR = Path(__file__).resolve().with_name("data") / "quality"
 QUALITY_REFERENCE = QUALITY_DIR / "reference.txt"  # the passage every cell scores (NLL)
@@ -336,3 +339,11 @@ def model_inputs(spec: dict, root: Path) -> dict:
     if spec["source"] == "hf-cache":
         return {}
     return {"image": image_manifest(spec["prepare_image"]), "converter": root / "scripts" / "convert_gguf.py"}
+
+
+def other_checkout(environ) -> str | None:
+    """The checkout a Snakefile asked for (CHECKOUT_ENV) when this code is not from it, else None."""
+    wanted = environ.get(CHECKOUT_ENV)
+    if not wanted or Path(wanted).resolve() == PROJECT_ROOT:
+        return None
+    return wanted
