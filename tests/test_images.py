@@ -27,6 +27,16 @@ def test_declared_base_of_the_cpu_image_is_the_local_one():
     assert images.declared_base("FROM debian:bookworm\n") is None
 
 
+def test_the_llamacpp_image_compiles_for_a_fixed_instruction_set():
+    # -march=native made one tag different code on every machine and crashed on AMX CPUs (exit 139).
+    flags = dict(
+        re.findall(r"-D(GGML_[A-Z0-9_]+)=(ON|OFF)", (ROOT / "containers" / "llamacpp" / "Dockerfile").read_text())
+    )
+    assert flags["GGML_NATIVE"] == "OFF"
+    assert all(flags[name] == "ON" for name in ("GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2")), flags
+    assert all(flags[name] == "OFF" for name in ("GGML_AVX512", "GGML_AMX_TILE", "GGML_AMX_INT8")), flags
+
+
 @pytest.mark.skipif(shutil.which("docker") is None, reason="needs the docker client")
 def test_a_base_image_that_cannot_be_had_names_its_tag():
     """A real `docker pull` of a tag that cannot exist (fails fast: no such repository, or no registry)."""
