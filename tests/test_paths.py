@@ -165,4 +165,4 @@ def test_a_cellbench_from_another_checkout_is_refused(tmp_path, capsys):
     finally:
         del os.environ[paths.CHECKOUT_ENV]
     err = capsys.readouterr().err
-    assert f"runs the code in {paths.PROJECT_ROOT}, but the Snakefile that called it is in {tmp_path}" in err
+    assert f"runs the code in '{paths.PROJECT_ROOT}', but the Snakefile that called it is in '{tmp_path}'" in err

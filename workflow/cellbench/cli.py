@@ -466,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if wanted := paths.other_checkout(os.environ):
         print(
-            f"cellbench: this cellbench runs the code in {paths.PROJECT_ROOT}, but the Snakefile that called it "
-            f"is in {wanted}: install that checkout (`pip install -e {wanted}`, as its scripts/setup.sh does)",
+            f"cellbench: this cellbench runs the code in {config.quote(str(paths.PROJECT_ROOT))}, but the Snakefile "
+            f"that called it is in {config.quote(wanted)}: install that checkout (`pip install -e DIR`, as its "
+            "scripts/setup.sh does)",
             file=sys.stderr,
         )
         return 2
