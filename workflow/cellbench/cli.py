@@ -101,9 +101,18 @@ def _points(args):
     return points, statistics, tolerance
 
 
+# polars' allocator (jemalloc, read from this variable when polars loads: pola-rs/polars#23128)
+# keeps freed pages 10 s by default, so an aggregation of 10,000 cells still held ~400 MB of its
+# points stage while it wrote the tables, and peaked over 1 GB. Half a second brought the peak
+# under 1 GB at no measured cost; 0 cost 50 % more time (docs/pipeline-benchmarks.md). A value
+# the user set wins.
+POLARS_ALLOCATOR = ("_RJEM_MALLOC_CONF", "dirty_decay_ms:500,muzzy_decay_ms:0")
+
+
 def cmd_aggregate(args) -> int:
     import time
 
+    os.environ.setdefault(*POLARS_ALLOCATOR)  # before polars is imported, below
     from . import compare, machines, profiles, report, rowcache
 
     files = list(args.metrics)
