@@ -4,7 +4,6 @@ under results/ itself; and the layout's functions give the paths the documentati
 import ast
 import glob
 import io
-import os
 import re
 import tokenize
 from pathlib import Path
@@ -151,7 +150,7 @@ def test_imported_metrics_patterns_find_rounds_and_pre_round_archives(tmp_path):
     assert machines.imported_metrics(tmp_path) == sorted([str(per_round), str(per_cell)])
 
 
-def test_a_cellbench_from_another_checkout_is_refused(tmp_path, capsys):
+def test_a_cellbench_from_another_checkout_is_refused(tmp_path, capsys, monkeypatch):
     from cellbench import cli
 
     assert paths.other_checkout({}) is None  # not called by a Snakefile
@@ -159,10 +158,7 @@ def test_a_cellbench_from_another_checkout_is_refused(tmp_path, capsys):
     (tmp_path / "link").symlink_to(paths.PROJECT_ROOT)  # the same checkout by another name
     assert paths.other_checkout({paths.CHECKOUT_ENV: str(tmp_path / "link")}) is None
     assert paths.other_checkout({paths.CHECKOUT_ENV: str(tmp_path)}) == str(tmp_path)
-    os.environ[paths.CHECKOUT_ENV] = str(tmp_path)
-    try:
-        assert cli.main(["runs"]) == 2
-    finally:
-        del os.environ[paths.CHECKOUT_ENV]
+    monkeypatch.setenv(paths.CHECKOUT_ENV, str(tmp_path))
+    assert cli.main(["runs"]) == 2
     err = capsys.readouterr().err
     assert f"runs the code in '{paths.PROJECT_ROOT}', but the Snakefile that called it is in '{tmp_path}'" in err

@@ -498,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def os_error_line(exc: OSError) -> str:
-    reason = exc.strerror or type(exc).__name__
-    return f"{config.quote(exc.filename)}: {reason}" if exc.filename is not None else f"{reason} ({exc})"
+    if exc.filename is None:
+        return str(exc) or type(exc).__name__  # "[Errno 32] Broken pipe": the reason once
+    return f"{config.quote(exc.filename)}: {exc.strerror or type(exc).__name__}"
 
 
 def _reported_errors() -> tuple[type[Exception], ...]:
